@@ -1,0 +1,267 @@
+//! The log record: one request's events for one partition, as they are written to the
+//! write-ahead log and read back on recovery.
+//!
+//! Layout (all integers little-endian):
+//!
+//! ```text
+//! u8    version             = 1
+//! i64   receive_ms          server clock when the request arrived; drives dedup expiry
+//! u8    flags               bit 0: an idempotency key follows
+//! [u128 idempotency_key]    xxh3-128 of the request's Idempotency-Key header
+//! u32   event_count
+//! event_count times:
+//!   u16 video_id_len, video_id bytes (UTF-8)
+//!   u8  type_len, type bytes (ASCII)
+//!   i64 ts_ms
+//!   i64 value
+//!   u8  event_id_len (0: absent), event_id bytes
+//!   u16 viewer_id_len (0: absent), viewer_id bytes
+//! ```
+//!
+//! Ids are never empty once validated, so a zero length can mean "absent".
+
+use crate::event::EventRef;
+
+const RECORD_VERSION: u8 = 1;
+const FLAG_IDEMPOTENCY_KEY: u8 = 1;
+/// Bytes of the fixed header when an idempotency key is present.
+const HEADER_BYTES_MAX: usize = 1 + 8 + 1 + 16 + 4;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record truncated at byte {at}")]
+    Truncated { at: usize },
+    #[error("unknown record version {version}")]
+    Version { version: u8 },
+    #[error("record field at byte {at} is not valid UTF-8")]
+    Utf8 { at: usize },
+    #[error("record has {extra} bytes after its last event")]
+    Trailing { extra: usize },
+}
+
+/// Builds one record. Append events, then `finish` to get the bytes.
+pub struct RecordWriter {
+    bytes: Vec<u8>,
+    count_at: usize,
+    events: u32,
+}
+
+impl RecordWriter {
+    pub fn new(receive_ms: i64, idempotency_key: Option<u128>, capacity: usize) -> RecordWriter {
+        let mut bytes = Vec::with_capacity(HEADER_BYTES_MAX + capacity);
+        bytes.push(RECORD_VERSION);
+        bytes.extend_from_slice(&receive_ms.to_le_bytes());
+        match idempotency_key {
+            Some(key) => {
+                bytes.push(FLAG_IDEMPOTENCY_KEY);
+                bytes.extend_from_slice(&key.to_le_bytes());
+            }
+            None => bytes.push(0),
+        }
+        let count_at = bytes.len();
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        RecordWriter {
+            bytes,
+            count_at,
+            events: 0,
+        }
+    }
+
+    /// Appends one validated event. Panics if a field exceeds its length field: validation
+    /// must have run first, and a record that cannot be read back must never reach the log.
+    pub fn push(&mut self, event: &EventRef<'_>) {
+        let bytes = &mut self.bytes;
+        put_str16(bytes, event.video_id);
+        put_str8(bytes, event.event_type);
+        bytes.extend_from_slice(&event.ts_ms.to_le_bytes());
+        bytes.extend_from_slice(&event.value.to_le_bytes());
+        put_str8(bytes, event.event_id.unwrap_or(""));
+        put_str16(bytes, event.viewer_id.unwrap_or(""));
+        self.events += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.bytes[self.count_at..self.count_at + 4].copy_from_slice(&self.events.to_le_bytes());
+        self.bytes
+    }
+}
+
+fn put_str8(bytes: &mut Vec<u8>, s: &str) {
+    let len = u8::try_from(s.len()).expect("field longer than its u8 length: validate first");
+    bytes.push(len);
+    bytes.extend_from_slice(s.as_bytes());
+}
+
+fn put_str16(bytes: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).expect("field longer than its u16 length: validate first");
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(s.as_bytes());
+}
+
+/// Reads one record: the header eagerly, the events lazily through `events()`.
+#[derive(Debug, Clone)]
+pub struct RecordReader<'a> {
+    pub receive_ms: i64,
+    pub idempotency_key: Option<u128>,
+    pub event_count: u32,
+    body: &'a [u8],
+    body_at: usize,
+}
+
+impl<'a> RecordReader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Result<RecordReader<'a>, RecordError> {
+        let mut cursor = Cursor { bytes, at: 0 };
+        let version = cursor.u8()?;
+        if version != RECORD_VERSION {
+            return Err(RecordError::Version { version });
+        }
+        let receive_ms = cursor.i64()?;
+        let flags = cursor.u8()?;
+        let idempotency_key = if flags & FLAG_IDEMPOTENCY_KEY != 0 {
+            Some(u128::from_le_bytes(
+                cursor.take(16)?.try_into().expect("16 bytes"),
+            ))
+        } else {
+            None
+        };
+        let event_count = u32::from_le_bytes(cursor.take(4)?.try_into().expect("4 bytes"));
+        Ok(RecordReader {
+            receive_ms,
+            idempotency_key,
+            event_count,
+            body: bytes,
+            body_at: cursor.at,
+        })
+    }
+
+    /// Decodes every event, calling `visit` on each; fails on the first malformed byte.
+    pub fn for_each_event(&self, mut visit: impl FnMut(EventRef<'a>)) -> Result<(), RecordError> {
+        let mut cursor = Cursor {
+            bytes: self.body,
+            at: self.body_at,
+        };
+        for _ in 0..self.event_count {
+            let video_len = usize::from(cursor.u16()?);
+            let video_id = cursor.str(video_len)?;
+            let type_len = usize::from(cursor.u8()?);
+            let event_type = cursor.str(type_len)?;
+            let ts_ms = cursor.i64()?;
+            let value = cursor.i64()?;
+            let event_id_len = usize::from(cursor.u8()?);
+            let event_id = cursor.str(event_id_len)?;
+            let viewer_len = usize::from(cursor.u16()?);
+            let viewer_id = cursor.str(viewer_len)?;
+            visit(EventRef {
+                video_id,
+                event_type,
+                ts_ms,
+                value,
+                event_id: (!event_id.is_empty()).then_some(event_id),
+                viewer_id: (!viewer_id.is_empty()).then_some(viewer_id),
+            });
+        }
+        if cursor.at != self.body.len() {
+            return Err(RecordError::Trailing {
+                extra: self.body.len() - cursor.at,
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        let slice = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or(RecordError::Truncated { at: self.at })?;
+        self.at += n;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn i64(&mut self) -> Result<i64, RecordError> {
+        Ok(i64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn str(&mut self, n: usize) -> Result<&'a str, RecordError> {
+        let at = self.at;
+        std::str::from_utf8(self.take(n)?).map_err(|_| RecordError::Utf8 { at })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn owned(e: EventRef<'_>) -> (String, String, i64, i64, Option<String>, Option<String>) {
+        (
+            e.video_id.into(),
+            e.event_type.into(),
+            e.ts_ms,
+            e.value,
+            e.event_id.map(Into::into),
+            e.viewer_id.map(Into::into),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn record_round_trips(
+            receive_ms in any::<i64>(),
+            key in proptest::option::of(any::<u128>()),
+            events in proptest::collection::vec(
+                ("[^\u{0}]{1,20}", "[a-z]{1,32}", any::<i64>(), any::<i64>(),
+                 proptest::option::of("[a-z0-9]{1,128}"), proptest::option::of(".{1,50}")),
+                0..20),
+        ) {
+            let mut writer = RecordWriter::new(receive_ms, key, 0);
+            for (v, t, ts, value, id, viewer) in &events {
+                writer.push(&EventRef { video_id: v, event_type: t, ts_ms: *ts, value: *value,
+                    event_id: id.as_deref(), viewer_id: viewer.as_deref() });
+            }
+            let bytes = writer.finish();
+            let reader = RecordReader::new(&bytes).unwrap();
+            prop_assert_eq!(reader.receive_ms, receive_ms);
+            prop_assert_eq!(reader.idempotency_key, key);
+            let mut decoded = Vec::new();
+            reader.for_each_event(|e| decoded.push(owned(e))).unwrap();
+            prop_assert_eq!(decoded, events);
+        }
+    }
+
+    #[test]
+    fn truncated_record_is_an_error_not_a_panic() {
+        let mut writer = RecordWriter::new(7, Some(9), 0);
+        writer.push(&EventRef {
+            video_id: "v",
+            event_type: "view",
+            ts_ms: 1,
+            value: 2,
+            event_id: None,
+            viewer_id: None,
+        });
+        let bytes = writer.finish();
+        for cut in 0..bytes.len() {
+            let result = RecordReader::new(&bytes[..cut]).and_then(|r| r.for_each_event(|_| {}));
+            assert!(result.is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! One frame: encoding, and the scan that tells a valid frame, a torn tail and corruption
+//! apart.
+
+/// Bytes of a frame header.
+pub const FRAME_HEADER_BYTES: usize = 16;
+/// Largest payload a frame may carry, bytes. Bigger than any group the engine builds
+/// (bounded by its group and body limits), small enough that a reader never allocates
+/// absurd amounts on a header that passed its checksum by accident.
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = 256 << 20;
+const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TLWF");
+
+/// Appends one frame holding `records` to `out`.
+pub(crate) fn encode(records: &[&[u8]], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    for record in records {
+        let len = u32::try_from(record.len()).expect("record over 4 GiB");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(record);
+    }
+    let payload_len = out.len() - start - FRAME_HEADER_BYTES;
+    assert!(
+        payload_len <= FRAME_PAYLOAD_BYTES_MAX,
+        "frame payload of {payload_len} bytes over the maximum"
+    );
+    let payload_crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
+    let header = &mut out[start..start + FRAME_HEADER_BYTES];
+    header[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    header[4..8].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    header[8..12].copy_from_slice(&payload_crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&header[0..12]);
+    header[12..16].copy_from_slice(&header_crc.to_le_bytes());
+}
+
+/// What is found at a position of a segment.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Scan<'a> {
+    /// A whole, checksummed frame; the next one starts at `next`.
+    Frame { payload: &'a [u8], next: usize },
+    /// Clean end of the data.
+    End,
+    /// The remains of a write that never completed: truncate here.
+    TornTail { reason: &'static str },
+    /// Damage to data that was once complete.
+    Corrupt { detail: String },
+}
+
+/// Reads the frame at `at`. Only the last segment may have a torn tail; in an earlier
+/// segment every anomaly is corruption.
+///
+/// A torn tail is, past the last good frame: fewer bytes than a header; only zero bytes
+/// (a file extended but never written); a valid header whose payload runs past the end of
+/// the file; or a valid header whose payload fails its checksum and ends exactly at the end
+/// of the file (the last write, with some pages lost). Anything else is corruption of data
+/// that had been made durable, and recovery refuses to guess.
+pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
+    let rest = &bytes[at..];
+    if rest.is_empty() {
+        return Scan::End;
+    }
+    let torn = |reason| {
+        if is_last_segment {
+            Scan::TornTail { reason }
+        } else {
+            Scan::Corrupt {
+                detail: format!("{reason} in a segment that is not the last"),
+            }
+        }
+    };
+    if rest.iter().all(|&b| b == 0) {
+        return torn("zero-filled tail");
+    }
+    if rest.len() < FRAME_HEADER_BYTES {
+        return torn("partial frame header");
+    }
+    let header = &rest[..FRAME_HEADER_BYTES];
+    let field = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&header[0..12]) != field(12) || field(0) != FRAME_MAGIC {
+        return Scan::Corrupt {
+            detail: "frame header fails its checksum".into(),
+        };
+    }
+    let payload_len = field(4) as usize;
+    if payload_len > FRAME_PAYLOAD_BYTES_MAX {
+        return Scan::Corrupt {
+            detail: format!("frame length {payload_len} over the maximum"),
+        };
+    }
+    let end = FRAME_HEADER_BYTES + payload_len;
+    if end > rest.len() {
+        return torn("frame runs past the end of the file");
+    }
+    let payload = &rest[FRAME_HEADER_BYTES..end];
+    if crc32c::crc32c(payload) != field(8) {
+        return if end == rest.len() {
+            torn("last frame fails its checksum")
+        } else {
+            Scan::Corrupt {
+                detail: "frame payload fails its checksum".into(),
+            }
+        };
+    }
+    Scan::Frame {
+        payload,
+        next: at + end,
+    }
+}
+
+/// The records of one frame payload.
+pub struct FrameRecords<'a> {
+    payload: &'a [u8],
+}
+
+impl<'a> FrameRecords<'a> {
+    pub(crate) fn new(payload: &'a [u8]) -> FrameRecords<'a> {
+        FrameRecords { payload }
+    }
+}
+
+impl<'a> Iterator for FrameRecords<'a> {
+    /// `Err` means a checksummed frame holds malformed framing: a bug, not disk damage.
+    type Item = Result<&'a [u8], String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.payload.is_empty() {
+            return None;
+        }
+        let Some(len) = self.payload.get(..4) else {
+            self.payload = &[];
+            return Some(Err("record length cut short".into()));
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        let Some(record) = self.payload.get(4..4 + len) else {
+            self.payload = &[];
+            return Some(Err(format!("record of {len} bytes runs past its frame")));
+        };
+        self.payload = &self.payload[4 + len..];
+        Some(Ok(record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(groups: &[&[&[u8]]]) -> (Vec<u8>, Vec<usize>) {
+        let mut out = Vec::new();
+        let mut ends = Vec::new();
+        for group in groups {
+            encode(group, &mut out);
+            ends.push(out.len());
+        }
+        (out, ends)
+    }
+
+    fn scan_all(bytes: &[u8], is_last: bool) -> (Vec<Vec<Vec<u8>>>, Scan<'_>) {
+        let mut at = 0;
+        let mut found = Vec::new();
+        loop {
+            match scan(bytes, at, is_last) {
+                Scan::Frame { payload, next } => {
+                    found.push(
+                        FrameRecords::new(payload)
+                            .map(|r| r.unwrap().to_vec())
+                            .collect(),
+                    );
+                    at = next;
+                }
+                other => return (found, other),
+            }
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let (bytes, _) = frames(&[&[b"a", b"bc"], &[], &[b"def"]]);
+        let (found, end) = scan_all(&bytes, true);
+        assert_eq!(end, Scan::End);
+        assert_eq!(
+            found,
+            vec![
+                vec![b"a".to_vec(), b"bc".to_vec()],
+                vec![],
+                vec![b"def".to_vec()]
+            ]
+        );
+    }
+
+    #[test]
+    fn torn_tail_at_every_byte_keeps_exactly_the_whole_frames() {
+        let (bytes, ends) = frames(&[&[b"first"], &[b"second", b"x"], &[b"third record"]]);
+        for cut in 0..=bytes.len() {
+            let (found, end) = scan_all(&bytes[..cut], true);
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            assert_eq!(found.len(), whole, "cut at {cut}");
+            let clean = cut == 0 || ends.contains(&cut);
+            assert!(matches!(end, Scan::End) == clean, "cut at {cut}: {end:?}");
+            assert!(
+                matches!(end, Scan::End | Scan::TornTail { .. }),
+                "cut at {cut}: {end:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn torn_tail_in_an_earlier_segment_is_corruption() {
+        let (bytes, _) = frames(&[&[b"first"], &[b"second"]]);
+        let (_, end) = scan_all(&bytes[..bytes.len() - 1], false);
+        assert!(matches!(end, Scan::Corrupt { .. }), "{end:?}");
+    }
+
+    #[test]
+    fn zero_filled_tail_is_torn() {
+        let (mut bytes, _) = frames(&[&[b"first"]]);
+        bytes.extend_from_slice(&[0; 4096]);
+        let (found, end) = scan_all(&bytes, true);
+        assert_eq!(found.len(), 1);
+        assert!(matches!(end, Scan::TornTail { .. }));
+    }
+
+    #[test]
+    fn every_flipped_bit_before_the_last_frame_is_corruption() {
+        let (bytes, ends) = frames(&[&[b"first"], &[b"second", b"x"], &[b"third"]]);
+        let last_frame_start = ends[1];
+        for byte in 0..last_frame_start {
+            for bit in 0..8 {
+                let mut damaged = bytes.clone();
+                damaged[byte] ^= 1 << bit;
+                let (_, end) = scan_all(&damaged, true);
+                assert!(
+                    matches!(end, Scan::Corrupt { .. }),
+                    "byte {byte} bit {bit}: {end:?}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The write-ahead log of one partition: an append-only sequence of frames spread over
+//! segment files, addressed by a byte offset that grows forever.
+//!
+//! On-disk format (see ARCHITECTURE.md, "Write-ahead log"):
+//!
+//! ```text
+//! <dir>/<base offset, 20 digits>.wal     one segment; holds the offsets [base, next base)
+//! frame  := header payload
+//! header := u32 magic "TLWF" | u32 payload_len | u32 crc32c(payload) | u32 crc32c(first 12 header bytes)
+//! payload:= (u32 record_len, record bytes)*      records are opaque to this crate
+//! ```
+//!
+//! One `append` writes one frame (a group of records, possibly from many requests) and
+//! calls `fdatasync` once before returning: that is the group commit. A frame is the unit
+//! of atomicity; a crash leaves at most the last frame torn.
+//!
+//! What we assume of the disk: after `fdatasync` returns, the bytes written before it
+//! survive power loss; bytes written after the last successful `fdatasync` may be lost,
+//! truncated, or zero-filled, in any page order. A new segment file and a removed one are
+//! made durable by fsyncing the directory.
+
+mod frame;
+mod segment;
+
+pub use frame::{FRAME_HEADER_BYTES, FRAME_PAYLOAD_BYTES_MAX, FrameRecords};
+pub use segment::{Wal, WalOptions, WalStats};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt write-ahead log {path} at byte {position} (log offset {offset}): {detail}")]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        offset: u64,
+        detail: String,
+    },
+    #[error("write-ahead log in {dir} does not reach offset {offset}: {detail}")]
+    Missing {
+        dir: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+}
+
+impl WalError {
+    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WalError {
+        let path = path.into();
+        move |source| WalError::Io { path, source }
+    }
+}
