@@ -104,8 +104,7 @@ fn decompose_into(start: i64, end: i64, granularity: Granularity, spans: &mut Ve
         return;
     }
     let size = granularity.minutes();
-    let inner_start =
-        start.div_euclid(size) * size + if start.rem_euclid(size) == 0 { 0 } else { size };
+    let inner_start = start.div_euclid(size) * size + if start.rem_euclid(size) == 0 { 0 } else { size };
     let inner_end = end.div_euclid(size) * size;
     let finer = match granularity {
         Granularity::Day => Some(Granularity::Hour),
@@ -116,18 +115,10 @@ fn decompose_into(start: i64, end: i64, granularity: Granularity, spans: &mut Ve
         Some(finer) if inner_start >= inner_end => decompose_into(start, end, finer, spans),
         Some(finer) => {
             decompose_into(start, inner_start, finer, spans);
-            spans.push(Span {
-                granularity,
-                start: inner_start,
-                end: inner_end,
-            });
+            spans.push(Span { granularity, start: inner_start, end: inner_end });
             decompose_into(inner_end, end, finer, spans);
         }
-        None => spans.push(Span {
-            granularity,
-            start,
-            end,
-        }),
+        None => spans.push(Span { granularity, start, end }),
     }
 }
 
@@ -138,18 +129,9 @@ mod tests {
 
     #[test]
     fn covering_rounds_outward() {
-        assert_eq!(
-            MinuteRange::covering(0, 60_000),
-            MinuteRange { start: 0, end: 1 }
-        );
-        assert_eq!(
-            MinuteRange::covering(30_000, 60_001),
-            MinuteRange { start: 0, end: 2 }
-        );
-        assert_eq!(
-            MinuteRange::covering(-1, 0),
-            MinuteRange { start: -1, end: 0 }
-        );
+        assert_eq!(MinuteRange::covering(0, 60_000), MinuteRange { start: 0, end: 1 });
+        assert_eq!(MinuteRange::covering(30_000, 60_001), MinuteRange { start: 0, end: 2 });
+        assert_eq!(MinuteRange::covering(-1, 0), MinuteRange { start: -1, end: 0 });
         assert!(MinuteRange::covering(5, 5).is_empty());
     }
 
@@ -159,10 +141,7 @@ mod tests {
         let end = 365 * DAY_MINUTES + 5 * 60 + 3;
         let spans = MinuteRange { start, end }.decompose();
         assert_eq!(spans.len(), 5);
-        let buckets: i64 = spans
-            .iter()
-            .map(|s| (s.end - s.start) / s.granularity.minutes())
-            .sum();
+        let buckets: i64 = spans.iter().map(|s| (s.end - s.start) / s.granularity.minutes()).sum();
         assert!(buckets < 2 * 60 + 2 * 24 + 365, "{buckets}");
     }
 

@@ -38,10 +38,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            lateness_max_ms: 7 * 24 * 3_600_000,
-            clock_skew_max_ms: 5 * 60_000,
-        }
+        Limits { lateness_max_ms: 7 * 24 * 3_600_000, clock_skew_max_ms: 5 * 60_000 }
     }
 }
 
@@ -55,47 +52,20 @@ pub struct FieldError {
 
 impl Limits {
     /// Checks every rule of one event and pushes one `FieldError` per broken rule.
-    pub fn check(
-        &self,
-        index: usize,
-        event: &EventRef<'_>,
-        receive_ms: i64,
-        errors: &mut Vec<FieldError>,
-    ) {
-        let mut fail = |field: &'static str, reason: String| {
-            errors.push(FieldError {
-                index,
-                field,
-                reason,
-            })
-        };
+    pub fn check(&self, index: usize, event: &EventRef<'_>, receive_ms: i64, errors: &mut Vec<FieldError>) {
+        let mut fail = |field: &'static str, reason: String| errors.push(FieldError { index, field, reason });
         if let Err(reason) = check_id(event.video_id, VIDEO_ID_BYTES_MAX) {
             fail("video_id", reason);
         }
         if !is_event_type(event.event_type) {
-            fail(
-                "type",
-                format!("must match [a-z0-9_.-]{{1,{EVENT_TYPE_BYTES_MAX}}}"),
-            );
+            fail("type", format!("must match [a-z0-9_.-]{{1,{EVENT_TYPE_BYTES_MAX}}}"));
         }
         let earliest = receive_ms.saturating_sub(self.lateness_max_ms);
         let latest = receive_ms.saturating_add(self.clock_skew_max_ms);
         if event.ts_ms < earliest {
-            fail(
-                "ts",
-                format!(
-                    "older than the maximum lateness of {} ms",
-                    self.lateness_max_ms
-                ),
-            );
+            fail("ts", format!("older than the maximum lateness of {} ms", self.lateness_max_ms));
         } else if event.ts_ms > latest {
-            fail(
-                "ts",
-                format!(
-                    "later than the maximum clock skew of {} ms",
-                    self.clock_skew_max_ms
-                ),
-            );
+            fail("ts", format!("later than the maximum clock skew of {} ms", self.clock_skew_max_ms));
         }
         if let Some(event_id) = event.event_id
             && let Err(reason) = check_id(event_id, EVENT_ID_BYTES_MAX)
@@ -127,9 +97,7 @@ pub fn check_id(id: &str, bytes_max: usize) -> Result<(), String> {
 /// `[a-z0-9_.-]{1,32}`.
 pub fn is_event_type(event_type: &str) -> bool {
     (1..=EVENT_TYPE_BYTES_MAX).contains(&event_type.len())
-        && event_type.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
-        })
+        && event_type.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]
@@ -137,14 +105,7 @@ mod tests {
     use super::*;
 
     fn event(video_id: &str) -> EventRef<'_> {
-        EventRef {
-            video_id,
-            event_type: "view",
-            ts_ms: 1_000_000,
-            value: 0,
-            event_id: None,
-            viewer_id: None,
-        }
+        EventRef { video_id, event_type: "view", ts_ms: 1_000_000, value: 0, event_id: None, viewer_id: None }
     }
 
     #[test]
@@ -173,22 +134,11 @@ mod tests {
 
     #[test]
     fn timestamp_window_is_inclusive_at_both_ends() {
-        let limits = Limits {
-            lateness_max_ms: 100,
-            clock_skew_max_ms: 10,
-        };
+        let limits = Limits { lateness_max_ms: 100, clock_skew_max_ms: 10 };
         let mut errors = Vec::new();
         for (ts, ok) in [(900, true), (899, false), (1010, true), (1011, false)] {
             errors.clear();
-            limits.check(
-                0,
-                &EventRef {
-                    ts_ms: ts,
-                    ..event("v")
-                },
-                1000,
-                &mut errors,
-            );
+            limits.check(0, &EventRef { ts_ms: ts, ..event("v") }, 1000, &mut errors);
             assert_eq!(errors.is_empty(), ok, "ts {ts}");
         }
     }

@@ -35,9 +35,6 @@ mod tests {
         for i in 0..80_000 {
             counts[partition_of(&format!("video-{i}"), 8) as usize] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
     }
 }

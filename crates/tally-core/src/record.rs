@@ -60,11 +60,7 @@ impl RecordWriter {
         }
         let count_at = bytes.len();
         bytes.extend_from_slice(&0u32.to_le_bytes());
-        RecordWriter {
-            bytes,
-            count_at,
-            events: 0,
-        }
+        RecordWriter { bytes, count_at, events: 0 }
     }
 
     /// Appends one validated event. Panics if a field exceeds its length field: validation
@@ -122,28 +118,17 @@ impl<'a> RecordReader<'a> {
         let receive_ms = cursor.i64()?;
         let flags = cursor.u8()?;
         let idempotency_key = if flags & FLAG_IDEMPOTENCY_KEY != 0 {
-            Some(u128::from_le_bytes(
-                cursor.take(16)?.try_into().expect("16 bytes"),
-            ))
+            Some(u128::from_le_bytes(cursor.take(16)?.try_into().expect("16 bytes")))
         } else {
             None
         };
         let event_count = u32::from_le_bytes(cursor.take(4)?.try_into().expect("4 bytes"));
-        Ok(RecordReader {
-            receive_ms,
-            idempotency_key,
-            event_count,
-            body: bytes,
-            body_at: cursor.at,
-        })
+        Ok(RecordReader { receive_ms, idempotency_key, event_count, body: bytes, body_at: cursor.at })
     }
 
     /// Decodes every event, calling `visit` on each; fails on the first malformed byte.
     pub fn for_each_event(&self, mut visit: impl FnMut(EventRef<'a>)) -> Result<(), RecordError> {
-        let mut cursor = Cursor {
-            bytes: self.body,
-            at: self.body_at,
-        };
+        let mut cursor = Cursor { bytes: self.body, at: self.body_at };
         for _ in 0..self.event_count {
             let video_len = usize::from(cursor.u16()?);
             let video_id = cursor.str(video_len)?;
@@ -165,9 +150,7 @@ impl<'a> RecordReader<'a> {
             });
         }
         if cursor.at != self.body.len() {
-            return Err(RecordError::Trailing {
-                extra: self.body.len() - cursor.at,
-            });
+            return Err(RecordError::Trailing { extra: self.body.len() - cursor.at });
         }
         Ok(())
     }
@@ -180,10 +163,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        let slice = self
-            .bytes
-            .get(self.at..self.at + n)
-            .ok_or(RecordError::Truncated { at: self.at })?;
+        let slice = self.bytes.get(self.at..self.at + n).ok_or(RecordError::Truncated { at: self.at })?;
         self.at += n;
         Ok(slice)
     }
@@ -191,14 +171,10 @@ impl<'a> Cursor<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, RecordError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
     fn i64(&mut self) -> Result<i64, RecordError> {
-        Ok(i64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     fn str(&mut self, n: usize) -> Result<&'a str, RecordError> {
         let at = self.at;

@@ -19,10 +19,7 @@ pub(crate) fn encode(records: &[&[u8]], out: &mut Vec<u8>) {
         out.extend_from_slice(record);
     }
     let payload_len = out.len() - start - FRAME_HEADER_BYTES;
-    assert!(
-        payload_len <= FRAME_PAYLOAD_BYTES_MAX,
-        "frame payload of {payload_len} bytes over the maximum"
-    );
+    assert!(payload_len <= FRAME_PAYLOAD_BYTES_MAX, "frame payload of {payload_len} bytes over the maximum");
     let payload_crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
     let header = &mut out[start..start + FRAME_HEADER_BYTES];
     header[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
@@ -62,9 +59,7 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
         if is_last_segment {
             Scan::TornTail { reason }
         } else {
-            Scan::Corrupt {
-                detail: format!("{reason} in a segment that is not the last"),
-            }
+            Scan::Corrupt { detail: format!("{reason} in a segment that is not the last") }
         }
     };
     if rest.iter().all(|&b| b == 0) {
@@ -76,15 +71,11 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
     let header = &rest[..FRAME_HEADER_BYTES];
     let field = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
     if crc32c::crc32c(&header[0..12]) != field(12) || field(0) != FRAME_MAGIC {
-        return Scan::Corrupt {
-            detail: "frame header fails its checksum".into(),
-        };
+        return Scan::Corrupt { detail: "frame header fails its checksum".into() };
     }
     let payload_len = field(4) as usize;
     if payload_len > FRAME_PAYLOAD_BYTES_MAX {
-        return Scan::Corrupt {
-            detail: format!("frame length {payload_len} over the maximum"),
-        };
+        return Scan::Corrupt { detail: format!("frame length {payload_len} over the maximum") };
     }
     let end = FRAME_HEADER_BYTES + payload_len;
     if end > rest.len() {
@@ -95,15 +86,10 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
         return if end == rest.len() {
             torn("last frame fails its checksum")
         } else {
-            Scan::Corrupt {
-                detail: "frame payload fails its checksum".into(),
-            }
+            Scan::Corrupt { detail: "frame payload fails its checksum".into() }
         };
     }
-    Scan::Frame {
-        payload,
-        next: at + end,
-    }
+    Scan::Frame { payload, next: at + end }
 }
 
 /// The records of one frame payload.
@@ -159,11 +145,7 @@ mod tests {
         loop {
             match scan(bytes, at, is_last) {
                 Scan::Frame { payload, next } => {
-                    found.push(
-                        FrameRecords::new(payload)
-                            .map(|r| r.unwrap().to_vec())
-                            .collect(),
-                    );
+                    found.push(FrameRecords::new(payload).map(|r| r.unwrap().to_vec()).collect());
                     at = next;
                 }
                 other => return (found, other),
@@ -176,14 +158,7 @@ mod tests {
         let (bytes, _) = frames(&[&[b"a", b"bc"], &[], &[b"def"]]);
         let (found, end) = scan_all(&bytes, true);
         assert_eq!(end, Scan::End);
-        assert_eq!(
-            found,
-            vec![
-                vec![b"a".to_vec(), b"bc".to_vec()],
-                vec![],
-                vec![b"def".to_vec()]
-            ]
-        );
+        assert_eq!(found, vec![vec![b"a".to_vec(), b"bc".to_vec()], vec![], vec![b"def".to_vec()]]);
     }
 
     #[test]
@@ -195,10 +170,7 @@ mod tests {
             assert_eq!(found.len(), whole, "cut at {cut}");
             let clean = cut == 0 || ends.contains(&cut);
             assert!(matches!(end, Scan::End) == clean, "cut at {cut}: {end:?}");
-            assert!(
-                matches!(end, Scan::End | Scan::TornTail { .. }),
-                "cut at {cut}: {end:?}"
-            );
+            assert!(matches!(end, Scan::End | Scan::TornTail { .. }), "cut at {cut}: {end:?}");
         }
     }
 
@@ -227,10 +199,7 @@ mod tests {
                 let mut damaged = bytes.clone();
                 damaged[byte] ^= 1 << bit;
                 let (_, end) = scan_all(&damaged, true);
-                assert!(
-                    matches!(end, Scan::Corrupt { .. }),
-                    "byte {byte} bit {bit}: {end:?}"
-                );
+                assert!(matches!(end, Scan::Corrupt { .. }), "byte {byte} bit {bit}: {end:?}");
             }
         }
     }

@@ -30,23 +30,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
     #[error("i/o error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("corrupt write-ahead log {path} at byte {position} (log offset {offset}): {detail}")]
-    Corrupt {
-        path: PathBuf,
-        position: u64,
-        offset: u64,
-        detail: String,
-    },
+    Corrupt { path: PathBuf, position: u64, offset: u64, detail: String },
     #[error("write-ahead log in {dir} does not reach offset {offset}: {detail}")]
-    Missing {
-        dir: PathBuf,
-        offset: u64,
-        detail: String,
-    },
+    Missing { dir: PathBuf, offset: u64, detail: String },
 }
 
 impl WalError {

@@ -17,9 +17,7 @@ pub struct WalOptions {
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions {
-            segment_bytes_max: 64 << 20,
-        }
+        WalOptions { segment_bytes_max: 64 << 20 }
     }
 }
 
@@ -47,9 +45,7 @@ fn segment_path(dir: &Path, base: u64) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(WalError::io(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(WalError::io(dir))
 }
 
 impl Wal {
@@ -110,13 +106,8 @@ impl Wal {
                     }
                     Scan::End => break,
                     Scan::TornTail { reason } => {
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(WalError::io(&path))?;
-                        file.set_len(at as u64)
-                            .and_then(|()| file.sync_all())
-                            .map_err(WalError::io(&path))?;
+                        let file = OpenOptions::new().write(true).open(&path).map_err(WalError::io(&path))?;
+                        file.set_len(at as u64).and_then(|()| file.sync_all()).map_err(WalError::io(&path))?;
                         eprintln!(
                             "tally-wal: truncated torn tail of {} at byte {at}: {reason} ({} bytes dropped, never acknowledged)",
                             path.display(),
@@ -125,12 +116,7 @@ impl Wal {
                         break;
                     }
                     Scan::Corrupt { detail } => {
-                        return Err(WalError::Corrupt {
-                            path,
-                            position: at as u64,
-                            offset: base + at as u64,
-                            detail,
-                        });
+                        return Err(WalError::Corrupt { path, position: at as u64, offset: base + at as u64, detail });
                     }
                 }
             }
@@ -150,18 +136,8 @@ impl Wal {
             end_offset = end_offset.max(base + at as u64);
         }
         let active_path = segment_path(dir, *bases.last().expect("at least one segment"));
-        let active = OpenOptions::new()
-            .append(true)
-            .open(&active_path)
-            .map_err(WalError::io(&active_path))?;
-        Ok(Ok(Wal {
-            dir: dir.into(),
-            options,
-            bases,
-            active,
-            end_offset,
-            frame_buffer: Vec::new(),
-        }))
+        let active = OpenOptions::new().append(true).open(&active_path).map_err(WalError::io(&active_path))?;
+        Ok(Ok(Wal { dir: dir.into(), options, bases, active, end_offset, frame_buffer: Vec::new() }))
     }
 
     /// The offset the next frame will start at; every offset below it is durable.
@@ -177,15 +153,12 @@ impl Wal {
         frame::encode(records, &mut self.frame_buffer);
         let active_base = *self.bases.last().expect("active segment");
         if self.end_offset > active_base
-            && self.end_offset - active_base + self.frame_buffer.len() as u64
-                > self.options.segment_bytes_max
+            && self.end_offset - active_base + self.frame_buffer.len() as u64 > self.options.segment_bytes_max
         {
             self.roll()?;
         }
         let path = segment_path(&self.dir, *self.bases.last().expect("active segment"));
-        self.active
-            .write_all(&self.frame_buffer)
-            .map_err(WalError::io(&path))?;
+        self.active.write_all(&self.frame_buffer).map_err(WalError::io(&path))?;
         self.active.sync_data().map_err(WalError::io(&path))?;
         self.end_offset += self.frame_buffer.len() as u64;
         Ok(self.end_offset)
@@ -193,11 +166,7 @@ impl Wal {
 
     fn roll(&mut self) -> Result<(), WalError> {
         let path = segment_path(&self.dir, self.end_offset);
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(WalError::io(&path))?;
+        let file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(WalError::io(&path))?;
         sync_dir(&self.dir)?;
         self.active = file;
         self.bases.push(self.end_offset);
@@ -207,11 +176,7 @@ impl Wal {
     /// Deletes every segment whose frames all lie below `offset` (a checkpoint). The
     /// active segment is never deleted. Returns how many were removed.
     pub fn remove_segments_before(&mut self, offset: u64) -> Result<usize, WalError> {
-        let removable = self
-            .bases
-            .windows(2)
-            .take_while(|pair| pair[1] <= offset)
-            .count();
+        let removable = self.bases.windows(2).take_while(|pair| pair[1] <= offset).count();
         for &base in &self.bases[..removable] {
             let path = segment_path(&self.dir, base);
             fs::remove_file(&path).map_err(WalError::io(&path))?;
@@ -224,10 +189,7 @@ impl Wal {
     }
 
     pub fn stats(&self) -> WalStats {
-        WalStats {
-            segments: self.bases.len() as u64,
-            bytes: self.end_offset - self.bases[0],
-        }
+        WalStats { segments: self.bases.len() as u64, bytes: self.end_offset - self.bases[0] }
     }
 }
 
@@ -270,9 +232,7 @@ mod tests {
     #[test]
     fn appended_frames_replay_from_any_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WalOptions {
-            segment_bytes_max: 64,
-        };
+        let options = WalOptions { segment_bytes_max: 64 };
         let (mut wal, replayed) = open(dir.path(), 0, options).unwrap();
         assert!(replayed.is_empty());
         let mut ends = vec![0];
@@ -284,10 +244,7 @@ mod tests {
         for (i, &start) in ends.iter().enumerate() {
             let (wal, replayed) = open(dir.path(), start, options).unwrap();
             assert_eq!(replayed.len(), 20 - i);
-            assert_eq!(
-                replayed.first().map(|r| r.1[1].clone()),
-                (i < 20).then(|| vec![i as u8])
-            );
+            assert_eq!(replayed.first().map(|r| r.1[1].clone()), (i < 20).then(|| vec![i as u8]));
             assert_eq!(wal.end_offset(), *ends.last().unwrap());
         }
     }
@@ -295,9 +252,7 @@ mod tests {
     #[test]
     fn removed_segments_are_gone_and_replay_still_works_past_them() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WalOptions {
-            segment_bytes_max: 64,
-        };
+        let options = WalOptions { segment_bytes_max: 64 };
         let (mut wal, _) = open(dir.path(), 0, options).unwrap();
         let mut ends = Vec::new();
         for i in 0..10u8 {
@@ -310,9 +265,7 @@ mod tests {
         drop(wal);
         let (_, replayed) = open(dir.path(), ends[6], options).unwrap();
         assert_eq!(replayed.len(), 3);
-        let err = open(dir.path(), 0, options)
-            .err()
-            .expect("offset 0 was deleted");
+        let err = open(dir.path(), 0, options).err().expect("offset 0 was deleted");
         assert!(matches!(err, WalError::Missing { .. }), "{err}");
     }
 
@@ -325,12 +278,7 @@ mod tests {
         drop(wal);
         let path = segment_path(dir.path(), 0);
         let len = fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
         let (mut wal, replayed) = open(dir.path(), 0, WalOptions::default()).unwrap();
         assert_eq!(replayed, vec![(first, vec![b"kept".to_vec()])]);
         assert_eq!(fs::metadata(&path).unwrap().len(), first);
@@ -352,22 +300,15 @@ mod tests {
         bytes[first as usize + 20] ^= 0x40;
         bytes[5] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
-        let err = open(dir.path(), 0, WalOptions::default())
-            .err()
-            .expect("must refuse");
+        let err = open(dir.path(), 0, WalOptions::default()).err().expect("must refuse");
         let message = err.to_string();
-        assert!(
-            message.contains("00000000000000000000.wal") && message.contains("at byte 0"),
-            "{message}"
-        );
+        assert!(message.contains("00000000000000000000.wal") && message.contains("at byte 0"), "{message}");
     }
 
     #[test]
     fn gap_between_segments_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WalOptions {
-            segment_bytes_max: 40,
-        };
+        let options = WalOptions { segment_bytes_max: 40 };
         let (mut wal, _) = open(dir.path(), 0, options).unwrap();
         for _ in 0..3 {
             wal.append(&[&[7; 20]]).unwrap();
@@ -375,15 +316,7 @@ mod tests {
         drop(wal);
         let path = segment_path(dir.path(), 0);
         let len = fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 1)
-            .unwrap();
-        assert!(matches!(
-            open(dir.path(), 0, options),
-            Err(WalError::Corrupt { .. })
-        ));
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 1).unwrap();
+        assert!(matches!(open(dir.path(), 0, options), Err(WalError::Corrupt { .. })));
     }
 }

@@ -1,0 +1,88 @@
+//! Counter deltas: what a partition counted since its last flush, per (type, video, minute).
+
+use hashbrown::HashMap;
+
+/// A count of events and the sum of their values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub count: u64,
+    /// Saturates at the `i64` bounds rather than wrapping.
+    pub sum: i64,
+}
+
+impl Counter {
+    pub fn add(&mut self, other: Counter) {
+        self.count += other.count;
+        self.sum = self.sum.saturating_add(other.sum);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinuteCell {
+    /// Epoch minute.
+    pub minute: i64,
+    pub counter: Counter,
+}
+
+/// Deltas keyed by `type 0xFF video` (0xFF never occurs in UTF-8, so the split is
+/// unambiguous). Each key holds its few minutes in a small vector: between two flushes a
+/// video is seen in one or two minutes, rarely more.
+#[derive(Default)]
+pub struct Deltas {
+    cells_by_key: HashMap<Box<[u8]>, Vec<MinuteCell>>,
+    cells: usize,
+    key_scratch: Vec<u8>,
+}
+
+const KEY_SEPARATOR: u8 = 0xFF;
+
+fn build_key(scratch: &mut Vec<u8>, event_type: &str, video_id: &str) {
+    scratch.clear();
+    scratch.extend_from_slice(event_type.as_bytes());
+    scratch.push(KEY_SEPARATOR);
+    scratch.extend_from_slice(video_id.as_bytes());
+}
+
+impl Deltas {
+    pub fn add(&mut self, event_type: &str, video_id: &str, minute: i64, value: i64) {
+        build_key(&mut self.key_scratch, event_type, video_id);
+        let cells = match self.cells_by_key.get_mut(&self.key_scratch[..]) {
+            Some(cells) => cells,
+            None => self.cells_by_key.entry(Box::from(&self.key_scratch[..])).or_default(),
+        };
+        let one = Counter { count: 1, sum: value };
+        match cells.iter_mut().find(|c| c.minute == minute) {
+            Some(cell) => cell.counter.add(one),
+            None => {
+                cells.push(MinuteCell { minute, counter: one });
+                self.cells += 1;
+            }
+        }
+    }
+
+    /// The minutes of one (type, video), in no particular order.
+    pub fn get(&self, event_type: &str, video_id: &str) -> &[MinuteCell] {
+        let mut key = Vec::with_capacity(event_type.len() + 1 + video_id.len());
+        build_key(&mut key, event_type, video_id);
+        self.cells_by_key.get(&key[..]).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every (type, video, cells), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &[MinuteCell])> {
+        self.cells_by_key.iter().map(|(key, cells)| {
+            let split = key.iter().position(|&b| b == KEY_SEPARATOR).expect("separator in key");
+            let event_type = std::str::from_utf8(&key[..split]).expect("utf-8 type");
+            let video_id = std::str::from_utf8(&key[split + 1..]).expect("utf-8 video");
+            (event_type, video_id, cells.as_slice())
+        })
+    }
+
+    /// Distinct (type, video, minute) cells held.
+    pub fn cells(&self) -> usize {
+        self.cells
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cells == 0
+    }
+}

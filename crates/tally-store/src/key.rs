@@ -1,0 +1,84 @@
+//! Byte layouts of store keys and values, chosen so that byte order equals the order
+//! queries scan in.
+//!
+//! ```text
+//! bucket key   := u8 type_len | type | u16be video_len | video | u8 granularity | i64be(bucket ^ sign bit)
+//! bucket value := u64le count | i64le sum
+//! checkpoint   := u64le offset | i64le dedup_current_start_ms | i64le dedup_previous_start_ms
+//! dedup key    := u32be partition | i64be(generation_start ^ sign bit) | u64be checkpoint offset
+//! ```
+//!
+//! Flipping the sign bit makes big-endian signed integers sort like the numbers they hold.
+
+use tally_aggregate::Counter;
+use tally_core::Granularity;
+
+const SIGN: u64 = 1 << 63;
+
+pub(crate) fn ordered_i64(value: i64) -> [u8; 8] {
+    ((value as u64) ^ SIGN).to_be_bytes()
+}
+
+pub(crate) fn from_ordered_i64(bytes: &[u8]) -> i64 {
+    (u64::from_be_bytes(bytes.try_into().expect("8 bytes")) ^ SIGN) as i64
+}
+
+/// The key prefix shared by every bucket of one (type, video, granularity).
+pub(crate) fn bucket_prefix(out: &mut Vec<u8>, event_type: &str, video_id: &str, granularity: Granularity) {
+    out.clear();
+    out.push(u8::try_from(event_type.len()).expect("type fits u8"));
+    out.extend_from_slice(event_type.as_bytes());
+    out.extend_from_slice(&u16::try_from(video_id.len()).expect("video id fits u16").to_be_bytes());
+    out.extend_from_slice(video_id.as_bytes());
+    out.push(granularity as u8);
+}
+
+pub(crate) fn bucket_key(out: &mut Vec<u8>, event_type: &str, video_id: &str, granularity: Granularity, bucket: i64) {
+    bucket_prefix(out, event_type, video_id, granularity);
+    out.extend_from_slice(&ordered_i64(bucket));
+}
+
+pub(crate) fn encode_counter(counter: Counter) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&counter.count.to_le_bytes());
+    out[8..].copy_from_slice(&counter.sum.to_le_bytes());
+    out
+}
+
+pub(crate) fn decode_counter(bytes: &[u8]) -> Counter {
+    assert_eq!(bytes.len(), 16, "bucket value must be 16 bytes");
+    Counter {
+        count: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+        sum: i64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+    }
+}
+
+pub(crate) fn dedup_key(partition: u32, generation_start_ms: i64, offset: u64) -> [u8; 20] {
+    let mut out = [0u8; 20];
+    out[..4].copy_from_slice(&partition.to_be_bytes());
+    out[4..12].copy_from_slice(&ordered_i64(generation_start_ms));
+    out[12..].copy_from_slice(&offset.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordered_i64_sorts_like_numbers() {
+        let values = [i64::MIN, -61, -1, 0, 1, 60, i64::MAX];
+        for pair in values.windows(2) {
+            assert!(ordered_i64(pair[0]) < ordered_i64(pair[1]));
+            assert_eq!(from_ordered_i64(&ordered_i64(pair[0])), pair[0]);
+        }
+    }
+
+    #[test]
+    fn one_video_prefix_never_matches_another() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        bucket_prefix(&mut a, "view", "ab", Granularity::Minute);
+        bucket_prefix(&mut b, "view", "abc", Granularity::Minute);
+        assert!(!b.starts_with(&a));
+    }
+}

@@ -1,0 +1,79 @@
+//! The aggregate store: where flushed counters live, per (type, video, granularity,
+//! bucket), together with each partition's checkpoint and dedup journal.
+//!
+//! Architecture invariant: one `commit` writes a flush's counters, the checkpoint offsets
+//! they cover and the dedup entries they added in a single atomic, durable transaction.
+//! After a crash the store therefore holds either all of a flush or none of it, and the
+//! checkpoint says exactly where log replay must resume.
+//!
+//! `CounterStore` is the seam a networked backend (a PostgreSQL-protocol database) plugs
+//! into; `RedbStore` is the embedded default.
+
+mod key;
+mod redb_store;
+
+pub use redb_store::RedbStore;
+
+use tally_aggregate::{Counter, DedupJournal, Deltas};
+use tally_core::{Granularity, Span};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {context}: {source}")]
+    Redb { context: &'static str, source: redb::Error },
+    #[error(
+        "store holds data for {stored} partitions but {configured} are configured; the partition count of a data directory cannot change"
+    )]
+    PartitionCount { stored: u32, configured: u32 },
+    #[error("store is corrupt: {detail}")]
+    Corrupt { detail: String },
+}
+
+/// Where a partition's flushed state ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub partition: u32,
+    /// Log offset up to which every frame is reflected in the store.
+    pub offset: u64,
+    /// Dedup generation starts (receive time, ms) at that offset.
+    pub dedup_current_start_ms: i64,
+    pub dedup_previous_start_ms: i64,
+}
+
+/// One partition's contribution to a flush.
+pub struct PartitionFlush<'a> {
+    pub deltas: &'a Deltas,
+    pub checkpoint: Checkpoint,
+    pub journal: DedupJournal,
+}
+
+pub trait CounterStore: Send + Sync + 'static {
+    /// Records the partition count on first use; fails if it differs from a stored one.
+    fn claim_partitions(&self, partitions: u32) -> Result<(), StoreError>;
+    /// The checkpoint of `partition`, or `None` if it never flushed.
+    fn checkpoint(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError>;
+    /// The dedup journal blobs stored for one generation of one partition.
+    fn dedup_blobs(&self, partition: u32, generation_start_ms: i64) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Adds the deltas into minute, hour and day buckets and moves the checkpoints, atomically
+    /// and durably.
+    fn commit(&self, flushes: &[PartitionFlush<'_>]) -> Result<(), StoreError>;
+    /// A consistent read view.
+    fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError>;
+}
+
+/// A consistent, read-only view of the store.
+pub trait Snapshot {
+    fn checkpoint_offset(&self, partition: u32) -> Result<u64, StoreError>;
+    /// Sum of the buckets of one span.
+    fn sum(&self, event_type: &str, video_id: &str, span: Span) -> Result<Counter, StoreError>;
+    /// Each stored, non-empty bucket of `granularity` starting in `[start, end)`, ascending.
+    fn buckets(
+        &self,
+        event_type: &str,
+        video_id: &str,
+        granularity: Granularity,
+        start: i64,
+        end: i64,
+        visit: &mut dyn FnMut(i64, Counter),
+    ) -> Result<(), StoreError>;
+}
