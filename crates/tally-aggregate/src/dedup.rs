@@ -5,12 +5,13 @@
 //! An entry is therefore remembered for at least one window and at most two. Memory per
 //! entry: 16 bytes of hash plus hash-table overhead (about 1.15× at hashbrown's load
 //! factor, and up to 2× right after a table grows): 18–36 bytes per event id, 26–52 per
-//! idempotency key.
+//! idempotency key (key, fingerprint and outcome).
 //!
 //! Keys are 128-bit xxh3 hashes: the chance that two distinct ids collide (and an event is
 //! wrongly counted as a duplicate) is below 1e-20 for ten billion live entries.
 
 use hashbrown::{HashMap, HashSet};
+use tally_core::RequestKey;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// What a request, or its part in one partition, did.
@@ -44,7 +45,7 @@ pub fn request_key(idempotency_key: &str) -> u128 {
 #[derive(Default)]
 struct Generation {
     events: HashSet<u128>,
-    requests: HashMap<u128, Outcome>,
+    requests: HashMap<u128, (Outcome, u64)>,
 }
 
 impl Generation {
@@ -145,14 +146,16 @@ impl Dedup {
         }
     }
 
-    pub fn request_outcome(&self, key: u128) -> Option<Outcome> {
+    /// The outcome a request key had here, and the fingerprint of the body it came with.
+    pub fn request_outcome(&self, key: u128) -> Option<(Outcome, u64)> {
         self.current.requests.get(&key).or_else(|| self.previous.requests.get(&key)).copied()
     }
 
-    pub fn insert_request(&mut self, key: u128, outcome: Outcome) {
-        self.current.requests.insert(key, outcome);
+    pub fn insert_request(&mut self, request: RequestKey, outcome: Outcome) {
+        self.current.requests.insert(request.key, (outcome, request.fingerprint));
         self.journal.push(ENTRY_REQUEST);
-        self.journal.extend_from_slice(&key.to_le_bytes());
+        self.journal.extend_from_slice(&request.key.to_le_bytes());
+        self.journal.extend_from_slice(&request.fingerprint.to_le_bytes());
         self.journal.extend_from_slice(&outcome.accepted.to_le_bytes());
         self.journal.extend_from_slice(&outcome.duplicates.to_le_bytes());
     }
@@ -183,10 +186,11 @@ fn decode_into(mut blob: &[u8], generation: &mut Generation) {
                 blob = &rest[16..];
             }
             ENTRY_REQUEST => {
-                let accepted = u32::from_le_bytes(rest[16..20].try_into().expect("4 bytes"));
-                let duplicates = u32::from_le_bytes(rest[20..24].try_into().expect("4 bytes"));
-                generation.requests.insert(key, Outcome { accepted, duplicates });
-                blob = &rest[24..];
+                let fingerprint = u64::from_le_bytes(rest[16..24].try_into().expect("8 bytes"));
+                let accepted = u32::from_le_bytes(rest[24..28].try_into().expect("4 bytes"));
+                let duplicates = u32::from_le_bytes(rest[28..32].try_into().expect("4 bytes"));
+                generation.requests.insert(key, (Outcome { accepted, duplicates }, fingerprint));
+                blob = &rest[32..];
             }
             other => panic!("dedup journal holds unknown entry kind {other}: the store is corrupt"),
         }
@@ -203,7 +207,7 @@ mod tests {
         let mut live = Dedup::new(window);
         live.advance(0);
         live.insert_event(1);
-        live.insert_request(2, Outcome { accepted: 3, duplicates: 4 });
+        live.insert_request(RequestKey { key: 2, fingerprint: 8 }, Outcome { accepted: 3, duplicates: 4 });
         live.advance(1_500);
         live.insert_event(5);
         let journal = live.take_journal();
@@ -215,7 +219,7 @@ mod tests {
         assert_eq!(restored.entries(), 3);
         assert!(!restored.insert_event(1));
         assert!(!restored.insert_event(5));
-        assert_eq!(restored.request_outcome(2), Some(Outcome { accepted: 3, duplicates: 4 }));
+        assert_eq!(restored.request_outcome(2), Some((Outcome { accepted: 3, duplicates: 4 }, 8)));
         assert_eq!(restored.generation_starts(), live.generation_starts());
     }
 }

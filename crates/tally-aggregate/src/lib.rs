@@ -28,12 +28,13 @@ impl PartitionState {
     }
 
     /// Applies one record. A request whose idempotency key was already applied counts
-    /// nothing and answers what it answered the first time; an event whose id was already
+    /// nothing and answers what it answered the first time (the engine refuses a key reused
+    /// for another body before it reaches the log); an event whose id was already
     /// seen for its video counts as a duplicate.
     pub fn apply(&mut self, record: &RecordReader<'_>) -> Result<Outcome, RecordError> {
         self.dedup.advance(record.receive_ms);
-        if let Some(key) = record.idempotency_key
-            && let Some(first) = self.dedup.request_outcome(key)
+        if let Some(request) = record.request_key
+            && let Some((first, _)) = self.dedup.request_outcome(request.key)
         {
             return Ok(first);
         }
@@ -49,8 +50,8 @@ impl PartitionState {
             outcome.accepted += 1;
             deltas.add(event.event_type, event.video_id, minute_of(event.ts_ms), event.value);
         })?;
-        if let Some(key) = record.idempotency_key {
-            self.dedup.insert_request(key, outcome);
+        if let Some(request) = record.request_key {
+            self.dedup.insert_request(request, outcome);
         }
         Ok(outcome)
     }
@@ -59,10 +60,10 @@ impl PartitionState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_core::{EventRef, RecordWriter};
+    use tally_core::{EventRef, RecordWriter, RequestKey};
 
     fn record(receive_ms: i64, key: Option<u128>, events: &[(&str, Option<&str>)]) -> Vec<u8> {
-        let mut writer = RecordWriter::new(receive_ms, key, 0);
+        let mut writer = RecordWriter::new(receive_ms, key.map(|key| RequestKey { key, fingerprint: 0 }), 0);
         for (video_id, event_id) in events {
             writer.push(&EventRef {
                 video_id,

@@ -14,4 +14,4 @@ pub mod record;
 pub use bucket::{Granularity, MinuteRange, Span};
 pub use event::{EventRef, FieldError, Limits};
 pub use partition::partition_of;
-pub use record::{RecordError, RecordReader, RecordWriter};
+pub use record::{RecordError, RecordReader, RecordWriter, RequestKey};

@@ -6,8 +6,9 @@
 //! ```text
 //! u8    version             = 1
 //! i64   receive_ms          server clock when the request arrived; drives dedup expiry
-//! u8    flags               bit 0: an idempotency key follows
+//! u8    flags               bit 0: an idempotency key and fingerprint follow
 //! [u128 idempotency_key]    xxh3-128 of the request's Idempotency-Key header
+//! [u64  fingerprint]        hash of the request body, to refuse a key reused for another body
 //! u32   event_count
 //! event_count times:
 //!   u16 video_id_len, video_id bytes (UTF-8)
@@ -25,7 +26,7 @@ use crate::event::EventRef;
 const RECORD_VERSION: u8 = 1;
 const FLAG_IDEMPOTENCY_KEY: u8 = 1;
 /// Bytes of the fixed header when an idempotency key is present.
-const HEADER_BYTES_MAX: usize = 1 + 8 + 1 + 16 + 4;
+const HEADER_BYTES_MAX: usize = 1 + 8 + 1 + 16 + 8 + 4;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
@@ -39,6 +40,13 @@ pub enum RecordError {
     Trailing { extra: usize },
 }
 
+/// A request's idempotency key (hashed) and the fingerprint of the body it was first sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestKey {
+    pub key: u128,
+    pub fingerprint: u64,
+}
+
 /// Builds one record. Append events, then `finish` to get the bytes.
 pub struct RecordWriter {
     bytes: Vec<u8>,
@@ -47,14 +55,15 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
-    pub fn new(receive_ms: i64, idempotency_key: Option<u128>, capacity: usize) -> RecordWriter {
+    pub fn new(receive_ms: i64, request_key: Option<RequestKey>, capacity: usize) -> RecordWriter {
         let mut bytes = Vec::with_capacity(HEADER_BYTES_MAX + capacity);
         bytes.push(RECORD_VERSION);
         bytes.extend_from_slice(&receive_ms.to_le_bytes());
-        match idempotency_key {
-            Some(key) => {
+        match request_key {
+            Some(request) => {
                 bytes.push(FLAG_IDEMPOTENCY_KEY);
-                bytes.extend_from_slice(&key.to_le_bytes());
+                bytes.extend_from_slice(&request.key.to_le_bytes());
+                bytes.extend_from_slice(&request.fingerprint.to_le_bytes());
             }
             None => bytes.push(0),
         }
@@ -102,7 +111,7 @@ fn put_str16(bytes: &mut Vec<u8>, s: &str) {
 #[derive(Debug, Clone)]
 pub struct RecordReader<'a> {
     pub receive_ms: i64,
-    pub idempotency_key: Option<u128>,
+    pub request_key: Option<RequestKey>,
     pub event_count: u32,
     body: &'a [u8],
     body_at: usize,
@@ -117,13 +126,15 @@ impl<'a> RecordReader<'a> {
         }
         let receive_ms = cursor.i64()?;
         let flags = cursor.u8()?;
-        let idempotency_key = if flags & FLAG_IDEMPOTENCY_KEY != 0 {
-            Some(u128::from_le_bytes(cursor.take(16)?.try_into().expect("16 bytes")))
+        let request_key = if flags & FLAG_IDEMPOTENCY_KEY != 0 {
+            let key = u128::from_le_bytes(cursor.take(16)?.try_into().expect("16 bytes"));
+            let fingerprint = u64::from_le_bytes(cursor.take(8)?.try_into().expect("8 bytes"));
+            Some(RequestKey { key, fingerprint })
         } else {
             None
         };
         let event_count = u32::from_le_bytes(cursor.take(4)?.try_into().expect("4 bytes"));
-        Ok(RecordReader { receive_ms, idempotency_key, event_count, body: bytes, body_at: cursor.at })
+        Ok(RecordReader { receive_ms, request_key, event_count, body: bytes, body_at: cursor.at })
     }
 
     /// Decodes every event, calling `visit` on each; fails on the first malformed byte.
@@ -202,7 +213,7 @@ mod tests {
         #[test]
         fn record_round_trips(
             receive_ms in any::<i64>(),
-            key in proptest::option::of(any::<u128>()),
+            key in proptest::option::of((any::<u128>(), any::<u64>()).prop_map(|(key, fingerprint)| RequestKey { key, fingerprint })),
             events in proptest::collection::vec(
                 ("[^\u{0}]{1,20}", "[a-z]{1,32}", any::<i64>(), any::<i64>(),
                  proptest::option::of("[a-z0-9]{1,128}"), proptest::option::of(".{1,50}")),
@@ -216,7 +227,7 @@ mod tests {
             let bytes = writer.finish();
             let reader = RecordReader::new(&bytes).unwrap();
             prop_assert_eq!(reader.receive_ms, receive_ms);
-            prop_assert_eq!(reader.idempotency_key, key);
+            prop_assert_eq!(reader.request_key, key);
             let mut decoded = Vec::new();
             reader.for_each_event(|e| decoded.push(owned(e))).unwrap();
             prop_assert_eq!(decoded, events);
@@ -225,7 +236,7 @@ mod tests {
 
     #[test]
     fn truncated_record_is_an_error_not_a_panic() {
-        let mut writer = RecordWriter::new(7, Some(9), 0);
+        let mut writer = RecordWriter::new(7, Some(RequestKey { key: 9, fingerprint: 1 }), 0);
         writer.push(&EventRef {
             video_id: "v",
             event_type: "view",

@@ -146,9 +146,9 @@ impl Wal {
     }
 
     /// Writes one frame holding `records` and makes it durable with one `fdatasync`.
-    /// Returns the new end offset. On error the log must not be used again: a failed
+    /// Returns the new end offset and how long the fdatasync took. On error the log must not be used again: a failed
     /// fsync leaves the page cache in an unknown state, and the process recovers from disk.
-    pub fn append(&mut self, records: &[&[u8]]) -> Result<u64, WalError> {
+    pub fn append(&mut self, records: &[&[u8]]) -> Result<(u64, std::time::Duration), WalError> {
         self.frame_buffer.clear();
         frame::encode(records, &mut self.frame_buffer);
         let active_base = *self.bases.last().expect("active segment");
@@ -159,9 +159,11 @@ impl Wal {
         }
         let path = segment_path(&self.dir, *self.bases.last().expect("active segment"));
         self.active.write_all(&self.frame_buffer).map_err(WalError::io(&path))?;
+        let sync_started = std::time::Instant::now();
         self.active.sync_data().map_err(WalError::io(&path))?;
+        let sync = sync_started.elapsed();
         self.end_offset += self.frame_buffer.len() as u64;
-        Ok(self.end_offset)
+        Ok((self.end_offset, sync))
     }
 
     fn roll(&mut self) -> Result<(), WalError> {
@@ -237,7 +239,7 @@ mod tests {
         assert!(replayed.is_empty());
         let mut ends = vec![0];
         for i in 0..20u8 {
-            ends.push(wal.append(&[&[i; 10], &[i]]).unwrap());
+            ends.push(wal.append(&[&[i; 10], &[i]]).unwrap().0);
         }
         assert!(wal.stats().segments > 5, "{:?}", wal.stats());
         drop(wal);
@@ -256,7 +258,7 @@ mod tests {
         let (mut wal, _) = open(dir.path(), 0, options).unwrap();
         let mut ends = Vec::new();
         for i in 0..10u8 {
-            ends.push(wal.append(&[&[i; 30]]).unwrap());
+            ends.push(wal.append(&[&[i; 30]]).unwrap().0);
         }
         let before = wal.stats().segments;
         let removed = wal.remove_segments_before(ends[6]).unwrap();
@@ -273,7 +275,7 @@ mod tests {
     fn torn_tail_is_truncated_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = open(dir.path(), 0, WalOptions::default()).unwrap();
-        let first = wal.append(&[b"kept"]).unwrap();
+        let first = wal.append(&[b"kept"]).unwrap().0;
         wal.append(&[b"torn away"]).unwrap();
         drop(wal);
         let path = segment_path(dir.path(), 0);
@@ -292,7 +294,7 @@ mod tests {
     fn mid_log_damage_refuses_to_open_and_names_file_and_byte() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = open(dir.path(), 0, WalOptions::default()).unwrap();
-        let first = wal.append(&[b"one"]).unwrap();
+        let first = wal.append(&[b"one"]).unwrap().0;
         wal.append(&[b"two"]).unwrap();
         drop(wal);
         let path = segment_path(dir.path(), 0);

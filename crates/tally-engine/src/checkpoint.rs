@@ -1,0 +1,137 @@
+//! The flusher: every flush interval (or sooner, when a writer runs out of room) it takes
+//! each partition's deltas and dedup journal, commits them to the store with the log offset
+//! they cover, and so moves the checkpoint. Writers then delete the segments behind it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tally_store::{Checkpoint, PartitionFlush};
+
+use crate::{EngineError, Shared};
+
+/// Wakes the flusher early.
+#[derive(Default)]
+pub(crate) struct FlushSignal {
+    state: Mutex<SignalState>,
+    condvar: Condvar,
+}
+
+#[derive(Default)]
+struct SignalState {
+    requested: bool,
+    stop: bool,
+}
+
+impl FlushSignal {
+    pub(crate) fn request(&self) {
+        self.state.lock().requested = true;
+        self.condvar.notify_all();
+    }
+
+    /// Waits up to `timeout` for a request; returns true when asked to stop.
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut state = self.state.lock();
+        if !state.requested && !state.stop {
+            self.condvar.wait_for(&mut state, timeout);
+        }
+        state.requested = false;
+        state.stop
+    }
+
+    fn stop(&self) {
+        self.state.lock().stop = true;
+        self.condvar.notify_all();
+    }
+}
+
+pub(crate) struct FlusherHandle {
+    shared: Arc<Shared>,
+    thread: JoinHandle<()>,
+}
+
+impl FlusherHandle {
+    pub(crate) fn start(shared: Arc<Shared>) -> FlusherHandle {
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tally-flusher".into())
+            .spawn(move || run_flusher(&thread_shared))
+            .expect("spawn flusher thread");
+        FlusherHandle { shared, thread }
+    }
+
+    /// Stops the periodic flushing and runs one last flush of everything applied.
+    pub(crate) fn stop_and_flush(self) -> Result<(), EngineError> {
+        self.shared.flush_signal.stop();
+        let _ = self.thread.join();
+        flush_once(&self.shared)
+    }
+}
+
+fn run_flusher(shared: &Shared) {
+    let interval = Duration::from_millis(shared.config.flush_interval_ms);
+    loop {
+        if shared.flush_signal.wait(interval) {
+            return;
+        }
+        if shared.failure.lock().is_some() {
+            continue;
+        }
+        if let Err(error) = flush_once(shared) {
+            shared.fail(format!("flush: {error}"));
+        }
+    }
+}
+
+/// Moves every partition's deltas into the store in one atomic commit.
+pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
+    if let Some(reason) = shared.failure.lock().clone() {
+        return Err(EngineError::Unavailable { reason });
+    }
+    let started = Instant::now();
+    let mut taken = Vec::with_capacity(shared.partitions.len());
+    for partition in &shared.partitions {
+        let mut memory = partition.memory.lock();
+        let checkpoint_offset = partition.checkpoint_offset.load(Ordering::Acquire);
+        if memory.applied_offset == checkpoint_offset {
+            continue;
+        }
+        let deltas = Arc::new(std::mem::take(&mut memory.state.deltas));
+        let journal = memory.state.dedup.take_journal();
+        let (current, previous) = memory.state.dedup.generation_starts();
+        let checkpoint = Checkpoint {
+            partition: partition.index,
+            offset: memory.applied_offset,
+            dedup_current_start_ms: current,
+            dedup_previous_start_ms: previous,
+        };
+        memory.flushing = Some((memory.pending_start, Arc::clone(&deltas)));
+        memory.pending_start = memory.applied_offset;
+        drop(memory);
+        partition.drained.notify_all();
+        taken.push((partition, deltas, checkpoint, journal));
+    }
+    if taken.is_empty() {
+        return Ok(());
+    }
+    let cells: usize = taken.iter().map(|(_, deltas, ..)| deltas.cells()).sum();
+    let flushes: Vec<PartitionFlush<'_>> = taken
+        .iter_mut()
+        .map(|(_, deltas, checkpoint, journal)| PartitionFlush {
+            deltas,
+            checkpoint: *checkpoint,
+            journal: std::mem::take(journal),
+        })
+        .collect();
+    shared.store.commit(&flushes)?;
+    drop(flushes);
+    for (partition, _, checkpoint, _) in &taken {
+        partition.memory.lock().flushing = None;
+        partition.checkpoint_offset.store(checkpoint.offset, Ordering::Release);
+    }
+    metrics::histogram!("tally_flush_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("tally_flush_cells").record(cells as f64);
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! The single-node pipeline. Events enter through `Engine::submit`, are split by partition,
+//! written to each partition's log by that partition's writer thread (one fdatasync per
+//! group of requests), applied to the partition's in-memory state, and only then
+//! acknowledged. A flusher thread periodically moves the in-memory deltas into the store
+//! together with the log offset they cover (the checkpoint), after which the log segments
+//! behind it are deleted. Queries add the store's buckets to the deltas not yet flushed.
+//!
+//! See ARCHITECTURE.md, "Life of an acknowledged event".
+//!
+//! Architecture invariant: an outcome is sent to a caller only after the frame holding its
+//! record was fdatasync-ed *and* applied to the in-memory state, so anything acknowledged is
+//! both durable and visible to the next query.
+
+mod budget;
+mod checkpoint;
+mod partition;
+mod query;
+mod recovery;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tally_aggregate::dedup::request_key;
+use tally_core::{EventRef, RecordWriter, RequestKey, partition_of};
+use tally_store::{CounterStore, StoreError};
+use tally_wal::WalError;
+
+pub use tally_aggregate::{Counter, Outcome};
+pub use tally_core::{Granularity, MinuteRange};
+
+use budget::QueueBudget;
+use partition::{Append, Partition};
+
+/// Every knob of the engine. Defaults are documented where they are set, in `Default`.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    /// Log partitions, each with its own writer thread and fsync stream. Fixed for the life
+    /// of a data directory: it decides which log a video's events live in.
+    pub partitions: u32,
+    pub segment_bytes_max: u64,
+    /// How often deltas move to the store and a checkpoint is taken, milliseconds. Bounds
+    /// the log to replay after a crash (about this much traffic) and the deltas in memory.
+    pub flush_interval_ms: u64,
+    /// How long an event id or idempotency key is remembered at least, milliseconds.
+    pub dedup_window_ms: i64,
+    /// Dedup entries (event ids plus idempotency keys) per partition beyond which requests
+    /// that need a new entry are refused with "overloaded" instead of growing memory.
+    pub dedup_entries_max: usize,
+    /// Bytes of records a writer gathers into one frame (one fdatasync).
+    pub group_bytes_max: usize,
+    /// Bytes of records accepted but not yet acknowledged, over all partitions; past it new
+    /// requests are refused with "overloaded".
+    pub queue_bytes_max: usize,
+    /// In-memory (type, video, minute) cells per partition past which its writer waits for
+    /// a flush before writing more, so memory stays bounded when the store falls behind.
+    pub pending_cells_max: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            data_dir: PathBuf::from("./tally-data"),
+            partitions: 4,
+            segment_bytes_max: 64 << 20,
+            flush_interval_ms: 1_000,
+            dedup_window_ms: 10 * 60_000,
+            dedup_entries_max: 8_000_000,
+            group_bytes_max: 8 << 20,
+            queue_bytes_max: 256 << 20,
+            pending_cells_max: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("overloaded: {reason}")]
+    Overloaded { reason: &'static str },
+    #[error("not accepting writes: {reason}")]
+    Unavailable { reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("idempotency key was already used for a different request body")]
+    IdempotencyConflict,
+    #[error("recovery of partition {partition} failed at log offset {offset}: {detail}")]
+    Recovery { partition: u32, offset: u64, detail: String },
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+}
+
+/// State shared by the engine handle, the writers and the flusher.
+pub(crate) struct Shared {
+    config: EngineConfig,
+    store: Arc<dyn CounterStore>,
+    partitions: Vec<Arc<Partition>>,
+    budget: QueueBudget,
+    /// Set when a log or store write failed: nothing is acknowledged any more, and a
+    /// restart recovers from disk. Never cleared.
+    failure: Mutex<Option<String>>,
+    stopping: AtomicBool,
+    flush_signal: checkpoint::FlushSignal,
+}
+
+impl Shared {
+    pub(crate) fn fail(&self, reason: String) {
+        tracing::error!(%reason, "engine stops acknowledging writes");
+        self.failure.lock().get_or_insert(reason);
+    }
+}
+
+pub struct Engine {
+    /// Held (flock) for the life of the engine: two processes on one data directory would
+    /// interleave their logs.
+    _lock: std::fs::File,
+    shared: Arc<Shared>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    flusher: Mutex<Option<checkpoint::FlusherHandle>>,
+    recovery: RecoveryReport,
+}
+
+/// A request's `Idempotency-Key` and a fingerprint of its body (any stable hash of the
+/// bytes the client sent; the server uses xxh3).
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyKey<'a> {
+    pub key: &'a str,
+    pub fingerprint: u64,
+}
+
+/// What opening the data directory did.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveryReport {
+    pub duration: Duration,
+    /// Log bytes replayed past the checkpoints.
+    pub replayed_bytes: u64,
+    pub replayed_records: u64,
+}
+
+/// A submitted request waiting for its partitions to acknowledge it.
+pub struct Submitted {
+    /// Already known parts of the outcome (a retry answered from dedup memory).
+    ready: Outcome,
+    replies: Vec<tokio::sync::oneshot::Receiver<Result<Outcome, EngineError>>>,
+}
+
+impl Submitted {
+    /// Resolves once every partition holding part of the request has made it durable and
+    /// visible.
+    pub async fn outcome(self) -> Result<Outcome, EngineError> {
+        let mut total = self.ready;
+        for reply in self.replies {
+            let part =
+                reply.await.map_err(|_| EngineError::Unavailable { reason: "partition writer stopped".into() })??;
+            total.add(part);
+        }
+        Ok(total)
+    }
+
+    /// `outcome` for callers outside an async runtime (tests, tools).
+    pub fn outcome_blocking(self) -> Result<Outcome, EngineError> {
+        let mut total = self.ready;
+        for reply in self.replies {
+            let part = reply
+                .blocking_recv()
+                .map_err(|_| EngineError::Unavailable { reason: "partition writer stopped".into() })??;
+            total.add(part);
+        }
+        Ok(total)
+    }
+}
+
+/// Per-partition figures for monitoring.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionStats {
+    pub queued_appends: u64,
+    pub pending_cells: u64,
+    pub dedup_entries: u64,
+    pub wal_segments: u64,
+    pub wal_bytes: u64,
+    pub applied_offset: u64,
+    pub checkpoint_offset: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub partitions: Vec<PartitionStats>,
+    pub queue_bytes: u64,
+    pub failed: bool,
+}
+
+impl Engine {
+    /// Opens (or creates) the data directory, replays each partition's log from its
+    /// checkpoint, and starts the writer and flusher threads. Returns once recovery is
+    /// complete: the engine is then ready.
+    pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        recovery::open(config)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    pub fn recovery(&self) -> RecoveryReport {
+        self.recovery
+    }
+
+    /// Validated events in, one record per touched partition out to the writers. Admission
+    /// is all or nothing: a refused request has sent nothing to any partition.
+    ///
+    /// A request with an idempotency key is logged to every partition, so that each one
+    /// remembers the key: a retry is then answered from memory without touching the log,
+    /// and a key reused for a different body is refused wherever its parts would land.
+    pub fn submit(
+        &self,
+        events: &[EventRef<'_>],
+        idempotency_key: Option<IdempotencyKey<'_>>,
+        receive_ms: i64,
+    ) -> Result<Submitted, EngineError> {
+        let shared = &self.shared;
+        if let Some(reason) = shared.failure.lock().clone() {
+            return Err(EngineError::Unavailable { reason });
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable { reason: "shutting down".into() });
+        }
+        let partitions = shared.config.partitions;
+        let key = idempotency_key.map(|k| RequestKey { key: request_key(k.key), fingerprint: k.fingerprint });
+        if let Some(request) = key {
+            let mut first = Outcome::default();
+            let mut known_everywhere = true;
+            for partition in &shared.partitions {
+                match partition.memory.lock().state.dedup.request_outcome(request.key) {
+                    Some((_, fingerprint)) if fingerprint != request.fingerprint => {
+                        return Err(EngineError::IdempotencyConflict);
+                    }
+                    Some((outcome, _)) => first.add(outcome),
+                    None => known_everywhere = false,
+                }
+            }
+            if known_everywhere {
+                return Ok(Submitted { ready: first, replies: Vec::new() });
+            }
+        }
+        let capacity = events.len() / partitions as usize * 48;
+        let mut records: Vec<Option<RecordWriter>> =
+            (0..partitions).map(|_| key.is_some().then(|| RecordWriter::new(receive_ms, key, capacity))).collect();
+        let mut needs_dedup_entry = vec![key.is_some(); partitions as usize];
+        for event in events {
+            let partition = partition_of(event.video_id, partitions) as usize;
+            needs_dedup_entry[partition] |= event.event_id.is_some();
+            records[partition].get_or_insert_with(|| RecordWriter::new(receive_ms, key, capacity)).push(event);
+        }
+        let mut total_bytes = 0;
+        let mut appends = Vec::new();
+        for (index, record) in records.into_iter().enumerate() {
+            let Some(record) = record else { continue };
+            let partition = &shared.partitions[index];
+            if needs_dedup_entry[index] && partition.dedup_entries() >= shared.config.dedup_entries_max {
+                return Err(EngineError::Overloaded {
+                    reason: "dedup memory is full; retry once the window has passed",
+                });
+            }
+            let record = record.finish();
+            total_bytes += record.len();
+            appends.push((partition, record));
+        }
+        let permit =
+            shared.budget.try_take(total_bytes).ok_or(EngineError::Overloaded { reason: "write queue is full" })?;
+        let permit = Arc::new(permit);
+        let mut replies = Vec::with_capacity(appends.len());
+        for (partition, record) in appends {
+            let (reply, receiver) = tokio::sync::oneshot::channel();
+            partition.send(Append { record, reply, _permit: Arc::clone(&permit) })?;
+            replies.push(receiver);
+        }
+        Ok(Submitted { ready: Outcome::default(), replies })
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            partitions: self.shared.partitions.iter().map(|p| p.stats()).collect(),
+            queue_bytes: self.shared.budget.used() as u64,
+            failed: self.shared.failure.lock().is_some(),
+        }
+    }
+
+    /// Flushes every partition's deltas to the store now and moves the checkpoints.
+    pub fn flush(&self) -> Result<(), EngineError> {
+        checkpoint::flush_once(&self.shared)
+    }
+
+    /// True while the engine acknowledges writes.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.failure.lock().is_none()
+    }
+
+    /// Stops accepting, lets the writers finish what they hold, flushes everything and takes
+    /// a final checkpoint. Idempotent.
+    pub fn shutdown(&self) -> Result<(), EngineError> {
+        self.shared.stopping.store(true, Ordering::Release);
+        for partition in &self.shared.partitions {
+            partition.close();
+        }
+        for writer in self.writers.lock().drain(..) {
+            let _ = writer.join();
+        }
+        if let Some(flusher) = self.flusher.lock().take() {
+            flusher.stop_and_flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            tracing::error!(%error, "final flush failed; the log will be replayed at next start");
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! One partition: its writer thread (group commit), and the memory it shares with the
+//! flusher and with queries.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use tally_aggregate::{Deltas, Outcome, PartitionState};
+use tally_core::RecordReader;
+use tally_wal::Wal;
+use tokio::sync::oneshot;
+
+use crate::budget::Permit;
+use crate::{EngineError, PartitionStats, Shared};
+
+/// How long an idle writer sleeps before checking for segments to delete.
+const WRITER_IDLE_MS: u64 = 100;
+
+pub(crate) struct Append {
+    pub(crate) record: Vec<u8>,
+    pub(crate) reply: oneshot::Sender<Result<Outcome, EngineError>>,
+    /// Returned to the queue budget when the last part of the request is answered.
+    pub(crate) _permit: Arc<Permit>,
+}
+
+/// What the writer, the flusher and queries share, behind one lock.
+pub(crate) struct Memory {
+    pub(crate) state: PartitionState,
+    /// Log offset up to which `state` reflects the log.
+    pub(crate) applied_offset: u64,
+    /// Log offset where `state.deltas` begin: the checkpoint the flusher last took.
+    pub(crate) pending_start: u64,
+    /// Deltas being written to the store, with the offset they begin at.
+    pub(crate) flushing: Option<(u64, Arc<Deltas>)>,
+}
+
+pub(crate) struct Partition {
+    pub(crate) index: u32,
+    sender: RwLock<Option<mpsc::Sender<Append>>>,
+    pub(crate) memory: Mutex<Memory>,
+    /// Signalled by the flusher after it took the deltas.
+    pub(crate) drained: Condvar,
+    queued: AtomicU64,
+    dedup_entries: AtomicUsize,
+    pub(crate) checkpoint_offset: AtomicU64,
+    wal_segments: AtomicU64,
+    wal_bytes: AtomicU64,
+}
+
+impl Partition {
+    pub(crate) fn new(index: u32, memory: Memory, sender: mpsc::Sender<Append>) -> Partition {
+        let dedup_entries = memory.state.dedup.entries();
+        let checkpoint = memory.pending_start;
+        Partition {
+            index,
+            sender: RwLock::new(Some(sender)),
+            memory: Mutex::new(memory),
+            drained: Condvar::new(),
+            queued: AtomicU64::new(0),
+            dedup_entries: AtomicUsize::new(dedup_entries),
+            checkpoint_offset: AtomicU64::new(checkpoint),
+            wal_segments: AtomicU64::new(0),
+            wal_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn send(&self, append: Append) -> Result<(), EngineError> {
+        let sender = self.sender.read();
+        let sender = sender.as_ref().ok_or_else(|| EngineError::Unavailable { reason: "shutting down".into() })?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        sender.send(append).map_err(|_| EngineError::Unavailable { reason: "partition writer stopped".into() })
+    }
+
+    /// No more appends: the writer drains its queue and exits.
+    pub(crate) fn close(&self) {
+        self.sender.write().take();
+    }
+
+    pub(crate) fn dedup_entries(&self) -> usize {
+        self.dedup_entries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn stats(&self) -> PartitionStats {
+        let memory = self.memory.lock();
+        PartitionStats {
+            queued_appends: self.queued.load(Ordering::Relaxed),
+            pending_cells: memory.state.deltas.cells() as u64,
+            dedup_entries: self.dedup_entries() as u64,
+            wal_segments: self.wal_segments.load(Ordering::Relaxed),
+            wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
+            applied_offset: memory.applied_offset,
+            checkpoint_offset: self.checkpoint_offset.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record_wal_stats(&self, wal: &Wal) {
+        let stats = wal.stats();
+        self.wal_segments.store(stats.segments, Ordering::Relaxed);
+        self.wal_bytes.store(stats.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The writer loop: gather what is queued (up to the group limit), write it as one frame
+/// with one fdatasync, apply it, answer every request in it.
+pub(crate) fn run_writer(
+    shared: Arc<Shared>,
+    partition: Arc<Partition>,
+    mut wal: Wal,
+    appends: mpsc::Receiver<Append>,
+) {
+    let partition_label = partition.index.to_string();
+    let fsync_seconds = metrics::histogram!("tally_wal_fsync_seconds", "partition" => partition_label.clone());
+    let group_records = metrics::histogram!("tally_wal_group_records", "partition" => partition_label);
+    let mut removed_before = partition.checkpoint_offset.load(Ordering::Relaxed);
+    partition.record_wal_stats(&wal);
+    let mut group: Vec<Append> = Vec::new();
+    loop {
+        let first = match appends.recv_timeout(Duration::from_millis(WRITER_IDLE_MS)) {
+            Ok(append) => append,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut group_bytes = first.record.len();
+        group.push(first);
+        while group_bytes < shared.config.group_bytes_max {
+            match appends.try_recv() {
+                Ok(append) => {
+                    group_bytes += append.record.len();
+                    group.push(append);
+                }
+                Err(_) => break,
+            }
+        }
+        wait_for_room(&shared, &partition);
+
+        if let Some(reason) = shared.failure.lock().clone() {
+            answer_all(&partition, &mut group, || Err(EngineError::Unavailable { reason: reason.clone() }));
+            continue;
+        }
+        let records: Vec<&[u8]> = group.iter().map(|a| a.record.as_slice()).collect();
+        let (end_offset, sync) = match wal.append(&records) {
+            Ok(appended) => appended,
+            Err(error) => {
+                // Never retried: after a failed fsync the kernel may have dropped the dirty
+                // pages, and only recovery from what is on disk is trustworthy.
+                shared.fail(format!("partition {}: {error}", partition.index));
+                answer_all(&partition, &mut group, || {
+                    Err(EngineError::Unavailable { reason: "log write failed".into() })
+                });
+                continue;
+            }
+        };
+        fsync_seconds.record(sync.as_secs_f64());
+        group_records.record(group.len() as f64);
+
+        let mut outcomes = Vec::with_capacity(group.len());
+        {
+            let mut memory = partition.memory.lock();
+            for append in &group {
+                let record = RecordReader::new(&append.record).expect("a record this process encoded must decode");
+                outcomes.push(memory.state.apply(&record).expect("a record this process encoded must apply"));
+            }
+            memory.applied_offset = end_offset;
+            partition.dedup_entries.store(memory.state.dedup.entries(), Ordering::Relaxed);
+        }
+        for (append, outcome) in group.drain(..).zip(outcomes) {
+            partition.queued.fetch_sub(1, Ordering::Relaxed);
+            let _ = append.reply.send(Ok(outcome));
+        }
+        partition.record_wal_stats(&wal);
+        remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+    }
+    remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+}
+
+fn answer_all(partition: &Partition, group: &mut Vec<Append>, answer: impl Fn() -> Result<Outcome, EngineError>) {
+    for append in group.drain(..) {
+        partition.queued.fetch_sub(1, Ordering::Relaxed);
+        let _ = append.reply.send(answer());
+    }
+}
+
+/// Blocks the writer while its deltas are over the limit, asking the flusher to run: the
+/// queue then fills and new requests are refused, instead of memory growing.
+fn wait_for_room(shared: &Shared, partition: &Partition) {
+    let mut memory = partition.memory.lock();
+    let mut stalled = false;
+    while memory.state.deltas.cells() >= shared.config.pending_cells_max && shared.failure.lock().is_none() {
+        stalled = true;
+        shared.flush_signal.request();
+        partition.drained.wait_for(&mut memory, Duration::from_millis(WRITER_IDLE_MS));
+    }
+    if stalled {
+        metrics::counter!("tally_writer_stalls_total").increment(1);
+    }
+}
+
+fn remove_checkpointed_segments(shared: &Shared, partition: &Partition, wal: &mut Wal, removed_before: &mut u64) {
+    let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
+    if checkpoint <= *removed_before {
+        return;
+    }
+    match wal.remove_segments_before(checkpoint) {
+        Ok(_) => {
+            *removed_before = checkpoint;
+            partition.record_wal_stats(wal);
+        }
+        Err(error) => shared.fail(format!("partition {}: removing checkpointed segments: {error}", partition.index)),
+    }
+}
