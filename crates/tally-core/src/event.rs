@@ -1,5 +1,7 @@
 //! The event: one view (or like, share, …) of one video, and the rules that make it valid.
 
+use std::borrow::Cow;
+
 /// One event as the core sees it, borrowed from wherever it was decoded (a request body or
 /// a log record). Timestamps are already resolved: `ts_ms` is never "absent" here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,10 @@ pub const EVENT_ID_BYTES_MAX: usize = 128;
 /// Bytes; viewer ids are opaque user or session keys.
 pub const VIEWER_ID_BYTES_MAX: usize = 256;
 
+/// Largest magnitude of an event's value: integers beyond 2^53 lose precision in the
+/// JavaScript and JSON tooling that reads our answers.
+pub const VALUE_ABS_MAX: i64 = (1 << 53) - 1;
+
 /// The time window an event timestamp must fall in, relative to the server's receive time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -46,14 +52,16 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pub index: usize,
-    pub field: &'static str,
+    /// The field's name; for an unknown field, the name the client sent.
+    pub field: Cow<'static, str>,
     pub reason: String,
 }
 
 impl Limits {
     /// Checks every rule of one event and pushes one `FieldError` per broken rule.
     pub fn check(&self, index: usize, event: &EventRef<'_>, receive_ms: i64, errors: &mut Vec<FieldError>) {
-        let mut fail = |field: &'static str, reason: String| errors.push(FieldError { index, field, reason });
+        let mut fail =
+            |field: &'static str, reason: String| errors.push(FieldError { index, field: field.into(), reason });
         if let Err(reason) = check_id(event.video_id, VIDEO_ID_BYTES_MAX) {
             fail("video_id", reason);
         }
@@ -66,6 +74,9 @@ impl Limits {
             fail("ts", format!("older than the maximum lateness of {} ms", self.lateness_max_ms));
         } else if event.ts_ms > latest {
             fail("ts", format!("later than the maximum clock skew of {} ms", self.clock_skew_max_ms));
+        }
+        if event.value.unsigned_abs() > VALUE_ABS_MAX as u64 {
+            fail("value", format!("magnitude over {VALUE_ABS_MAX}"));
         }
         if let Some(event_id) = event.event_id
             && let Err(reason) = check_id(event_id, EVENT_ID_BYTES_MAX)
@@ -122,13 +133,13 @@ mod tests {
             video_id: "",
             event_type: "View!",
             ts_ms: 0,
-            value: 0,
+            value: i64::MIN,
             event_id: Some(&"x"[..0]),
             viewer_id: Some("a\u{7}b"),
         };
         Limits::default().check(3, &bad, 10 * 24 * 3_600_000, &mut errors);
-        let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
-        assert_eq!(fields, ["video_id", "type", "ts", "event_id", "viewer_id"]);
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_ref()).collect();
+        assert_eq!(fields, ["video_id", "type", "ts", "value", "event_id", "viewer_id"]);
         assert!(errors.iter().all(|e| e.index == 3));
     }
 

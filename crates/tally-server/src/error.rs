@@ -1,0 +1,80 @@
+//! API errors: `{"error": "<code>", "message": "…", …details}` with the right status, and
+//! `Retry-After` on 429 and 503. Internal errors are logged, never shown.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tally_engine::EngineError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Map<String, Value>,
+    pub retry_after_s: Option<u32>,
+}
+
+/// Seconds a client should wait after an overload answer.
+const OVERLOAD_RETRY_AFTER_S: u32 = 1;
+/// Seconds a client should wait while the server recovers or stops.
+const UNAVAILABLE_RETRY_AFTER_S: u32 = 5;
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), details: Map::new(), retry_after_s: None }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /v1/openapi.json")
+    }
+
+    pub fn unavailable(code: &'static str, message: String) -> ApiError {
+        ApiError {
+            retry_after_s: Some(UNAVAILABLE_RETRY_AFTER_S),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: Value) -> ApiError {
+        self.details.insert(key.into(), value);
+        self
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        match error {
+            EngineError::Overloaded { reason } => ApiError {
+                retry_after_s: Some(OVERLOAD_RETRY_AFTER_S),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", reason)
+            },
+            EngineError::Unavailable { reason } => ApiError::unavailable("unavailable", reason),
+            EngineError::IdempotencyConflict => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request body",
+            ),
+            other => {
+                tracing::error!(error = %other, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        body.as_object_mut().expect("object").extend(self.details);
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

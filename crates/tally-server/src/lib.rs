@@ -1,0 +1,128 @@
+//! tally's HTTP API, version 1. Only this crate knows JSON: it decodes wire events into
+//! core events, validates them, hands them to the engine, and renders query results.
+//!
+//! Architecture invariant: a 200 on `POST /v1/events` is sent only after the engine
+//! reported the events durable and applied; every other outcome counts nothing that the
+//! response does not say it counted.
+
+mod error;
+mod ingest;
+mod monitoring;
+mod query;
+mod wire;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::routing::{get, post};
+use tally_core::Limits;
+use tally_engine::Engine;
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+pub use monitoring::install_metrics;
+
+/// Every HTTP-level limit. Defaults are documented where they are set.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request body, bytes; larger ones get 413 without being buffered.
+    pub body_bytes_max: usize,
+    /// Body bytes held by all requests being read or parsed at once; past it new ingest
+    /// requests get 503, so many large concurrent bodies cannot exhaust memory.
+    pub body_bytes_in_flight_max: usize,
+    /// Events one request may carry.
+    pub events_per_request_max: usize,
+    /// Bad events a 400 lists at most (the total is always given).
+    pub field_errors_max: usize,
+    /// Video ids one `POST /v1/counts` may ask for.
+    pub counts_video_ids_max: usize,
+    /// Points one `GET /v1/series` may return.
+    pub series_points_max: usize,
+    pub limits: Limits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            body_bytes_max: 16 << 20,
+            body_bytes_in_flight_max: 512 << 20,
+            events_per_request_max: 100_000,
+            field_errors_max: 100,
+            counts_video_ids_max: 1_000,
+            series_points_max: 10_080,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The wall clock, injected so tests can fix time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| jiff::Timestamp::now().as_millisecond())
+}
+
+pub struct AppState {
+    config: ServerConfig,
+    /// Set once recovery is complete; until then every data route answers 503.
+    engine: OnceLock<Arc<Engine>>,
+    clock: Clock,
+    body_budget: Arc<Semaphore>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig, clock: Clock) -> Arc<AppState> {
+        Arc::new(AppState {
+            body_budget: Arc::new(Semaphore::new(config.body_bytes_in_flight_max)),
+            config,
+            engine: OnceLock::new(),
+            clock,
+            metrics: install_metrics(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Marks recovery complete: data routes and `/readyz` start answering.
+    pub fn set_engine(&self, engine: Arc<Engine>) {
+        metrics::gauge!("tally_recovery_seconds").set(engine.recovery().duration.as_secs_f64());
+        let _ = self.engine.set(engine);
+    }
+
+    /// Marks the server as draining: `/readyz` answers 503 so load balancers stop sending.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(crate) fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
+        self.engine.get().ok_or_else(|| ApiError::unavailable("recovering", "recovery is in progress".into()))
+    }
+}
+
+/// Every route, as (method, path): the OpenAPI document is checked against this list.
+pub const ROUTES: [(&str, &str); 8] = [
+    ("post", "/v1/events"),
+    ("get", "/v1/count"),
+    ("post", "/v1/counts"),
+    ("get", "/v1/series"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+];
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(ingest::ingest))
+        .route("/v1/count", get(query::count))
+        .route("/v1/counts", post(query::counts))
+        .route("/v1/series", get(query::series))
+        .route("/v1/openapi.json", get(monitoring::openapi))
+        .route("/healthz", get(monitoring::healthz))
+        .route("/readyz", get(monitoring::readyz))
+        .route("/metrics", get(monitoring::metrics))
+        .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn(monitoring::track_request))
+        .with_state(state)
+}

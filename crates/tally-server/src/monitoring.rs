@@ -1,0 +1,91 @@
+//! Monitoring: `/healthz`, `/readyz`, Prometheus `/metrics` (request latency per route,
+//! engine gauges), and the OpenAPI document.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+
+use crate::AppState;
+
+/// Latency buckets, seconds: 50 µs to 10 s, dense below a millisecond where reads live.
+const LATENCY_BUCKETS_S: [f64; 16] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Group sizes (requests per fdatasync) and flushed cells.
+const COUNT_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 16384.0, 262144.0];
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_S)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tally_wal_group_records".into()), &COUNT_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tally_flush_cells".into()), &COUNT_BUCKETS))
+                .expect("valid buckets")
+                .install_recorder()
+                .expect("install the Prometheus recorder")
+        })
+        .clone()
+}
+
+pub(crate) async fn track_request(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("tally_http_request_duration_seconds", "route" => route, "method" => method, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+pub(crate) async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let (status, text) = match state.engine.get() {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "recovering"),
+        Some(_) if state.stopping.load(Ordering::Acquire) => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        Some(engine) if !engine.is_healthy() => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
+        Some(_) => (StatusCode::OK, "ready"),
+    };
+    (status, axum::Json(json!({ "status": text }))).into_response()
+}
+
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(engine) = state.engine.get() {
+        let stats = engine.stats();
+        metrics::gauge!("tally_queue_bytes").set(stats.queue_bytes as f64);
+        metrics::gauge!("tally_engine_failed").set(if stats.failed { 1.0 } else { 0.0 });
+        for (index, p) in stats.partitions.iter().enumerate() {
+            let label = index.to_string();
+            metrics::gauge!("tally_partition_queued_appends", "partition" => label.clone())
+                .set(p.queued_appends as f64);
+            metrics::gauge!("tally_partition_pending_cells", "partition" => label.clone()).set(p.pending_cells as f64);
+            metrics::gauge!("tally_partition_dedup_entries", "partition" => label.clone()).set(p.dedup_entries as f64);
+            metrics::gauge!("tally_wal_segments", "partition" => label.clone()).set(p.wal_segments as f64);
+            metrics::gauge!("tally_wal_bytes", "partition" => label.clone()).set(p.wal_bytes as f64);
+            metrics::gauge!("tally_partition_applied_offset", "partition" => label.clone())
+                .set(p.applied_offset as f64);
+            metrics::gauge!("tally_partition_checkpoint_offset", "partition" => label).set(p.checkpoint_offset as f64);
+        }
+    }
+    metrics::gauge!("tally_body_bytes_in_flight")
+        .set((state.config.body_bytes_in_flight_max - state.body_budget.available_permits()) as f64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+pub(crate) const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+pub(crate) async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}

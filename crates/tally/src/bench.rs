@@ -1,0 +1,415 @@
+//! `tally bench`: the load generator.
+//!
+//! Write mode posts batches of events over `--videos` videos whose popularity follows a
+//! Zipf law, from `--concurrency` connections, for `--duration` seconds or `--events`
+//! events, each request with its own Idempotency-Key (retried on 429/503 with the same
+//! key). Bodies are built before the clock starts, so the generator spends its time
+//! sending. At the end it asks the server for every video's count and checks that it
+//! equals what was acknowledged, exactly.
+//!
+//! Read mode asks `GET /v1/count` for random videos over random ranges of up to
+//! `--range-days` days, and reports requests per second and latency percentiles.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use bytes::Bytes;
+use hyper::Method;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::client::{Client, encode_query};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// What to load: `write` (POST /v1/events) or `read` (GET /v1/count)
+    #[arg(long, value_enum, default_value = "write")]
+    mode: Mode,
+    /// Distinct videos
+    #[arg(long, default_value_t = 10_000)]
+    videos: u32,
+    /// Zipf exponent of video popularity (0: uniform; 1: classic long tail)
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Events per request (write mode)
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Connections, each with one request in flight
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Seconds to run
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Stop after this many events (write mode) or requests (read mode), if sooner
+    #[arg(long)]
+    events: Option<u64>,
+    /// Distinct request bodies prepared before the run (write mode)
+    #[arg(long, default_value_t = 64)]
+    bodies: usize,
+    /// Longest range a read asks for, days (read mode)
+    #[arg(long, default_value_t = 365)]
+    range_days: i64,
+    /// Event type; default for writes: a fresh `bench-<run>` type, so counts can be checked
+    /// exactly; for reads: view
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Random seed (printed, so a run can be repeated)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "TALLY_SERVER")]
+    server: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Write,
+    Read,
+}
+
+/// Samples ranks 0..n with probability proportional to 1/(rank+1)^s.
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: u32, s: f64) -> Zipf {
+        let mut total = 0.0;
+        let cumulative = (1..=n)
+            .map(|k| {
+                total += 1.0 / f64::from(k).powf(s);
+                total
+            })
+            .collect();
+        Zipf { cumulative }
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> u32 {
+        let target = rng.random::<f64>() * self.cumulative.last().copied().unwrap_or(0.0);
+        self.cumulative.partition_point(|&c| c < target).min(self.cumulative.len() - 1) as u32
+    }
+}
+
+struct Body {
+    bytes: Bytes,
+    /// (video rank, events) in this body.
+    counts: Vec<(u32, u32)>,
+}
+
+fn build_bodies(args: &BenchArgs, event_type: &str, rng: &mut SmallRng) -> Vec<Body> {
+    let zipf = Zipf::new(args.videos, args.zipf);
+    (0..args.bodies)
+        .map(|_| {
+            let mut text = String::with_capacity(args.batch_size * 60);
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            text.push('[');
+            for i in 0..args.batch_size {
+                let video = zipf.sample(rng);
+                *counts.entry(video).or_default() += 1;
+                if i > 0 {
+                    text.push(',');
+                }
+                text.push_str(&format!("{{\"video_id\":\"v{video}\",\"type\":\"{event_type}\",\"value\":1}}"));
+            }
+            text.push(']');
+            Body { bytes: Bytes::from(text), counts: counts.into_iter().collect() }
+        })
+        .collect()
+}
+
+struct Latencies(Vec<u32>);
+
+impl Latencies {
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let index = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.0[index]) / 1000.0
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.videos > 0 && args.concurrency > 0 && args.batch_size > 0 && args.bodies > 0,
+        "sizes must be positive"
+    );
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("seed {seed}");
+    let client = Client::new(&args.server)?;
+    match args.mode {
+        Mode::Write => write(args, client, seed).await,
+        Mode::Read => read(args, client, seed).await,
+    }
+}
+
+fn spinner() -> ProgressBar {
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let run_id = format!("{:08x}", rng.random::<u32>());
+    let fresh_type = args.event_type.is_none();
+    let event_type = args.event_type.clone().unwrap_or_else(|| format!("bench-{run_id}"));
+    let bodies = Arc::new(build_bodies(&args, &event_type, &mut rng));
+    let sent_per_body: Arc<Vec<AtomicU64>> = Arc::new((0..bodies.len()).map(|_| AtomicU64::new(0)).collect());
+    let requests_left = Arc::new(AtomicU64::new(args.events.map_or(u64::MAX, |e| e.div_ceil(args.batch_size as u64))));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let bar = spinner();
+
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let (client, bodies, sent, left, acked, stop) = (
+            client.clone(),
+            Arc::clone(&bodies),
+            Arc::clone(&sent_per_body),
+            Arc::clone(&requests_left),
+            Arc::clone(&acknowledged),
+            Arc::clone(&stop),
+        );
+        let run_id = run_id.clone();
+        let batch = args.batch_size as u64;
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut sequence = 0u64;
+            let mut failures = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
+                    break;
+                }
+                let index = (worker + sequence as usize * 7919) % bodies.len();
+                let key = format!("bench-{run_id}-{worker}-{sequence}");
+                sequence += 1;
+                let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
+                let sent_at = Instant::now();
+                match client
+                    .request_retrying(Method::POST, "/v1/events", &headers, bodies[index].bytes.clone(), 50)
+                    .await
+                {
+                    Ok(answer) if answer.status.is_success() => {
+                        latencies.push(sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        sent[index].fetch_add(1, Ordering::Relaxed);
+                        acked.fetch_add(batch, Ordering::Relaxed);
+                    }
+                    Ok(answer) => {
+                        stop.store(true, Ordering::Relaxed);
+                        return Err(anyhow::anyhow!("server refused a batch: {}", answer.error_text()));
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        stop.store(true, Ordering::Relaxed);
+                        return Err(error.context(format!("after {failures} failures")));
+                    }
+                }
+            }
+            Ok(latencies)
+        }));
+    }
+    let ticker = {
+        let (bar, acked) = (bar.clone(), Arc::clone(&acknowledged));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let events = acked.load(Ordering::Relaxed);
+                bar.set_message(format!(
+                    "{events} events, {:.0} events/s",
+                    events as f64 / started.elapsed().as_secs_f64()
+                ));
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut first_error = None;
+    for worker in workers {
+        match worker.await? {
+            Ok(mut l) => latencies.append(&mut l),
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    latencies.sort_unstable();
+    let latencies = Latencies(latencies);
+    let events = acknowledged.load(Ordering::Relaxed);
+
+    // Exact check: what the server counts must equal what it acknowledged.
+    let mut expected = vec![0u64; args.videos as usize];
+    for (body, sent) in bodies.iter().zip(sent_per_body.iter()) {
+        let times = sent.load(Ordering::Relaxed);
+        for (video, n) in &body.counts {
+            expected[*video as usize] += u64::from(*n) * times;
+        }
+    }
+    let mut mismatches = 0u64;
+    let mut counted = 0u64;
+    if fresh_type {
+        for chunk_start in (0..args.videos).step_by(1000) {
+            let ids: Vec<String> =
+                (chunk_start..(chunk_start + 1000).min(args.videos)).map(|v| format!("v{v}")).collect();
+            let body = json!({ "video_ids": ids, "type": event_type }).to_string();
+            let answer = client
+                .request_retrying(
+                    Method::POST,
+                    "/v1/counts",
+                    &[("content-type", "application/json")],
+                    Bytes::from(body),
+                    5,
+                )
+                .await?;
+            anyhow::ensure!(answer.status.is_success(), "counts query failed: {}", answer.error_text());
+            let counts = answer.json()?;
+            for id in &ids {
+                let video: usize = id[1..].parse()?;
+                let got = counts["counts"][id].as_u64().unwrap_or(0);
+                counted += got;
+                if got != expected[video] {
+                    mismatches += 1;
+                    if mismatches <= 5 {
+                        eprintln!("mismatch: {id}: server counts {got}, acknowledged {}", expected[video]);
+                    }
+                }
+            }
+        }
+    }
+    let result = json!({
+        "mode": "write",
+        "seed": seed,
+        "event_type": event_type,
+        "videos": args.videos,
+        "zipf": args.zipf,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "seconds": elapsed,
+        "events": events,
+        "requests": latencies.0.len(),
+        "events_per_second": events as f64 / elapsed,
+        "requests_per_second": latencies.0.len() as f64 / elapsed,
+        "latency_ms": {
+            "p50": latencies.percentile_ms(0.50), "p90": latencies.percentile_ms(0.90),
+            "p99": latencies.percentile_ms(0.99), "p999": latencies.percentile_ms(0.999),
+            "max": latencies.percentile_ms(1.0),
+        },
+        "verified": fresh_type,
+        "counted": counted,
+        "mismatched_videos": mismatches,
+    });
+    print_result(&args, &result);
+    if mismatches > 0 {
+        bail!("{mismatches} videos' counts differ from what the server acknowledged");
+    }
+    Ok(())
+}
+
+async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
+    let event_type = args.event_type.clone().unwrap_or_else(|| "view".into());
+    let requests_left = Arc::new(AtomicU64::new(args.events.unwrap_or(u64::MAX)));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let zipf = Arc::new(Zipf::new(args.videos, args.zipf));
+    let started = Instant::now();
+    let bar = spinner();
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let (client, left, zipf, event_type) =
+            (client.clone(), Arc::clone(&requests_left), Arc::clone(&zipf), event_type.clone());
+        let range_ms = args.range_days * 86_400_000;
+        workers.push(tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(seed ^ worker as u64);
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
+                    break;
+                }
+                let to = now_ms - rng.random_range(0..7 * 86_400_000);
+                let from = to - rng.random_range(1..=range_ms);
+                let path = format!(
+                    "/v1/count?video_id={}&type={}&from={from}&to={to}",
+                    encode_query(&format!("v{}", zipf.sample(&mut rng))),
+                    encode_query(&event_type)
+                );
+                let sent_at = Instant::now();
+                let answer = client.request(Method::GET, &path, &[], Bytes::new()).await?;
+                anyhow::ensure!(answer.status.is_success(), "count failed: {}", answer.error_text());
+                latencies.push(sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.append(&mut worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    latencies.sort_unstable();
+    let latencies = Latencies(latencies);
+    let result = json!({
+        "mode": "read",
+        "seed": seed,
+        "videos": args.videos,
+        "range_days_max": args.range_days,
+        "concurrency": args.concurrency,
+        "seconds": elapsed,
+        "requests": latencies.0.len(),
+        "requests_per_second": latencies.0.len() as f64 / elapsed,
+        "latency_ms": {
+            "p50": latencies.percentile_ms(0.50), "p90": latencies.percentile_ms(0.90),
+            "p99": latencies.percentile_ms(0.99), "p999": latencies.percentile_ms(0.999),
+            "max": latencies.percentile_ms(1.0),
+        },
+    });
+    print_result(&args, &result);
+    Ok(())
+}
+
+fn print_result(args: &BenchArgs, result: &serde_json::Value) {
+    if args.json {
+        println!("{result}");
+        return;
+    }
+    let l = &result["latency_ms"];
+    if result["mode"] == "write" {
+        println!(
+            "{} events in {:.1} s: {:.0} events/s, {:.0} requests/s",
+            result["events"],
+            result["seconds"].as_f64().unwrap_or(0.0),
+            result["events_per_second"].as_f64().unwrap_or(0.0),
+            result["requests_per_second"].as_f64().unwrap_or(0.0)
+        );
+    } else {
+        println!(
+            "{} requests in {:.1} s: {:.0} requests/s",
+            result["requests"],
+            result["seconds"].as_f64().unwrap_or(0.0),
+            result["requests_per_second"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("latency ms: p50 {} p90 {} p99 {} p99.9 {} max {}", l["p50"], l["p90"], l["p99"], l["p999"], l["max"]);
+    if result["mode"] == "write" {
+        if result["verified"] == true {
+            println!(
+                "verified: server counts {} events, {} videos differ",
+                result["counted"], result["mismatched_videos"]
+            );
+        } else {
+            println!("not verified: --type names an existing type");
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `tally serve` configuration: a TOML file where every setting can be given, overridden
+//! by command-line flags. Unknown keys are an error, so a typo never silently falls back
+//! to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use tally_core::Limits;
+use tally_engine::EngineConfig;
+use tally_server::ServerConfig;
+
+/// Every setting of `tally serve`. Absent keys take the defaults of `EngineConfig`,
+/// `ServerConfig` and `Limits`, documented in the README's configuration table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    /// Tokio worker threads for HTTP; default: one per core.
+    pub worker_threads: Option<usize>,
+    /// Milliseconds to let in-flight requests finish after SIGTERM before closing them.
+    pub shutdown_drain_ms: Option<u64>,
+    pub partitions: Option<u32>,
+    pub segment_bytes_max: Option<u64>,
+    pub flush_interval_ms: Option<u64>,
+    pub dedup_window_ms: Option<i64>,
+    pub dedup_entries_max: Option<usize>,
+    pub group_bytes_max: Option<usize>,
+    pub queue_bytes_max: Option<usize>,
+    pub pending_cells_max: Option<usize>,
+    pub body_bytes_max: Option<usize>,
+    pub body_bytes_in_flight_max: Option<usize>,
+    pub events_per_request_max: Option<usize>,
+    pub field_errors_max: Option<usize>,
+    pub counts_video_ids_max: Option<usize>,
+    pub series_points_max: Option<usize>,
+    pub lateness_max_ms: Option<i64>,
+    pub clock_skew_max_ms: Option<i64>,
+}
+
+/// Default time to drain in-flight requests on shutdown, milliseconds.
+pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 10_000;
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub worker_threads: Option<usize>,
+    pub shutdown_drain_ms: u64,
+    pub engine: EngineConfig,
+    pub server: ServerConfig,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let engine_default = EngineConfig::default();
+        let server_default = ServerConfig::default();
+        let limits_default = Limits::default();
+        let engine = EngineConfig {
+            data_dir: self.data_dir.unwrap_or(engine_default.data_dir),
+            partitions: self.partitions.unwrap_or(engine_default.partitions),
+            segment_bytes_max: self.segment_bytes_max.unwrap_or(engine_default.segment_bytes_max),
+            flush_interval_ms: self.flush_interval_ms.unwrap_or(engine_default.flush_interval_ms),
+            dedup_window_ms: self.dedup_window_ms.unwrap_or(engine_default.dedup_window_ms),
+            dedup_entries_max: self.dedup_entries_max.unwrap_or(engine_default.dedup_entries_max),
+            group_bytes_max: self.group_bytes_max.unwrap_or(engine_default.group_bytes_max),
+            queue_bytes_max: self.queue_bytes_max.unwrap_or(engine_default.queue_bytes_max),
+            pending_cells_max: self.pending_cells_max.unwrap_or(engine_default.pending_cells_max),
+        };
+        let server = ServerConfig {
+            body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),
+            body_bytes_in_flight_max: self.body_bytes_in_flight_max.unwrap_or(server_default.body_bytes_in_flight_max),
+            events_per_request_max: self.events_per_request_max.unwrap_or(server_default.events_per_request_max),
+            field_errors_max: self.field_errors_max.unwrap_or(server_default.field_errors_max),
+            counts_video_ids_max: self.counts_video_ids_max.unwrap_or(server_default.counts_video_ids_max),
+            series_points_max: self.series_points_max.unwrap_or(server_default.series_points_max),
+            limits: Limits {
+                lateness_max_ms: self.lateness_max_ms.unwrap_or(limits_default.lateness_max_ms),
+                clock_skew_max_ms: self.clock_skew_max_ms.unwrap_or(limits_default.clock_skew_max_ms),
+            },
+        };
+        anyhow::ensure!((1..=1024).contains(&engine.partitions), "partitions must be 1 to 1024");
+        anyhow::ensure!(engine.dedup_window_ms >= 60_000, "dedup_window_ms must be at least 60000 (one minute)");
+        anyhow::ensure!(engine.flush_interval_ms >= 10, "flush_interval_ms must be at least 10");
+        anyhow::ensure!(engine.segment_bytes_max >= 4096, "segment_bytes_max must be at least 4096");
+        anyhow::ensure!(
+            server.body_bytes_max >= 1024 && server.body_bytes_max <= 1 << 30,
+            "body_bytes_max must be 1 KiB to 1 GiB"
+        );
+        anyhow::ensure!(
+            server.body_bytes_in_flight_max >= server.body_bytes_max,
+            "body_bytes_in_flight_max must be at least body_bytes_max"
+        );
+        anyhow::ensure!(
+            server.limits.lateness_max_ms >= 0 && server.limits.clock_skew_max_ms >= 0,
+            "lateness and skew must not be negative"
+        );
+        Ok(ServeConfig {
+            listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address")),
+            worker_threads: self.worker_threads,
+            shutdown_drain_ms: self.shutdown_drain_ms.unwrap_or(SHUTDOWN_DRAIN_MS_DEFAULT),
+            engine,
+            server,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let error = toml::from_str::<FileConfig>("partitons = 3").unwrap_err().to_string();
+        assert!(error.contains("unknown field") && error.contains("partitons"), "{error}");
+    }
+
+    #[test]
+    fn every_key_is_accepted() {
+        let text = r#"
+            data_dir = "/tmp/x"
+            listen = "127.0.0.1:0"
+            worker_threads = 2
+            shutdown_drain_ms = 5000
+            partitions = 8
+            segment_bytes_max = 1048576
+            flush_interval_ms = 500
+            dedup_window_ms = 900000
+            dedup_entries_max = 1000
+            group_bytes_max = 1048576
+            queue_bytes_max = 1048576
+            pending_cells_max = 1000
+            body_bytes_max = 1048576
+            body_bytes_in_flight_max = 2097152
+            events_per_request_max = 10
+            field_errors_max = 5
+            counts_video_ids_max = 10
+            series_points_max = 100
+            lateness_max_ms = 1000
+            clock_skew_max_ms = 1000
+        "#;
+        let config = toml::from_str::<FileConfig>(text).unwrap().resolve().unwrap();
+        assert_eq!(config.engine.partitions, 8);
+        assert_eq!(config.server.limits.clock_skew_max_ms, 1000);
+    }
+}

@@ -1,0 +1,88 @@
+//! `tally serve`: listen first (so `/readyz` can say "recovering"), recover the engine,
+//! serve until SIGTERM or SIGINT, then drain, flush, checkpoint and exit 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tally_engine::Engine;
+use tally_server::{AppState, router, system_clock};
+use tokio::net::TcpListener;
+
+use crate::ServeArgs;
+use crate::config::FileConfig;
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    if args.data_dir.is_some() {
+        file.data_dir = args.data_dir;
+    }
+    if args.listen.is_some() {
+        file.listen = args.listen;
+    }
+    let config = file.resolve()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.enable_all().thread_name("tally-http").build()?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let data_dir = std::path::absolute(&config.engine.data_dir)?;
+    tracing::info!(address = %format!("http://{address}"), data_dir = %data_dir.display(), "tally listening; recovering");
+    let state = AppState::new(config.server, system_clock());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = router(Arc::clone(&state));
+    let mut stop_server = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_server.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+
+    let engine_config = config.engine;
+    let opened = tokio::task::spawn_blocking(move || Engine::open(engine_config)).await?;
+    let engine = Arc::new(opened.context("opening the data directory")?);
+    let recovery = engine.recovery();
+    tracing::info!(
+        seconds = recovery.duration.as_secs_f64(),
+        replayed_bytes = recovery.replayed_bytes,
+        replayed_records = recovery.replayed_records,
+        "ready"
+    );
+    state.set_engine(Arc::clone(&engine));
+
+    shutdown_signal().await;
+    tracing::info!(drain_ms = config.shutdown_drain_ms, "stopping: draining requests");
+    state.set_stopping();
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(Duration::from_millis(config.shutdown_drain_ms), server).await {
+        Ok(result) => result??,
+        Err(_) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+    tokio::task::spawn_blocking(move || engine.shutdown()).await??;
+    tracing::info!("stopped: everything flushed and checkpointed");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
