@@ -1,0 +1,336 @@
+//! Every rule of the HTTP API, against the real server on port 0.
+
+mod common;
+
+use common::{Server, now_ms, request, start};
+use serde_json::{Value, json};
+
+fn server(config: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), config);
+    (dir, server)
+}
+
+fn fields(answer: &Value) -> Vec<(u64, String)> {
+    answer["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].as_u64().unwrap(), e["field"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn ingest_accepts_object_array_and_ndjson_and_counts_at_once() {
+    let (_dir, server) = server("");
+    let one = server.post_events(r#"{"video_id":"a"}"#, &[]);
+    assert_eq!((one.status, one.json()), (200, json!({"accepted": 1, "duplicates": 0})));
+    assert_eq!(server.count("a"), 1, "counted the moment it was acknowledged");
+    let many = server.post_events(r#"[{"video_id":"a"},{"video_id":"b","type":"like","value":7}]"#, &[]);
+    assert_eq!(many.json()["accepted"], 2);
+    let ndjson = request(
+        server.address,
+        "POST",
+        "/v1/events",
+        &[("content-type", "application/x-ndjson")],
+        b"{\"video_id\":\"a\"}\n\n{\"video_id\":\"a\"}\r\n",
+    )
+    .unwrap();
+    assert_eq!((ndjson.status, ndjson.json()["accepted"].clone()), (200, json!(2)));
+    assert_eq!(server.count("a"), 4);
+    let likes = server.get("/v1/count?video_id=b&type=like").json();
+    assert_eq!((likes["count"].clone(), likes["sum"].clone()), (json!(1), json!(7)));
+    let empty = server.post_events("[]", &[]);
+    assert_eq!(empty.json(), json!({"accepted": 0, "duplicates": 0}));
+}
+
+#[test]
+fn wrong_content_type_is_415() {
+    let (_dir, server) = server("");
+    for headers in [vec![("content-type", "text/plain")], vec![]] {
+        let answer = request(server.address, "POST", "/v1/events", &headers, br#"{"video_id":"a"}"#).unwrap();
+        assert_eq!(answer.status, 415);
+        assert_eq!(answer.json()["error"], "unsupported_media_type");
+    }
+    assert_eq!(server.count("a"), 0);
+}
+
+#[test]
+fn malformed_json_and_invalid_utf8_are_400_and_count_nothing() {
+    let (_dir, server) = server("");
+    let cases: [&[u8]; 4] = [br#"[{"video_id":"a"},"#, b"not json", b"[{\"video_id\":\"a\xff\"}]", b"42"];
+    for body in cases {
+        let answer =
+            request(server.address, "POST", "/v1/events", &[("content-type", "application/json")], body).unwrap();
+        assert_eq!(answer.status, 400, "{}", answer.text());
+        assert!(["malformed_json", "invalid_utf8"].contains(&answer.json()["error"].as_str().unwrap()));
+    }
+    let ndjson = request(
+        server.address,
+        "POST",
+        "/v1/events",
+        &[("content-type", "application/x-ndjson")],
+        b"{\"video_id\":\"a\"}\n{oops\n",
+    )
+    .unwrap();
+    assert_eq!((ndjson.status, ndjson.json()["line"].clone()), (400, json!(2)));
+    assert_eq!(server.count("a"), 0);
+}
+
+#[test]
+fn every_bad_field_of_every_event_is_named_and_the_batch_counts_nothing() {
+    let (_dir, server) = server("");
+    let now = now_ms();
+    let body = json!([
+        {"video_id": "ok"},
+        {"type": "view"},
+        {"video_id": ""},
+        {"video_id": "x".repeat(257)},
+        {"video_id": "tab\there"},
+        {"video_id": 5},
+        {"video_id": "v", "type": "View"},
+        {"video_id": "v", "ts": now - 8 * 86_400_000i64},
+        {"video_id": "v", "ts": now + 6 * 60_000},
+        {"video_id": "v", "ts": "yesterday"},
+        {"video_id": "v", "value": 1.5},
+        {"video_id": "v", "value": "3"},
+        {"video_id": "v", "value": 9_007_199_254_740_992i64},
+        {"video_id": "v", "event_id": "e".repeat(129)},
+        {"video_id": "v", "viewer_id": "u".repeat(257)},
+        {"video_id": "v", "colour": "red"},
+        {"video_id": "v", "ts": true},
+    ])
+    .to_string();
+    let answer = server.post_events(&body, &[]);
+    assert_eq!(answer.status, 400);
+    let answer = answer.json();
+    assert_eq!(answer["error"], "invalid_events");
+    let expected: Vec<(u64, String)> = [
+        (1, "video_id"),
+        (2, "video_id"),
+        (3, "video_id"),
+        (4, "video_id"),
+        (5, "video_id"),
+        (6, "type"),
+        (7, "ts"),
+        (8, "ts"),
+        (9, "ts"),
+        (10, "value"),
+        (11, "value"),
+        (12, "value"),
+        (13, "event_id"),
+        (14, "viewer_id"),
+        (15, "colour"),
+        (16, "ts"),
+    ]
+    .iter()
+    .map(|(i, f)| (*i, (*f).to_owned()))
+    .collect();
+    assert_eq!(fields(&answer), expected);
+    assert_eq!(answer["error_count"], 16);
+    assert_eq!(server.count("ok"), 0, "all or nothing");
+}
+
+#[test]
+fn error_list_is_capped_but_the_total_is_given() {
+    let (_dir, server) = server("field_errors_max = 3");
+    let body = json!((0..10).map(|_| json!({"video_id": ""})).collect::<Vec<_>>()).to_string();
+    let answer = server.post_events(&body, &[]).json();
+    assert_eq!(answer["errors"].as_array().unwrap().len(), 3);
+    assert_eq!(answer["error_count"], 10);
+}
+
+#[test]
+fn body_and_event_limits_answer_413() {
+    let (_dir, server) = server("body_bytes_max = 1024\nevents_per_request_max = 3");
+    let big = json!(vec![json!({"video_id": "v".repeat(256)}); 5]).to_string();
+    assert!(big.len() > 1024);
+    let answer = server.post_events(&big, &[]);
+    assert_eq!((answer.status, answer.json()["error"].clone()), (413, json!("body_too_large")));
+    // Without Content-Length (chunked), the server stops reading at the limit.
+    let mut stream = std::net::TcpStream::connect(server.address).unwrap();
+    use std::io::{Read, Write};
+    write!(stream, "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    for _ in 0..4 {
+        let chunk = "x".repeat(512);
+        let _ = write!(stream, "{:x}\r\n{chunk}\r\n", chunk.len());
+    }
+    let _ = write!(stream, "0\r\n\r\n");
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    let four = json!([{"video_id": "a"}, {"video_id": "a"}, {"video_id": "a"}, {"video_id": "a"}]).to_string();
+    let answer = server.post_events(&four, &[]);
+    assert_eq!((answer.status, answer.json()["error"].clone()), (413, json!("too_many_events")));
+    assert_eq!(server.count("a"), 0);
+}
+
+#[test]
+fn idempotency_key_repeats_answer_like_the_first_and_count_once() {
+    let (_dir, server) = server("");
+    let body = r#"[{"video_id":"a","event_id":"1"},{"video_id":"a","event_id":"1"},{"video_id":"b"}]"#;
+    let first = server.post_events(body, &[("idempotency-key", "k-1")]);
+    assert_eq!(first.json(), json!({"accepted": 2, "duplicates": 1}));
+    for _ in 0..3 {
+        let again = server.post_events(body, &[("idempotency-key", "k-1")]);
+        assert_eq!((again.status, again.json()), (200, first.json()));
+    }
+    assert_eq!((server.count("a"), server.count("b")), (1, 1));
+    let reused = server.post_events(r#"[{"video_id":"c"}]"#, &[("idempotency-key", "k-1")]);
+    assert_eq!((reused.status, reused.json()["error"].clone()), (422, json!("idempotency_key_reused")));
+    assert_eq!(server.count("c"), 0);
+    let too_long = "k".repeat(129);
+    let bad = server.post_events(body, &[("idempotency-key", &too_long)]);
+    assert_eq!((bad.status, bad.json()["error"].clone()), (400, json!("invalid_idempotency_key")));
+}
+
+#[test]
+fn event_ids_are_deduplicated_within_and_across_requests() {
+    let (_dir, server) = server("");
+    let answer = server.post_events(
+        r#"[{"video_id":"a","event_id":"x"},{"video_id":"a","event_id":"x"},{"video_id":"b","event_id":"x"}]"#,
+        &[],
+    );
+    assert_eq!(answer.json(), json!({"accepted": 2, "duplicates": 1}));
+    let again = server.post_events(r#"{"video_id":"a","event_id":"x"}"#, &[]);
+    assert_eq!(again.json(), json!({"accepted": 0, "duplicates": 1}));
+    assert_eq!((server.count("a"), server.count("b")), (1, 1));
+}
+
+#[test]
+fn count_ranges_are_half_open_minute_aligned_and_stated() {
+    let (_dir, server) = server("");
+    let minute = now_ms() / 60_000 * 60_000 - 10 * 60_000;
+    let body = json!([
+        {"video_id": "v", "ts": minute},
+        {"video_id": "v", "ts": minute + 59_999},
+        {"video_id": "v", "ts": minute + 60_000},
+        {"video_id": "v", "ts": jiff::Timestamp::from_millisecond(minute + 120_000).unwrap().to_string()},
+    ])
+    .to_string();
+    assert_eq!(server.post_events(&body, &[]).status, 200);
+    let count = |from: i64, to: i64| server.get(&format!("/v1/count?video_id=v&from={from}&to={to}")).json();
+    assert_eq!(count(minute, minute + 60_000)["count"], 2);
+    assert_eq!(count(minute, minute + 120_000)["count"], 3);
+    // Widened outward to whole minutes, and the answer says so.
+    let widened = count(minute + 30_000, minute + 60_001);
+    assert_eq!(widened["count"], 3);
+    assert_eq!(widened["from"], jiff::Timestamp::from_millisecond(minute).unwrap().to_string());
+    assert_eq!(widened["to"], jiff::Timestamp::from_millisecond(minute + 120_000).unwrap().to_string());
+    let rfc = |ms: i64| jiff::Timestamp::from_millisecond(ms).unwrap().to_string();
+    let by_text = server.get(&format!("/v1/count?video_id=v&from={}&to={}", rfc(minute), rfc(minute + 180_000))).json();
+    assert_eq!(by_text["count"], 4);
+    assert_eq!(server.get("/v1/count?video_id=v").json()["count"], 4);
+    assert_eq!(server.get("/v1/count?video_id=nobody").json()["count"], 0);
+    assert_eq!(count(minute, minute)["count"], 0);
+}
+
+#[test]
+fn bad_query_parameters_are_400() {
+    let (_dir, server) = server("");
+    for path in [
+        "/v1/count",
+        "/v1/count?video_id=",
+        "/v1/count?video_id=v&type=Bad",
+        "/v1/count?video_id=v&from=yesterday",
+        "/v1/count?video_id=v&from=10&to=5",
+        "/v1/count?video_id=v&vidoe_id=w",
+        "/v1/count?video_id=v&video_id=w",
+        "/v1/series?video_id=v&step=week",
+        "/v1/series?video_id=v&step=minute&from=0&to=86400000000",
+    ] {
+        let answer = server.get(path);
+        assert_eq!(answer.status, 400, "{path}: {}", answer.text());
+        let json = answer.json();
+        assert!(json["error"].is_string() && json["message"].is_string(), "{path}: {json}");
+    }
+    assert_eq!(server.get("/v1/nothing").status, 404);
+}
+
+#[test]
+fn counts_answers_a_page_of_videos_in_one_round_trip() {
+    let (_dir, server) = server("counts_video_ids_max = 3");
+    server.post_events(r#"[{"video_id":"a"},{"video_id":"a"},{"video_id":"b","type":"like"}]"#, &[]);
+    let answer = server.post_json("/v1/counts", r#"{"video_ids":["a","b","zzz"]}"#).json();
+    assert_eq!(answer["counts"], json!({"a": 2, "b": 0, "zzz": 0}));
+    let likes = server.post_json("/v1/counts", r#"{"video_ids":["b"],"type":"like","from":0}"#).json();
+    assert_eq!(likes["counts"], json!({"b": 1}));
+    let too_many = server.post_json("/v1/counts", r#"{"video_ids":["a","b","c","d"]}"#);
+    assert_eq!((too_many.status, too_many.json()["error"].clone()), (400, json!("too_many_video_ids")));
+    let unknown = server.post_json("/v1/counts", r#"{"video_ids":["a"],"colour":1}"#);
+    assert_eq!(unknown.status, 400);
+}
+
+#[test]
+fn series_is_zero_filled_per_step() {
+    let (_dir, server) = server("");
+    let hour = now_ms() / 3_600_000 * 3_600_000 - 3 * 3_600_000;
+    let body = json!([
+        {"video_id": "v", "ts": hour + 60_000, "value": 2},
+        {"video_id": "v", "ts": hour + 2 * 3_600_000},
+        {"video_id": "v", "ts": hour + 2 * 3_600_000 + 5},
+    ])
+    .to_string();
+    server.post_events(&body, &[]);
+    let answer = server.get(&format!("/v1/series?video_id=v&step=hour&from={hour}&to={}", hour + 3 * 3_600_000)).json();
+    let counts: Vec<u64> = answer["points"].as_array().unwrap().iter().map(|p| p["count"].as_u64().unwrap()).collect();
+    assert_eq!(counts, [1, 0, 2]);
+    assert_eq!(answer["points"][0]["sum"], 2);
+    assert_eq!(answer["step"], "hour");
+    let minutes = server.get(&format!("/v1/series?video_id=v&step=minute&from={hour}&to={}", hour + 3 * 60_000)).json();
+    let counts: Vec<u64> = minutes["points"].as_array().unwrap().iter().map(|p| p["count"].as_u64().unwrap()).collect();
+    assert_eq!(counts, [0, 1, 0]);
+    let day = server.get("/v1/series?video_id=v&step=day").json();
+    assert_eq!(day["points"].as_array().unwrap().len(), 60);
+    assert_eq!(day["points"].as_array().unwrap().last().unwrap()["count"], 3);
+}
+
+#[test]
+fn health_readiness_and_metrics() {
+    let (_dir, server) = server("");
+    assert_eq!(server.get("/healthz").json(), json!({"status": "ok"}));
+    assert_eq!(server.get("/readyz").json(), json!({"status": "ready"}));
+    server.post_events(r#"[{"video_id":"a"}]"#, &[]);
+    server.post_events(r#"[{"video_id":""}]"#, &[]);
+    let metrics = server.get("/metrics").text();
+    for name in [
+        "tally_events_accepted_total 1",
+        "tally_events_rejected_total 1",
+        "tally_http_request_duration_seconds_bucket{route=\"/v1/events\"",
+        "tally_wal_fsync_seconds_bucket",
+        "tally_wal_bytes{partition=\"0\"}",
+        "tally_wal_segments",
+        "tally_partition_queued_appends",
+        "tally_recovery_seconds",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+}
+
+#[test]
+fn openapi_document_matches_the_routes() {
+    let (_dir, server) = server("");
+    let spec = server.get("/v1/openapi.json").json();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, methods) in spec["paths"].as_object().unwrap() {
+        for method in methods
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|m| ["get", "post", "put", "delete", "patch"].contains(&m.as_str()))
+        {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    let mut routes: Vec<(String, String)> =
+        tally_server::ROUTES.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+    documented.sort();
+    routes.sort();
+    assert_eq!(documented, routes, "openapi.json and the router disagree");
+    for (method, path) in &documented {
+        let answer =
+            request(server.address, &method.to_uppercase(), path, &[("content-type", "application/json")], b"{}")
+                .unwrap();
+        assert!(answer.status != 404 && answer.status != 405, "{method} {path} answered {}", answer.status);
+    }
+}

@@ -1,0 +1,111 @@
+//! Starting, stopping and restarting: SIGTERM makes everything durable and exits 0; a bad
+//! config refuses to start; a damaged log refuses to start and says where; a torn tail is
+//! dropped and the server starts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{spawn, start, tally_binary};
+
+/// The documented bound on a clean stop: drain (10 s default) plus the final flush.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[test]
+fn sigterm_flushes_checkpoints_and_exits_zero_and_counts_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = start(&data, "flush_interval_ms = 3600000");
+    for _ in 0..10 {
+        assert_eq!(server.post_events(r#"[{"video_id":"a"},{"video_id":"b","type":"like"}]"#, &[]).status, 200);
+    }
+    let status = server.terminate(STOP_TIMEOUT);
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(server.log().contains("everything flushed and checkpointed"));
+    let server = start(&data, "flush_interval_ms = 3600000");
+    assert!(server.log().contains("replayed_bytes=0"), "a clean stop leaves nothing to replay:\n{}", server.log());
+    assert_eq!(server.count("a"), 10);
+    assert_eq!(server.get("/v1/count?video_id=b&type=like").json()["count"], 10);
+}
+
+#[test]
+fn unknown_config_key_refuses_to_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "partitons = 4\n").unwrap();
+    let output = std::process::Command::new(tally_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown field") && stderr.contains("partitons"), "{stderr}");
+}
+
+fn segments(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    for partition in std::fs::read_dir(data.join("wal")).unwrap() {
+        for segment in std::fs::read_dir(partition.unwrap().path()).unwrap() {
+            let path = segment.unwrap().path();
+            if std::fs::metadata(&path).unwrap().len() > 0 {
+                all.push(path);
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn mid_log_corruption_refuses_to_start_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "flush_interval_ms = 3600000\npartitions = 1";
+    let mut server = start(&data, config);
+    for i in 0..5 {
+        server.post_events(&format!(r#"[{{"video_id":"v{i}"}}]"#), &[]);
+    }
+    server.kill();
+    let segment = &segments(&data)[0];
+    let mut bytes = std::fs::read(segment).unwrap();
+    bytes[20] ^= 0x10; // inside the first frame's payload, with four frames after it
+    std::fs::write(segment, &bytes).unwrap();
+
+    let mut server = spawn(&data, config);
+    let status = server.child.wait().unwrap();
+    assert!(!status.success());
+    std::thread::sleep(Duration::from_millis(100));
+    let log = server.log();
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(log.contains("corrupt write-ahead log") && log.contains(name) && log.contains("at byte 0"), "{log}");
+}
+
+#[test]
+fn torn_tail_is_dropped_and_earlier_events_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "flush_interval_ms = 3600000\npartitions = 1";
+    let mut server = start(&data, config);
+    for _ in 0..5 {
+        assert_eq!(server.post_events(r#"[{"video_id":"v"}]"#, &[]).status, 200);
+    }
+    server.kill();
+    let segment = &segments(&data)[0];
+    let len = std::fs::metadata(segment).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(segment).unwrap().set_len(len - 3).unwrap();
+    let server = start(&data, config);
+    assert_eq!(server.count("v"), 4, "the torn last frame held one request");
+    assert!(server.log().contains("truncated torn tail"), "{}", server.log());
+}
+
+#[test]
+fn two_servers_cannot_share_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _first = start(&data, "");
+    let mut second = spawn(&data, "");
+    let status = second.child.wait().unwrap();
+    assert!(!status.success());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(second.log().contains("another tally process"), "{}", second.log());
+}
