@@ -6,14 +6,15 @@ use hashbrown::HashMap;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counter {
     pub count: u64,
-    /// Saturates at the `i64` bounds rather than wrapping.
-    pub sum: i64,
+    /// Exact: with |value| ≤ 2^53 per event, 2^64 events cannot overflow 128 bits, so the
+    /// sum does not depend on the order events are added in.
+    pub sum: i128,
 }
 
 impl Counter {
     pub fn add(&mut self, other: Counter) {
         self.count += other.count;
-        self.sum = self.sum.saturating_add(other.sum);
+        self.sum += other.sum;
     }
 }
 
@@ -48,9 +49,11 @@ impl Deltas {
         build_key(&mut self.key_scratch, event_type, video_id);
         let cells = match self.cells_by_key.get_mut(&self.key_scratch[..]) {
             Some(cells) => cells,
-            None => self.cells_by_key.entry(Box::from(&self.key_scratch[..])).or_default(),
+            // Most keys see one minute between flushes: room for exactly one cell, where a
+            // plain push would reserve four.
+            None => self.cells_by_key.entry(Box::from(&self.key_scratch[..])).or_insert_with(|| Vec::with_capacity(1)),
         };
-        let one = Counter { count: 1, sum: value };
+        let one = Counter { count: 1, sum: i128::from(value) };
         match cells.iter_mut().find(|c| c.minute == minute) {
             Some(cell) => cell.counter.add(one),
             None => {

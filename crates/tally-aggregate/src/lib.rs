@@ -28,15 +28,15 @@ impl PartitionState {
     }
 
     /// Applies one record. A request whose idempotency key was already applied counts
-    /// nothing and answers what it answered the first time (the engine refuses a key reused
-    /// for another body before it reaches the log); an event whose id was already
-    /// seen for its video counts as a duplicate.
-    pub fn apply(&mut self, record: &RecordReader<'_>) -> Result<Outcome, RecordError> {
+    /// nothing: with the same body fingerprint it answers what it answered the first time,
+    /// with another it is `KeyReused`. An event whose id was already seen for its video
+    /// counts as a duplicate.
+    pub fn apply(&mut self, record: &RecordReader<'_>) -> Result<Applied, RecordError> {
         self.dedup.advance(record.receive_ms);
         if let Some(request) = record.request_key
-            && let Some((first, _)) = self.dedup.request_outcome(request.key)
+            && let Some((first, fingerprint)) = self.dedup.request_outcome(request.key)
         {
-            return Ok(first);
+            return Ok(if fingerprint == request.fingerprint { Applied::Done(first) } else { Applied::KeyReused });
         }
         let mut outcome = Outcome::default();
         let Self { deltas, dedup } = self;
@@ -53,8 +53,17 @@ impl PartitionState {
         if let Some(request) = record.request_key {
             self.dedup.insert_request(request, outcome);
         }
-        Ok(outcome)
+        Ok(Applied::Done(outcome))
     }
+}
+
+/// What applying a record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Counted (or, for a repeated idempotency key with the same body, counted before).
+    Done(Outcome),
+    /// The idempotency key was already used with a different body: nothing counted.
+    KeyReused,
 }
 
 #[cfg(test)]
@@ -78,7 +87,10 @@ mod tests {
     }
 
     fn apply(state: &mut PartitionState, bytes: &[u8]) -> Outcome {
-        state.apply(&RecordReader::new(bytes).unwrap()).unwrap()
+        match state.apply(&RecordReader::new(bytes).unwrap()).unwrap() {
+            Applied::Done(outcome) => outcome,
+            Applied::KeyReused => panic!("key reused"),
+        }
     }
 
     fn count(state: &PartitionState, video: &str) -> u64 {
@@ -94,6 +106,34 @@ mod tests {
         assert_eq!(apply(&mut state, &bytes), first);
         assert_eq!(count(&state, "a"), 1);
         assert_eq!(count(&state, "b"), 1);
+    }
+
+    #[test]
+    fn a_key_reused_for_another_body_counts_nothing() {
+        let mut state = PartitionState::new(Dedup::new(600_000));
+        let mut writer = RecordWriter::new(0, Some(RequestKey { key: 7, fingerprint: 1 }), 0);
+        writer.push(&EventRef {
+            video_id: "a",
+            event_type: "view",
+            ts_ms: 0,
+            value: 0,
+            event_id: None,
+            viewer_id: None,
+        });
+        let first = writer.finish();
+        let mut writer = RecordWriter::new(0, Some(RequestKey { key: 7, fingerprint: 2 }), 0);
+        writer.push(&EventRef {
+            video_id: "b",
+            event_type: "view",
+            ts_ms: 0,
+            value: 0,
+            event_id: None,
+            viewer_id: None,
+        });
+        let second = writer.finish();
+        apply(&mut state, &first);
+        assert_eq!(state.apply(&RecordReader::new(&second).unwrap()).unwrap(), Applied::KeyReused);
+        assert_eq!(count(&state, "b"), 0);
     }
 
     #[test]

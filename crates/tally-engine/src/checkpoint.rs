@@ -79,14 +79,17 @@ fn run_flusher(shared: &Shared) {
         if shared.failure.lock().is_some() {
             continue;
         }
-        if let Err(error) = flush_once(shared) {
-            shared.fail(format!("flush: {error}"));
-        }
+        // A failed flush has already marked the engine failed.
+        let _ = flush_once(shared);
     }
 }
 
-/// Moves every partition's deltas into the store in one atomic commit.
+/// Moves every partition's deltas into the store in one atomic commit. One flush at a
+/// time: two interleaved flushes could commit their checkpoints out of order. A failed
+/// commit marks the engine failed; the deltas it held stay visible to queries (as
+/// "flushing") and are recovered from the log at the next start.
 pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
+    let _one_at_a_time = shared.flush_lock.lock();
     if let Some(reason) = shared.failure.lock().clone() {
         return Err(EngineError::Unavailable { reason });
     }
@@ -125,7 +128,10 @@ pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
             journal: std::mem::take(journal),
         })
         .collect();
-    shared.store.commit(&flushes)?;
+    if let Err(error) = shared.store.commit(&flushes) {
+        shared.fail(format!("flush: {error}"));
+        return Err(error.into());
+    }
     drop(flushes);
     for (partition, _, checkpoint, _) in &taken {
         partition.memory.lock().flushing = None;

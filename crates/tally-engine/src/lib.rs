@@ -69,7 +69,7 @@ impl Default for EngineConfig {
             segment_bytes_max: 64 << 20,
             flush_interval_ms: 1_000,
             dedup_window_ms: 10 * 60_000,
-            dedup_entries_max: 8_000_000,
+            dedup_entries_max: 4_000_000,
             group_bytes_max: 8 << 20,
             queue_bytes_max: 256 << 20,
             pending_cells_max: 2_000_000,
@@ -89,6 +89,8 @@ pub enum EngineError {
     Wal(#[from] WalError),
     #[error("idempotency key was already used for a different request body")]
     IdempotencyConflict,
+    #[error("outcome unknown: {reason}; retry with the same idempotency key")]
+    OutcomeUnknown { reason: String },
     #[error("recovery of partition {partition} failed at log offset {offset}: {detail}")]
     Recovery { partition: u32, offset: u64, detail: String },
     #[error("data directory {path}: {source}")]
@@ -106,6 +108,15 @@ pub(crate) struct Shared {
     failure: Mutex<Option<String>>,
     stopping: AtomicBool,
     flush_signal: checkpoint::FlushSignal,
+    /// Held by `checkpoint::flush_once`.
+    flush_lock: Mutex<()>,
+    /// Read-held while a request is sent to its partitions, write-held to close them: a
+    /// request is sent to all of its partitions or to none.
+    admission: parking_lot::RwLock<bool>,
+    /// Held while a request with an idempotency key is sent, so that every partition
+    /// receives keyed requests in the same order, and two requests reusing one key are
+    /// seen in the same order everywhere.
+    keyed_order: Mutex<()>,
 }
 
 impl Shared {
@@ -151,28 +162,40 @@ pub struct Submitted {
 
 impl Submitted {
     /// Resolves once every partition holding part of the request has made it durable and
-    /// visible.
+    /// visible. Past admission, a failure means the outcome is unknown: parts may have
+    /// reached the log. Only a retry with the same idempotency key is then safe.
     pub async fn outcome(self) -> Result<Outcome, EngineError> {
-        let mut total = self.ready;
+        let mut parts = Vec::with_capacity(self.replies.len());
         for reply in self.replies {
-            let part =
-                reply.await.map_err(|_| EngineError::Unavailable { reason: "partition writer stopped".into() })??;
-            total.add(part);
+            parts.push(reply.await);
         }
-        Ok(total)
+        sum_parts(self.ready, parts)
     }
 
     /// `outcome` for callers outside an async runtime (tests, tools).
     pub fn outcome_blocking(self) -> Result<Outcome, EngineError> {
-        let mut total = self.ready;
-        for reply in self.replies {
-            let part = reply
-                .blocking_recv()
-                .map_err(|_| EngineError::Unavailable { reason: "partition writer stopped".into() })??;
-            total.add(part);
-        }
-        Ok(total)
+        let ready = self.ready;
+        let parts = self.replies.into_iter().map(|reply| reply.blocking_recv()).collect();
+        sum_parts(ready, parts)
     }
+}
+
+type Reply = Result<Result<Outcome, EngineError>, tokio::sync::oneshot::error::RecvError>;
+
+fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> {
+    let mut total = ready;
+    let mut reused = false;
+    for part in parts {
+        match part {
+            Ok(Ok(outcome)) => total.add(outcome),
+            Ok(Err(EngineError::IdempotencyConflict)) => reused = true,
+            Ok(Err(error)) => return Err(EngineError::OutcomeUnknown { reason: error.to_string() }),
+            Err(_) => return Err(EngineError::OutcomeUnknown { reason: "partition writer stopped".into() }),
+        }
+    }
+    // Keyed requests reach every partition in one order, so a reused key is refused by
+    // all of them alike.
+    if reused { Err(EngineError::IdempotencyConflict) } else { Ok(total) }
 }
 
 /// Per-partition figures for monitoring.
@@ -273,10 +296,18 @@ impl Engine {
         let permit =
             shared.budget.try_take(total_bytes).ok_or(EngineError::Overloaded { reason: "write queue is full" })?;
         let permit = Arc::new(permit);
+        let _keyed_order = key.map(|_| shared.keyed_order.lock());
+        let open = shared.admission.read();
+        if !*open {
+            return Err(EngineError::Unavailable { reason: "shutting down".into() });
+        }
         let mut replies = Vec::with_capacity(appends.len());
-        for (partition, record) in appends {
+        for (sent, (partition, record)) in appends.into_iter().enumerate() {
             let (reply, receiver) = tokio::sync::oneshot::channel();
-            partition.send(Append { record, reply, _permit: Arc::clone(&permit) })?;
+            if let Err(error) = partition.send(Append { record, reply, _permit: Arc::clone(&permit) }) {
+                // Only a dead writer refuses here; parts already sent may be counted.
+                return Err(if sent == 0 { error } else { EngineError::OutcomeUnknown { reason: error.to_string() } });
+            }
             replies.push(receiver);
         }
         Ok(Submitted { ready: Outcome::default(), replies })
@@ -304,6 +335,7 @@ impl Engine {
     /// a final checkpoint. Idempotent.
     pub fn shutdown(&self) -> Result<(), EngineError> {
         self.shared.stopping.store(true, Ordering::Release);
+        *self.shared.admission.write() = false;
         for partition in &self.shared.partitions {
             partition.close();
         }

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
-use tally_aggregate::{Deltas, Outcome, PartitionState};
+use tally_aggregate::{Applied, Deltas, Outcome, PartitionState};
 use tally_core::RecordReader;
 use tally_wal::Wal;
 use tokio::sync::oneshot;
@@ -110,6 +110,7 @@ pub(crate) fn run_writer(
     mut wal: Wal,
     appends: mpsc::Receiver<Append>,
 ) {
+    let _fail_on_panic = FailOnPanic { shared: &shared, partition: partition.index };
     let partition_label = partition.index.to_string();
     let fsync_seconds = metrics::histogram!("tally_wal_fsync_seconds", "partition" => partition_label.clone());
     let group_records = metrics::histogram!("tally_wal_group_records", "partition" => partition_label);
@@ -163,19 +164,36 @@ pub(crate) fn run_writer(
             let mut memory = partition.memory.lock();
             for append in &group {
                 let record = RecordReader::new(&append.record).expect("a record this process encoded must decode");
-                outcomes.push(memory.state.apply(&record).expect("a record this process encoded must apply"));
+                outcomes.push(match memory.state.apply(&record).expect("a record this process encoded must apply") {
+                    Applied::Done(outcome) => Ok(outcome),
+                    Applied::KeyReused => Err(EngineError::IdempotencyConflict),
+                });
             }
             memory.applied_offset = end_offset;
             partition.dedup_entries.store(memory.state.dedup.entries(), Ordering::Relaxed);
         }
         for (append, outcome) in group.drain(..).zip(outcomes) {
             partition.queued.fetch_sub(1, Ordering::Relaxed);
-            let _ = append.reply.send(Ok(outcome));
+            let _ = append.reply.send(outcome);
         }
         partition.record_wal_stats(&wal);
         remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
     }
     remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+}
+
+/// A writer that panics takes its queue with it: the engine must stop acknowledging.
+struct FailOnPanic<'a> {
+    shared: &'a Shared,
+    partition: u32,
+}
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.fail(format!("partition {} writer panicked", self.partition));
+        }
+    }
 }
 
 fn answer_all(partition: &Partition, group: &mut Vec<Append>, answer: impl Fn() -> Result<Outcome, EngineError>) {

@@ -90,6 +90,9 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         failure: Mutex::new(None),
         stopping: AtomicBool::new(false),
         flush_signal: FlushSignal::default(),
+        flush_lock: Mutex::new(()),
+        admission: parking_lot::RwLock::new(true),
+        keyed_order: Mutex::new(()),
     });
     let mut writers = Vec::new();
     for (partition, (wal, receiver)) in shared.partitions.iter().zip(wals) {

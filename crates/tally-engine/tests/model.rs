@@ -82,7 +82,7 @@ impl Model {
             self.counters
                 .entry((e.video, e.event_type, BASE_MINUTE + e.minute))
                 .or_default()
-                .add(Counter { count: 1, sum: e.value });
+                .add(Counter { count: 1, sum: i128::from(e.value) });
         }
         if let Some(k) = key {
             self.seen_keys.insert(k, (fingerprint(events), outcome));

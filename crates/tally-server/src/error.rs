@@ -54,6 +54,12 @@ impl From<EngineError> for ApiError {
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", reason)
             },
             EngineError::Unavailable { reason } => ApiError::unavailable("unavailable", reason),
+            EngineError::OutcomeUnknown { reason } => ApiError::unavailable(
+                "outcome_unknown",
+                format!(
+                    "the server failed after accepting the request ({reason}); some events may be counted: retry with the same Idempotency-Key"
+                ),
+            ),
             EngineError::IdempotencyConflict => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",

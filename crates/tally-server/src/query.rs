@@ -27,23 +27,45 @@ fn parse_instant(field: &'static str, text: &str) -> Result<i64, ApiError> {
         )
         .with("field", json!(field))
     };
-    if !text.is_empty() && text.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse::<i64>().map_err(|_| bad());
+    let ms = if !text.is_empty() && text.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<i64>().map_err(|_| bad())?
+    } else {
+        text.parse::<jiff::Timestamp>().map(|ts| ts.as_millisecond()).map_err(|_| bad())?
+    };
+    in_range(field, ms)
+}
+
+/// Instants must lie within years -9999 to 9999, the range answers can be written in.
+fn in_range(field: &'static str, ms: i64) -> Result<i64, ApiError> {
+    // Two days short of the limits, so rounding outward to whole days stays representable.
+    let limit = jiff::Timestamp::MAX.as_millisecond() - 2 * 86_400_000;
+    if ms.unsigned_abs() > limit as u64 {
+        return Err(ApiError::bad_request("invalid_parameter", format!("{field} is outside the years -9999 to 9999"))
+            .with("field", json!(field)));
     }
-    text.parse::<jiff::Timestamp>().map(|ts| ts.as_millisecond()).map_err(|_| bad())
+    Ok(ms)
 }
 
 fn instant_value(field: &'static str, value: &Value) -> Result<Option<i64>, ApiError> {
     match value {
         Value::Null => Ok(None),
         Value::String(text) => parse_instant(field, text).map(Some),
-        Value::Number(n) => n.as_i64().map(Some).ok_or_else(|| {
-            ApiError::bad_request("invalid_parameter", format!("{field} must be integer epoch milliseconds"))
-                .with("field", json!(field))
-        }),
+        Value::Number(n) => match n.as_i64() {
+            Some(ms) => in_range(field, ms).map(Some),
+            None => {
+                Err(ApiError::bad_request("invalid_parameter", format!("{field} must be integer epoch milliseconds"))
+                    .with("field", json!(field)))
+            }
+        },
         _ => Err(ApiError::bad_request("invalid_parameter", format!("{field} must be a string or an integer"))
             .with("field", json!(field))),
     }
+}
+
+/// Sums are exact 128-bit integers; an answer shows them clamped to the 64-bit range that
+/// JSON tooling reads (reached only past about a thousand events of the maximum value).
+fn sum_json(sum: i128) -> i64 {
+    i64::try_from(sum).unwrap_or(if sum < 0 { i64::MIN } else { i64::MAX })
 }
 
 fn rfc3339(minute: i64) -> String {
@@ -89,6 +111,17 @@ fn params(pairs: Vec<(String, String)>, allowed: &[&'static str]) -> Result<Hash
     Ok(found)
 }
 
+/// The `video_id` (required) and `type` (default `view`) parameters, checked.
+fn video_and_type<'a>(p: &'a HashMap<&'static str, String>) -> Result<(&'a str, &'a str), ApiError> {
+    let video_id = p.get("video_id").ok_or_else(|| {
+        ApiError::bad_request("invalid_parameter", "video_id is required").with("field", json!("video_id"))
+    })?;
+    check_video_id("video_id", video_id)?;
+    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str);
+    check_type(event_type)?;
+    Ok((video_id, event_type))
+}
+
 /// Resolves `[from, to)` in milliseconds: absent `from` is the epoch, absent `to` is the
 /// latest instant an event may carry now (receive time plus the maximum clock skew).
 fn bounds(state: &AppState, from: Option<i64>, to: Option<i64>) -> Result<(i64, i64), ApiError> {
@@ -106,12 +139,7 @@ pub(crate) async fn count(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to"])?;
-    let video_id = p.get("video_id").ok_or_else(|| {
-        ApiError::bad_request("invalid_parameter", "video_id is required").with("field", json!("video_id"))
-    })?;
-    check_video_id("video_id", video_id)?;
-    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str);
-    check_type(event_type)?;
+    let (video_id, event_type) = video_and_type(&p)?;
     let from = p.get("from").map(|t| parse_instant("from", t)).transpose()?;
     let to = p.get("to").map(|t| parse_instant("to", t)).transpose()?;
     let (from, to) = bounds(&state, from, to)?;
@@ -123,7 +151,7 @@ pub(crate) async fn count(
         "from": rfc3339(range.start),
         "to": rfc3339(range.end),
         "count": counter.count,
-        "sum": counter.sum,
+        "sum": sum_json(counter.sum),
     })))
 }
 
@@ -182,12 +210,7 @@ pub(crate) async fn series(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "step"])?;
-    let video_id = p.get("video_id").ok_or_else(|| {
-        ApiError::bad_request("invalid_parameter", "video_id is required").with("field", json!("video_id"))
-    })?;
-    check_video_id("video_id", video_id)?;
-    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str);
-    check_type(event_type)?;
+    let (video_id, event_type) = video_and_type(&p)?;
     let step_name = p.get("step").map_or("minute", String::as_str);
     let granularity = Granularity::from_name(step_name).ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", "step must be minute, hour or day").with("field", json!("step"))
@@ -226,7 +249,7 @@ pub(crate) async fn series(
     let points: Vec<Value> = counters
         .iter()
         .enumerate()
-        .map(|(i, c)| json!({ "t": rfc3339(range.start + i as i64 * granularity.minutes()), "count": c.count, "sum": c.sum }))
+        .map(|(i, c)| json!({ "t": rfc3339(range.start + i as i64 * granularity.minutes()), "count": c.count, "sum": sum_json(c.sum) }))
         .collect();
     Ok(Json(json!({
         "video_id": video_id,

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! bucket key   := u8 type_len | type | u16be video_len | video | u8 granularity | i64be(bucket ^ sign bit)
-//! bucket value := u64le count | i64le sum
+//! bucket value := u64le count | i128le sum
 //! checkpoint   := u64le offset | i64le dedup_current_start_ms | i64le dedup_previous_start_ms
 //! dedup key    := u32be partition | i64be(generation_start ^ sign bit) | u64be checkpoint offset
 //! ```
@@ -38,18 +38,18 @@ pub(crate) fn bucket_key(out: &mut Vec<u8>, event_type: &str, video_id: &str, gr
     out.extend_from_slice(&ordered_i64(bucket));
 }
 
-pub(crate) fn encode_counter(counter: Counter) -> [u8; 16] {
-    let mut out = [0u8; 16];
+pub(crate) fn encode_counter(counter: Counter) -> [u8; 24] {
+    let mut out = [0u8; 24];
     out[..8].copy_from_slice(&counter.count.to_le_bytes());
     out[8..].copy_from_slice(&counter.sum.to_le_bytes());
     out
 }
 
 pub(crate) fn decode_counter(bytes: &[u8]) -> Counter {
-    assert_eq!(bytes.len(), 16, "bucket value must be 16 bytes");
+    assert_eq!(bytes.len(), 24, "bucket value must be 24 bytes: the store is corrupt");
     Counter {
         count: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
-        sum: i64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+        sum: i128::from_le_bytes(bytes[8..].try_into().expect("16 bytes")),
     }
 }
 

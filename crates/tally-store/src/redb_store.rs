@@ -181,8 +181,19 @@ struct RedbSnapshot {
     checkpoints: redb::ReadOnlyTable<u32, &'static [u8]>,
 }
 
-impl RedbSnapshot {
-    fn scan(
+impl Snapshot for RedbSnapshot {
+    fn checkpoint_offset(&self, partition: u32) -> Result<u64, StoreError> {
+        let value = self.checkpoints.get(partition).map_err(redb_error("read checkpoint"))?;
+        Ok(value.map(|v| decode_checkpoint(partition, v.value())).transpose()?.map_or(0, |c| c.offset))
+    }
+
+    fn sum(&self, event_type: &str, video_id: &str, span: Span) -> Result<Counter, StoreError> {
+        let mut total = Counter::default();
+        self.buckets(event_type, video_id, span.granularity, span.start, span.end, &mut |_, c| total.add(c))?;
+        Ok(total)
+    }
+
+    fn buckets(
         &self,
         event_type: &str,
         video_id: &str,
@@ -205,31 +216,6 @@ impl RedbSnapshot {
             visit(key::from_ordered_i64(&key.value()[prefix_len..]), decode_counter(value.value()));
         }
         Ok(())
-    }
-}
-
-impl Snapshot for RedbSnapshot {
-    fn checkpoint_offset(&self, partition: u32) -> Result<u64, StoreError> {
-        let value = self.checkpoints.get(partition).map_err(redb_error("read checkpoint"))?;
-        Ok(value.map(|v| decode_checkpoint(partition, v.value())).transpose()?.map_or(0, |c| c.offset))
-    }
-
-    fn sum(&self, event_type: &str, video_id: &str, span: Span) -> Result<Counter, StoreError> {
-        let mut total = Counter::default();
-        self.scan(event_type, video_id, span.granularity, span.start, span.end, &mut |_, c| total.add(c))?;
-        Ok(total)
-    }
-
-    fn buckets(
-        &self,
-        event_type: &str,
-        video_id: &str,
-        granularity: Granularity,
-        start: i64,
-        end: i64,
-        visit: &mut dyn FnMut(i64, Counter),
-    ) -> Result<(), StoreError> {
-        self.scan(event_type, video_id, granularity, start, end, visit)
     }
 }
 

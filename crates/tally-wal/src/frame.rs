@@ -45,11 +45,13 @@ pub(crate) enum Scan<'a> {
 /// Reads the frame at `at`. Only the last segment may have a torn tail; in an earlier
 /// segment every anomaly is corruption.
 ///
-/// A torn tail is, past the last good frame: fewer bytes than a header; only zero bytes
-/// (a file extended but never written); a valid header whose payload runs past the end of
-/// the file; or a valid header whose payload fails its checksum and ends exactly at the end
-/// of the file (the last write, with some pages lost). Anything else is corruption of data
-/// that had been made durable, and recovery refuses to guess.
+/// The writer makes each frame durable before it writes the next, so at most one frame,
+/// the last, can be torn. In the last segment an anomaly is therefore a torn tail when no
+/// valid frame follows it: fewer bytes than a header; only zero bytes; a valid header whose
+/// payload runs past the end of the file; a damaged header (say, its page lost) with no
+/// valid header anywhere after it; or a valid header whose payload fails its checksum with
+/// no valid header after the frame's end. Anything else is corruption of data that had been
+/// made durable, and recovery refuses to guess.
 pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
     let rest = &bytes[at..];
     if rest.is_empty() {
@@ -68,12 +70,13 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
     if rest.len() < FRAME_HEADER_BYTES {
         return torn("partial frame header");
     }
-    let header = &rest[..FRAME_HEADER_BYTES];
-    let field = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&header[0..12]) != field(12) || field(0) != FRAME_MAGIC {
-        return Scan::Corrupt { detail: "frame header fails its checksum".into() };
-    }
-    let payload_len = field(4) as usize;
+    let Some(payload_len) = header_payload_len(&rest[..FRAME_HEADER_BYTES]) else {
+        return if is_last_segment && valid_header_from(bytes, at + 1).is_none() {
+            Scan::TornTail { reason: "damaged last frame header" }
+        } else {
+            Scan::Corrupt { detail: "frame header fails its checksum".into() }
+        };
+    };
     if payload_len > FRAME_PAYLOAD_BYTES_MAX {
         return Scan::Corrupt { detail: format!("frame length {payload_len} over the maximum") };
     }
@@ -82,14 +85,28 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
         return torn("frame runs past the end of the file");
     }
     let payload = &rest[FRAME_HEADER_BYTES..end];
-    if crc32c::crc32c(payload) != field(8) {
-        return if end == rest.len() {
-            torn("last frame fails its checksum")
+    let payload_crc = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
+    if crc32c::crc32c(payload) != payload_crc {
+        return if is_last_segment && valid_header_from(bytes, at + end).is_none() {
+            Scan::TornTail { reason: "last frame fails its checksum" }
         } else {
             Scan::Corrupt { detail: "frame payload fails its checksum".into() }
         };
     }
     Scan::Frame { payload, next: at + end }
+}
+
+/// The payload length a header declares, if the header is intact.
+fn header_payload_len(header: &[u8]) -> Option<usize> {
+    let field = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    (field(0) == FRAME_MAGIC && crc32c::crc32c(&header[0..12]) == field(12)).then(|| field(4) as usize)
+}
+
+/// The first position at or after `from` holding an intact frame header.
+fn valid_header_from(bytes: &[u8], from: usize) -> Option<usize> {
+    let magic = FRAME_MAGIC.to_le_bytes();
+    (from..bytes.len().saturating_sub(FRAME_HEADER_BYTES - 1))
+        .find(|&i| bytes[i..i + 4] == magic && header_payload_len(&bytes[i..i + FRAME_HEADER_BYTES]).is_some())
 }
 
 /// The records of one frame payload.
@@ -188,6 +205,21 @@ mod tests {
         let (found, end) = scan_all(&bytes, true);
         assert_eq!(found.len(), 1);
         assert!(matches!(end, Scan::TornTail { .. }));
+    }
+
+    #[test]
+    fn lost_header_page_of_the_last_frame_is_torn_but_of_an_earlier_frame_is_corruption() {
+        let (bytes, ends) = frames(&[&[b"first"], &[b"second"], &[&[7u8; 64]]]);
+        let mut last_header_lost = bytes.clone();
+        last_header_lost[ends[1]..ends[1] + FRAME_HEADER_BYTES].fill(0);
+        let (found, end) = scan_all(&last_header_lost, true);
+        assert_eq!(found.len(), 2);
+        assert!(matches!(end, Scan::TornTail { .. }), "{end:?}");
+        let mut middle_header_lost = bytes.clone();
+        middle_header_lost[ends[0]..ends[0] + FRAME_HEADER_BYTES].fill(0);
+        let (found, end) = scan_all(&middle_header_lost, true);
+        assert_eq!(found.len(), 1);
+        assert!(matches!(end, Scan::Corrupt { .. }), "{end:?}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The write-ahead log of one partition: an append-only sequence of frames spread over
 //! segment files, addressed by a byte offset that grows forever.
 //!
-//! On-disk format (see ARCHITECTURE.md, "Write-ahead log"):
+//! On-disk format (see ARCHITECTURE.md, "WAL segment and frame"):
 //!
 //! ```text
 //! <dir>/<base offset, 20 digits>.wal     one segment; holds the offsets [base, next base)

@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// Distinct request bodies prepared before the run (write mode)
     #[arg(long, default_value_t = 64)]
     bodies: usize,
+    /// Spread event timestamps uniformly over this many days before now (write mode; the
+    /// server's lateness_max_ms must allow it). 0: no `ts`, the server stamps receive time
+    #[arg(long, default_value_t = 0)]
+    spread_days: i64,
     /// Longest range a read asks for, days (read mode)
     #[arg(long, default_value_t = 365)]
     range_days: i64,
@@ -104,6 +108,9 @@ struct Body {
 
 fn build_bodies(args: &BenchArgs, event_type: &str, rng: &mut SmallRng) -> Vec<Body> {
     let zipf = Zipf::new(args.videos, args.zipf);
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    // Stay a minute inside the lateness limit so bodies built now are still valid when sent.
+    let spread_ms = (args.spread_days * 86_400_000 - 60_000).max(0);
     (0..args.bodies)
         .map(|_| {
             let mut text = String::with_capacity(args.batch_size * 60);
@@ -115,7 +122,14 @@ fn build_bodies(args: &BenchArgs, event_type: &str, rng: &mut SmallRng) -> Vec<B
                 if i > 0 {
                     text.push(',');
                 }
-                text.push_str(&format!("{{\"video_id\":\"v{video}\",\"type\":\"{event_type}\",\"value\":1}}"));
+                if spread_ms > 0 {
+                    let ts = now_ms - rng.random_range(0..spread_ms);
+                    text.push_str(&format!(
+                        "{{\"video_id\":\"v{video}\",\"type\":\"{event_type}\",\"value\":1,\"ts\":{ts}}}"
+                    ));
+                } else {
+                    text.push_str(&format!("{{\"video_id\":\"v{video}\",\"type\":\"{event_type}\",\"value\":1}}"));
+                }
             }
             text.push(']');
             Body { bytes: Bytes::from(text), counts: counts.into_iter().collect() }

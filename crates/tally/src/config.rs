@@ -85,22 +85,37 @@ impl FileConfig {
                 clock_skew_max_ms: self.clock_skew_max_ms.unwrap_or(limits_default.clock_skew_max_ms),
             },
         };
-        anyhow::ensure!((1..=1024).contains(&engine.partitions), "partitions must be 1 to 1024");
-        anyhow::ensure!(engine.dedup_window_ms >= 60_000, "dedup_window_ms must be at least 60000 (one minute)");
-        anyhow::ensure!(engine.flush_interval_ms >= 10, "flush_interval_ms must be at least 10");
-        anyhow::ensure!(engine.segment_bytes_max >= 4096, "segment_bytes_max must be at least 4096");
-        anyhow::ensure!(
-            server.body_bytes_max >= 1024 && server.body_bytes_max <= 1 << 30,
-            "body_bytes_max must be 1 KiB to 1 GiB"
-        );
-        anyhow::ensure!(
-            server.body_bytes_in_flight_max >= server.body_bytes_max,
-            "body_bytes_in_flight_max must be at least body_bytes_max"
-        );
-        anyhow::ensure!(
-            server.limits.lateness_max_ms >= 0 && server.limits.clock_skew_max_ms >= 0,
-            "lateness and skew must not be negative"
-        );
+        // The bounds keep every product of two settings far from overflow, and every WAL
+        // frame (one group plus one record, a record at most about twice its JSON) under
+        // the log's frame limit.
+        let within = |name: &str, value: u64, low: u64, high: u64| {
+            anyhow::ensure!((low..=high).contains(&value), "{name} must be {low} to {high}, got {value}");
+            Ok(())
+        };
+        const MIB: u64 = 1 << 20;
+        const _: () = assert!(64 * MIB + 2 * 64 * MIB < tally_wal::FRAME_PAYLOAD_BYTES_MAX as u64);
+        let non_negative = |value: i64| u64::try_from(value).unwrap_or(u64::MAX);
+        within("partitions", engine.partitions.into(), 1, 1024)?;
+        within("dedup_window_ms", non_negative(engine.dedup_window_ms), 60_000, 30 * 86_400_000)?;
+        within("dedup_entries_max", engine.dedup_entries_max as u64, 1, 1 << 32)?;
+        within("flush_interval_ms", engine.flush_interval_ms, 10, 86_400_000)?;
+        within("segment_bytes_max", engine.segment_bytes_max, 4096, 1 << 30)?;
+        within("group_bytes_max", engine.group_bytes_max as u64, 4096, 64 * MIB)?;
+        within("queue_bytes_max", engine.queue_bytes_max as u64, MIB, 64 << 30)?;
+        within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
+        within("body_bytes_max", server.body_bytes_max as u64, 1024, 64 * MIB)?;
+        within(
+            "body_bytes_in_flight_max",
+            server.body_bytes_in_flight_max as u64,
+            server.body_bytes_max as u64,
+            64 << 30,
+        )?;
+        within("events_per_request_max", server.events_per_request_max as u64, 1, 1_000_000)?;
+        within("field_errors_max", server.field_errors_max as u64, 1, 100_000)?;
+        within("counts_video_ids_max", server.counts_video_ids_max as u64, 1, 100_000)?;
+        within("series_points_max", server.series_points_max as u64, 1, 1_000_000)?;
+        within("lateness_max_ms", non_negative(server.limits.lateness_max_ms), 0, 100 * 365 * 86_400_000)?;
+        within("clock_skew_max_ms", non_negative(server.limits.clock_skew_max_ms), 0, 86_400_000)?;
         Ok(ServeConfig {
             listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address")),
             worker_threads: self.worker_threads,
@@ -119,6 +134,18 @@ mod tests {
     fn unknown_keys_are_an_error() {
         let error = toml::from_str::<FileConfig>("partitons = 3").unwrap_err().to_string();
         assert!(error.contains("unknown field") && error.contains("partitons"), "{error}");
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused_by_name() {
+        for (text, name) in [
+            ("pending_cells_max = 0", "pending_cells_max"),
+            ("dedup_window_ms = -5", "dedup_window_ms"),
+            ("body_bytes_max = 1073741824", "body_bytes_max"),
+        ] {
+            let error = toml::from_str::<FileConfig>(text).unwrap().resolve().err().expect(text).to_string();
+            assert!(error.contains(name), "{error}");
+        }
     }
 
     #[test]

@@ -334,3 +334,18 @@ fn openapi_document_matches_the_routes() {
         assert!(answer.status != 404 && answer.status != 405, "{method} {path} answered {}", answer.status);
     }
 }
+
+#[test]
+fn full_dedup_memory_answers_429_with_retry_after_and_counts_nothing() {
+    let (_dir, server) = server("partitions = 1\ndedup_entries_max = 3");
+    let ids = r#"[{"video_id":"a","event_id":"1"},{"video_id":"a","event_id":"2"},{"video_id":"a","event_id":"3"}]"#;
+    assert_eq!(server.post_events(ids, &[]).status, 200);
+    let refused = server.post_events(r#"[{"video_id":"a","event_id":"4"}]"#, &[]);
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert_eq!(server.count("a"), 3);
+    // Events without ids need no dedup memory and are still accepted.
+    assert_eq!(server.post_events(r#"[{"video_id":"a"}]"#, &[]).status, 200);
+    assert_eq!(server.count("a"), 4);
+}

@@ -109,3 +109,20 @@ fn two_servers_cannot_share_a_data_directory() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(second.log().contains("another tally process"), "{}", second.log());
 }
+
+#[test]
+fn segments_behind_the_checkpoint_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data, "partitions = 1\nsegment_bytes_max = 4096\nflush_interval_ms = 20");
+    for i in 0..200 {
+        assert_eq!(server.post_events(&format!(r#"[{{"video_id":"v{i}"}},{{"video_id":"w"}}]"#), &[]).status, 200);
+    }
+    let files = || std::fs::read_dir(data.join("wal").join("p000")).unwrap().count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while files() > 2 {
+        assert!(std::time::Instant::now() < deadline, "{} segments left behind the checkpoint", files());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.count("w"), 200);
+}

@@ -1,0 +1,78 @@
+//! The command-line client against the real server: `send` (JSON lines, CSV, resume without
+//! double counting), `count` and `series`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{start, tally_binary};
+
+fn tally(server: &common::Server, args: &[&str]) -> std::process::Output {
+    Command::new(tally_binary()).args(args).env("TALLY_SERVER", server.url()).output().unwrap()
+}
+
+#[test]
+fn send_jsonl_and_csv_then_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let jsonl = dir.path().join("events.jsonl");
+    let lines: String = (0..2500).map(|i| format!("{{\"video_id\":\"v{}\"}}\n", i % 3)).collect();
+    std::fs::write(&jsonl, lines).unwrap();
+    let out = tally(&server, &["send", jsonl.to_str().unwrap(), "--batch-size", "100"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2500 events accepted"));
+    assert_eq!(server.count("v0") + server.count("v1") + server.count("v2"), 2500);
+
+    let csv = dir.path().join("events.csv");
+    std::fs::write(
+        &csv,
+        "video_id,type,ts,value,event_id,viewer_id\nc1,like,,5,e1,u1\nc1,like,,7,e2,\nc1,like,,9,e2,\n",
+    )
+    .unwrap();
+    let out = tally(&server, &["send", csv.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tally(&server, &["count", "c1", "--type", "like", "--json"]);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((answer["count"].clone(), answer["sum"].clone()), (serde_json::json!(2), serde_json::json!(12)));
+    let out = tally(&server, &["count", "c1", "--type", "like"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("2 like of c1"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = tally(&server, &["series", "c1", "--type", "like", "--step", "minute", "--json"]);
+    let series: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = series["points"].as_array().unwrap().iter().map(|p| p["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 2);
+}
+
+#[test]
+fn send_resumes_where_it_stopped_and_never_double_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let file = dir.path().join("events.jsonl");
+    // 4,000 good lines (past the 64 KiB that identify the file), one bad, 50 good.
+    let good = |n: usize| "{\"video_id\":\"r\"}\n".repeat(n);
+    std::fs::write(&file, format!("{}{{\"video_id\":\"\"}}\n{}", good(4000), good(50))).unwrap();
+    let out = tally(&server, &["send", file.to_str().unwrap(), "--batch-size", "1000", "--concurrency", "1"]);
+    assert!(!out.status.success(), "the fifth batch holds an invalid event");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_events"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.count("r"), 4000);
+    std::fs::write(&file, format!("{}{}", good(4000), good(51))).unwrap();
+    let out = tally(&server, &["send", file.to_str().unwrap(), "--batch-size", "1000"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resuming at byte"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.count("r"), 4051);
+    // Sending the whole file again from the start is deduplicated by the batch keys.
+    let out = tally(&server, &["send", file.to_str().unwrap(), "--batch-size", "1000", "--restart"]);
+    assert!(out.status.success());
+    assert_eq!(server.count("r"), 4051);
+}
