@@ -1,14 +1,18 @@
 //! Dedup memory: which event ids and idempotency keys a partition has seen recently.
 //!
-//! Two generations, each opened when a record's receive time passes the current one's
-//! start plus the window: an entry lives in `current`, then in `previous`, then is dropped.
-//! An entry is therefore remembered for at least one window and at most two. Memory per
-//! entry: 16 bytes of hash plus hash-table overhead (about 1.15× at hashbrown's load
-//! factor, and up to 2× right after a table grows): 18–36 bytes per event id, 26–52 per
-//! idempotency key (key, fingerprint and outcome).
+//! Entries are kept in generations, each covering a slice of a quarter window of receive
+//! time: a record whose receive time passes the newest generation's start plus a slice
+//! opens a new one, and a generation is dropped once the generation after it started a
+//! whole window ago. An entry is therefore remembered for at least one window and at most
+//! about a window and a quarter, so memory peaks at 1.25 windows of entries (two generations
+//! of a window each would peak at 2). Memory per entry: 16 bytes of hash plus hash-table
+//! overhead (about 1.15× at hashbrown's load factor, up to 2× right after a table grows):
+//! 18–36 bytes per event id, 34–68 per idempotency key (key, fingerprint and outcome).
 //!
 //! Keys are 128-bit xxh3 hashes: the chance that two distinct ids collide (and an event is
 //! wrongly counted as a duplicate) is below 1e-20 for ten billion live entries.
+
+use std::collections::VecDeque;
 
 use hashbrown::{HashMap, HashSet};
 use tally_core::RequestKey;
@@ -64,47 +68,43 @@ pub struct DedupJournal {
 const ENTRY_EVENT: u8 = 1;
 const ENTRY_REQUEST: u8 = 2;
 
+/// Generations per window: each covers a quarter window of receive time.
+const SLICES_PER_WINDOW: i64 = 4;
+
 pub struct Dedup {
     window_ms: i64,
-    current_start_ms: i64,
-    previous_start_ms: i64,
-    current: Generation,
-    previous: Generation,
-    /// Entries added to `current` since the last journal was taken; a rotation moves the
-    /// pending bytes into `sealed` under the generation they belong to.
+    slice_ms: i64,
+    /// Oldest first; the last one receives new entries. At most about
+    /// `SLICES_PER_WINDOW + 2` are alive at once.
+    generations: VecDeque<(i64, Generation)>,
+    /// Entries added to the newest generation since the last journal was taken; opening a
+    /// generation moves them into `sealed` under the generation they belong to.
     journal: Vec<u8>,
     sealed: Vec<(i64, Vec<u8>)>,
 }
 
 impl Dedup {
     pub fn new(window_ms: i64) -> Dedup {
-        Dedup::restore(window_ms, i64::MIN, i64::MIN, &[], &[])
+        Dedup::restore(window_ms, &[])
     }
 
-    /// Rebuilds the memory from a checkpoint: its two generation starts and the journal
-    /// blobs stored for each.
-    pub fn restore(
-        window_ms: i64,
-        current_start_ms: i64,
-        previous_start_ms: i64,
-        current: &[&[u8]],
-        previous: &[&[u8]],
-    ) -> Dedup {
-        assert!(window_ms > 0, "dedup window must be positive");
+    /// Rebuilds the memory from a checkpoint: the live generations' starts (oldest first)
+    /// and, for each, the journal blobs stored for it.
+    pub fn restore(window_ms: i64, generations: &[(i64, Vec<&[u8]>)]) -> Dedup {
+        assert!(window_ms >= SLICES_PER_WINDOW, "dedup window must be positive");
         let mut dedup = Dedup {
             window_ms,
-            current_start_ms,
-            previous_start_ms,
-            current: Generation::default(),
-            previous: Generation::default(),
+            slice_ms: window_ms / SLICES_PER_WINDOW,
+            generations: VecDeque::new(),
             journal: Vec::new(),
             sealed: Vec::new(),
         };
-        for blob in current {
-            decode_into(blob, &mut dedup.current);
-        }
-        for blob in previous {
-            decode_into(blob, &mut dedup.previous);
+        for (start, blobs) in generations {
+            let mut generation = Generation::default();
+            for blob in blobs {
+                decode_into(blob, &mut generation);
+            }
+            dedup.generations.push_back((*start, generation));
         }
         dedup
     }
@@ -113,46 +113,50 @@ impl Dedup {
         self.window_ms
     }
 
-    /// (current, previous) generation starts, to store with a checkpoint.
-    pub fn generation_starts(&self) -> (i64, i64) {
-        (self.current_start_ms, self.previous_start_ms)
+    /// Starts (receive time, ms) of the live generations, oldest first, to store with a
+    /// checkpoint.
+    pub fn generation_starts(&self) -> Vec<i64> {
+        self.generations.iter().map(|(start, _)| *start).collect()
     }
 
-    /// Entries held over both generations.
+    /// Entries held over all generations.
     pub fn entries(&self) -> usize {
-        self.current.entries() + self.previous.entries()
+        self.generations.iter().map(|(_, g)| g.entries()).sum()
     }
 
-    /// Moves time forward to `receive_ms`, rotating generations when the window has passed.
+    /// Moves time forward to `receive_ms`: opens a new generation when the newest is a
+    /// slice old, and drops every generation whose successor started a window ago.
     pub fn advance(&mut self, receive_ms: i64) {
-        if self.current_start_ms != i64::MIN && receive_ms < self.current_start_ms.saturating_add(self.window_ms) {
+        if let Some((start, _)) = self.generations.back()
+            && receive_ms < start.saturating_add(self.slice_ms)
+        {
             return;
         }
         self.seal();
-        if self.current_start_ms != i64::MIN && receive_ms < self.current_start_ms.saturating_add(2 * self.window_ms) {
-            self.previous = std::mem::take(&mut self.current);
-            self.previous_start_ms = self.current_start_ms;
-        } else {
-            self.previous = Generation::default();
-            self.current = Generation::default();
-            self.previous_start_ms = i64::MIN;
+        self.generations.push_back((receive_ms, Generation::default()));
+        while self.generations.len() >= 2 && self.generations[1].0.saturating_add(self.window_ms) <= receive_ms {
+            self.generations.pop_front();
         }
-        self.current_start_ms = receive_ms;
     }
 
     fn seal(&mut self) {
         if !self.journal.is_empty() {
-            self.sealed.push((self.current_start_ms, std::mem::take(&mut self.journal)));
+            let start = self.generations.back().expect("entries were added to a generation").0;
+            self.sealed.push((start, std::mem::take(&mut self.journal)));
         }
+    }
+
+    fn newest(&mut self) -> &mut Generation {
+        &mut self.generations.back_mut().expect("advance opens a generation before anything is added").1
     }
 
     /// The outcome a request key had here, and the fingerprint of the body it came with.
     pub fn request_outcome(&self, key: u128) -> Option<(Outcome, u64)> {
-        self.current.requests.get(&key).or_else(|| self.previous.requests.get(&key)).copied()
+        self.generations.iter().rev().find_map(|(_, g)| g.requests.get(&key)).copied()
     }
 
     pub fn insert_request(&mut self, request: RequestKey, outcome: Outcome) {
-        self.current.requests.insert(request.key, (outcome, request.fingerprint));
+        self.newest().requests.insert(request.key, (outcome, request.fingerprint));
         self.journal.push(ENTRY_REQUEST);
         self.journal.extend_from_slice(&request.key.to_le_bytes());
         self.journal.extend_from_slice(&request.fingerprint.to_le_bytes());
@@ -162,7 +166,10 @@ impl Dedup {
 
     /// Records an event key; false if it was already there (a duplicate).
     pub fn insert_event(&mut self, key: u128) -> bool {
-        if self.previous.events.contains(&key) || !self.current.events.insert(key) {
+        let older = self.generations.len().saturating_sub(1);
+        if self.generations.iter().take(older).any(|(_, g)| g.events.contains(&key))
+            || !self.newest().events.insert(key)
+        {
             return false;
         }
         self.journal.push(ENTRY_EVENT);
@@ -201,6 +208,18 @@ fn decode_into(mut blob: &[u8], generation: &mut Generation) {
 mod tests {
     use super::*;
 
+    fn restored_from(live: &mut Dedup) -> Dedup {
+        let journal = live.take_journal();
+        let generations: Vec<(i64, Vec<&[u8]>)> = live
+            .generation_starts()
+            .into_iter()
+            .map(|start| {
+                (start, journal.blobs.iter().filter(|(s, _)| *s == start).map(|(_, b)| b.as_slice()).collect())
+            })
+            .collect();
+        Dedup::restore(live.window_ms(), &generations)
+    }
+
     #[test]
     fn journal_restores_the_same_memory() {
         let window = 1_000;
@@ -208,18 +227,40 @@ mod tests {
         live.advance(0);
         live.insert_event(1);
         live.insert_request(RequestKey { key: 2, fingerprint: 8 }, Outcome { accepted: 3, duplicates: 4 });
-        live.advance(1_500);
+        live.advance(300);
         live.insert_event(5);
-        let journal = live.take_journal();
-        let (current, previous) = live.generation_starts();
-        let blobs_of = |start: i64| -> Vec<&[u8]> {
-            journal.blobs.iter().filter(|(s, _)| *s == start).map(|(_, b)| b.as_slice()).collect()
-        };
-        let mut restored = Dedup::restore(window, current, previous, &blobs_of(current), &blobs_of(previous));
+        live.advance(700);
+        let mut restored = restored_from(&mut live);
         assert_eq!(restored.entries(), 3);
+        assert_eq!(restored.generation_starts(), live.generation_starts());
         assert!(!restored.insert_event(1));
         assert!(!restored.insert_event(5));
         assert_eq!(restored.request_outcome(2), Some((Outcome { accepted: 3, duplicates: 4 }, 8)));
-        assert_eq!(restored.generation_starts(), live.generation_starts());
+    }
+
+    #[test]
+    fn entries_live_at_least_one_window_and_at_most_a_window_and_two_slices() {
+        let window = 1_000;
+        let slice = window / SLICES_PER_WINDOW;
+        for inserted_at in [0, 1, slice - 1, slice, 3 * slice + 7] {
+            let mut dedup = Dedup::new(window);
+            dedup.advance(0);
+            dedup.advance(inserted_at);
+            assert!(dedup.insert_event(42));
+            // Time moves on in small steps; the entry must survive a whole window…
+            let mut now = inserted_at;
+            while now + 10 < inserted_at + window {
+                now += 10;
+                dedup.advance(now);
+                assert!(!dedup.insert_event(42), "forgotten at {now}, inserted at {inserted_at}");
+            }
+            // …and be gone soon after.
+            while now < inserted_at + window + 2 * slice {
+                now += 10;
+                dedup.advance(now);
+            }
+            assert!(dedup.insert_event(42), "still remembered at {now}, inserted at {inserted_at}");
+            assert!(dedup.generation_starts().len() <= SLICES_PER_WINDOW as usize + 2);
+        }
     }
 }

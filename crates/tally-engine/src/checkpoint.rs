@@ -64,9 +64,15 @@ impl FlusherHandle {
 
     /// Stops the periodic flushing and runs one last flush of everything applied.
     pub(crate) fn stop_and_flush(self) -> Result<(), EngineError> {
+        let shared = Arc::clone(&self.shared);
+        self.stop();
+        flush_once(&shared)
+    }
+
+    /// Stops the periodic flushing; waits for a flush under way to finish.
+    pub(crate) fn stop(self) {
         self.shared.flush_signal.stop();
         let _ = self.thread.join();
-        flush_once(&self.shared)
     }
 }
 
@@ -103,12 +109,10 @@ pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
         }
         let deltas = Arc::new(std::mem::take(&mut memory.state.deltas));
         let journal = memory.state.dedup.take_journal();
-        let (current, previous) = memory.state.dedup.generation_starts();
         let checkpoint = Checkpoint {
             partition: partition.index,
             offset: memory.applied_offset,
-            dedup_current_start_ms: current,
-            dedup_previous_start_ms: previous,
+            dedup_generation_starts: memory.state.dedup.generation_starts(),
         };
         memory.flushing = Some((memory.pending_start, Arc::clone(&deltas)));
         memory.pending_start = memory.applied_offset;
@@ -124,7 +128,7 @@ pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
         .iter_mut()
         .map(|(_, deltas, checkpoint, journal)| PartitionFlush {
             deltas,
-            checkpoint: *checkpoint,
+            checkpoint: checkpoint.clone(),
             journal: std::mem::take(journal),
         })
         .collect();

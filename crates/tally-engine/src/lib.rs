@@ -334,6 +334,25 @@ impl Engine {
     /// Stops accepting, lets the writers finish what they hold, flushes everything and takes
     /// a final checkpoint. Idempotent.
     pub fn shutdown(&self) -> Result<(), EngineError> {
+        self.stop_writers();
+        if let Some(flusher) = self.flusher.lock().take() {
+            flusher.stop_and_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Stops like a crash right after the last acknowledgement: writers finish what they
+    /// hold, but nothing is flushed, so the next open replays the log from the last
+    /// checkpoint. What `kill -9` leaves, minus the page-cache question, for tests and
+    /// drills that cannot kill their own process.
+    pub fn halt(&self) {
+        self.stop_writers();
+        if let Some(flusher) = self.flusher.lock().take() {
+            flusher.stop();
+        }
+    }
+
+    fn stop_writers(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         *self.shared.admission.write() = false;
         for partition in &self.shared.partitions {
@@ -342,10 +361,6 @@ impl Engine {
         for writer in self.writers.lock().drain(..) {
             let _ = writer.join();
         }
-        if let Some(flusher) = self.flusher.lock().take() {
-            flusher.stop_and_flush()?;
-        }
-        Ok(())
     }
 }
 

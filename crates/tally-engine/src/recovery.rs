@@ -46,19 +46,14 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
     let mut replayed_records = 0;
     for index in 0..config.partitions {
         let checkpoint = store.checkpoint(index)?;
-        let (offset, current, previous) = checkpoint
-            .map_or((0, i64::MIN, i64::MIN), |c| (c.offset, c.dedup_current_start_ms, c.dedup_previous_start_ms));
-        let blobs = |start: i64| -> Result<Vec<Vec<u8>>, EngineError> {
-            if start == i64::MIN { Ok(Vec::new()) } else { Ok(store.dedup_blobs(index, start)?) }
-        };
-        let (current_blobs, previous_blobs) = (blobs(current)?, blobs(previous)?);
-        let dedup = Dedup::restore(
-            config.dedup_window_ms,
-            current,
-            previous,
-            &as_slices(&current_blobs),
-            &as_slices(&previous_blobs),
-        );
+        let (offset, starts) = checkpoint.map_or((0, Vec::new()), |c| (c.offset, c.dedup_generation_starts));
+        let mut blobs = Vec::with_capacity(starts.len());
+        for start in starts {
+            blobs.push((start, store.dedup_blobs(index, start)?));
+        }
+        let generations: Vec<(i64, Vec<&[u8]>)> =
+            blobs.iter().map(|(start, blobs)| (*start, blobs.iter().map(Vec::as_slice).collect())).collect();
+        let dedup = Dedup::restore(config.dedup_window_ms, &generations);
         let mut state = PartitionState::new(dedup);
         let mut applied_offset = offset;
         let wal_dir = data_dir.join("wal").join(format!("p{index:03}"));
@@ -109,8 +104,4 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
     let recovery = RecoveryReport { duration: started.elapsed(), replayed_bytes, replayed_records };
     tracing::info!(seconds = recovery.duration.as_secs_f64(), replayed_bytes, replayed_records, "recovery complete");
     Ok(Engine { _lock: lock, shared, writers: Mutex::new(writers), flusher: Mutex::new(Some(flusher)), recovery })
-}
-
-fn as_slices(blobs: &[Vec<u8>]) -> Vec<&[u8]> {
-    blobs.iter().map(Vec::as_slice).collect()
 }

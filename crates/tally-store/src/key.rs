@@ -4,7 +4,7 @@
 //! ```text
 //! bucket key   := u8 type_len | type | u16be video_len | video | u8 granularity | i64be(bucket ^ sign bit)
 //! bucket value := u64le count | i128le sum
-//! checkpoint   := u64le offset | i64le dedup_current_start_ms | i64le dedup_previous_start_ms
+//! checkpoint   := u64le offset | u32le n | n × i64le dedup generation start (oldest first)
 //! dedup key    := u32be partition | i64be(generation_start ^ sign bit) | u64be checkpoint offset
 //! ```
 //!

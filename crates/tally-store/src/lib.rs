@@ -30,14 +30,13 @@ pub enum StoreError {
 }
 
 /// Where a partition's flushed state ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub partition: u32,
     /// Log offset up to which every frame is reflected in the store.
     pub offset: u64,
-    /// Dedup generation starts (receive time, ms) at that offset.
-    pub dedup_current_start_ms: i64,
-    pub dedup_previous_start_ms: i64,
+    /// Starts (receive time, ms) of the live dedup generations at that offset, oldest first.
+    pub dedup_generation_starts: Vec<i64>,
 }
 
 /// One partition's contribution to a flush.

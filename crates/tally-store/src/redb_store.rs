@@ -37,26 +37,38 @@ impl RedbStore {
     }
 }
 
+/// Bounds the generation list a checkpoint may hold; dedup keeps about six alive.
+const CHECKPOINT_GENERATIONS_MAX: usize = 64;
+
 fn decode_checkpoint(partition: u32, bytes: &[u8]) -> Result<Checkpoint, StoreError> {
-    if bytes.len() != 24 {
-        return Err(StoreError::Corrupt {
-            detail: format!("checkpoint of partition {partition} is {} bytes", bytes.len()),
-        });
+    let corrupt = || StoreError::Corrupt {
+        detail: format!("checkpoint of partition {partition} is malformed ({} bytes)", bytes.len()),
+    };
+    let (offset, rest) = bytes.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    let (count, rest) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let count = u32::from_le_bytes(*count) as usize;
+    if count > CHECKPOINT_GENERATIONS_MAX || rest.len() != count * 8 {
+        return Err(corrupt());
     }
-    let field = |i: usize| bytes[i..i + 8].try_into().expect("8 bytes");
     Ok(Checkpoint {
         partition,
-        offset: u64::from_le_bytes(field(0)),
-        dedup_current_start_ms: i64::from_le_bytes(field(8)),
-        dedup_previous_start_ms: i64::from_le_bytes(field(16)),
+        offset: u64::from_le_bytes(*offset),
+        dedup_generation_starts: rest
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
     })
 }
 
-fn encode_checkpoint(checkpoint: &Checkpoint) -> [u8; 24] {
-    let mut out = [0u8; 24];
-    out[..8].copy_from_slice(&checkpoint.offset.to_le_bytes());
-    out[8..16].copy_from_slice(&checkpoint.dedup_current_start_ms.to_le_bytes());
-    out[16..].copy_from_slice(&checkpoint.dedup_previous_start_ms.to_le_bytes());
+fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
+    let starts = &checkpoint.dedup_generation_starts;
+    assert!(starts.len() <= CHECKPOINT_GENERATIONS_MAX, "{} dedup generations alive", starts.len());
+    let mut out = Vec::with_capacity(12 + 8 * starts.len());
+    out.extend_from_slice(&checkpoint.offset.to_le_bytes());
+    out.extend_from_slice(&(starts.len() as u32).to_le_bytes());
+    for start in starts {
+        out.extend_from_slice(&start.to_le_bytes());
+    }
     out
 }
 
@@ -148,18 +160,14 @@ impl CounterStore for RedbStore {
             for flush in flushes {
                 let checkpoint = &flush.checkpoint;
                 checkpoints
-                    .insert(checkpoint.partition, &encode_checkpoint(checkpoint)[..])
+                    .insert(checkpoint.partition, encode_checkpoint(checkpoint).as_slice())
                     .map_err(redb_error("flush checkpoints"))?;
                 for (generation_start, blob) in &flush.journal.blobs {
                     let key = key::dedup_key(checkpoint.partition, *generation_start, checkpoint.offset);
                     dedup.insert(&key[..], blob.as_slice()).map_err(redb_error("flush dedup journal"))?;
                 }
-                // Forget generations older than the two still live.
-                let keep_from = if checkpoint.dedup_previous_start_ms != i64::MIN {
-                    checkpoint.dedup_previous_start_ms
-                } else {
-                    checkpoint.dedup_current_start_ms
-                };
+                // Forget generations older than the oldest still alive (all, if none is).
+                let keep_from = checkpoint.dedup_generation_starts.first().copied().unwrap_or(i64::MAX);
                 let start = key::dedup_key(checkpoint.partition, i64::MIN, 0);
                 let end = key::dedup_key(checkpoint.partition, keep_from, 0);
                 dedup.retain_in(&start[..]..&end[..], |_, _| false).map_err(redb_error("purge dedup journal"))?;
@@ -234,10 +242,9 @@ mod tests {
         deltas.add("view", "v", 60, 2);
         deltas.add("view", "v", 60, 3);
         deltas.add("view", "w", 60, 9);
-        let checkpoint =
-            Checkpoint { partition: 1, offset: 77, dedup_current_start_ms: 5, dedup_previous_start_ms: i64::MIN };
+        let checkpoint = Checkpoint { partition: 1, offset: 77, dedup_generation_starts: vec![5] };
         let journal = DedupJournal { blobs: vec![(5, vec![1; 17])] };
-        store.commit(&[PartitionFlush { deltas: &deltas, checkpoint, journal }]).unwrap();
+        store.commit(&[PartitionFlush { deltas: &deltas, checkpoint: checkpoint.clone(), journal }]).unwrap();
         assert_eq!(store.checkpoint(1).unwrap(), Some(checkpoint));
         assert_eq!(store.checkpoint(0).unwrap(), None);
         assert_eq!(store.dedup_blobs(1, 5).unwrap(), vec![vec![1; 17]]);
