@@ -67,6 +67,7 @@ pub struct BenchArgs {
     /// Print the result as JSON
     #[arg(long)]
     json: bool,
+    /// Server URL
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "TALLY_SERVER")]
     server: String,
 }

@@ -2,14 +2,16 @@
 
 use crate::client::{Client, encode_query};
 
+/// What to ask about: shared by `count` and `series`.
 #[derive(clap::Args)]
-pub struct CountArgs {
+pub struct Selection {
     /// Video id
     video_id: String,
     /// Event type
     #[arg(long = "type", default_value = "view")]
     event_type: String,
-    /// Start (RFC 3339 or epoch ms), inclusive; default: the beginning
+    /// Start (RFC 3339 or epoch ms), inclusive; default: the beginning (count) or 60 steps
+    /// before the end (series)
     #[arg(long)]
     from: Option<String>,
     /// End (RFC 3339 or epoch ms), exclusive; default: now
@@ -18,29 +20,24 @@ pub struct CountArgs {
     /// Print the server's JSON answer
     #[arg(long)]
     json: bool,
+    /// Server URL
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "TALLY_SERVER")]
     server: String,
 }
 
 #[derive(clap::Args)]
+pub struct CountArgs {
+    #[command(flatten)]
+    selection: Selection,
+}
+
+#[derive(clap::Args)]
 pub struct SeriesArgs {
-    /// Video id
-    video_id: String,
-    #[arg(long = "type", default_value = "view")]
-    event_type: String,
+    #[command(flatten)]
+    selection: Selection,
     /// Bucket size
     #[arg(long, default_value = "hour", value_parser = ["minute", "hour", "day"])]
     step: String,
-    /// Start (RFC 3339 or epoch ms); default: 60 steps before the end
-    #[arg(long)]
-    from: Option<String>,
-    /// End (RFC 3339 or epoch ms); default: now
-    #[arg(long)]
-    to: Option<String>,
-    #[arg(long)]
-    json: bool,
-    #[arg(long, default_value = "http://127.0.0.1:8080", env = "TALLY_SERVER")]
-    server: String,
 }
 
 fn query(pairs: &[(&str, Option<&str>)]) -> String {
@@ -51,7 +48,7 @@ fn query(pairs: &[(&str, Option<&str>)]) -> String {
         .join("&")
 }
 
-pub async fn count(args: CountArgs) -> anyhow::Result<()> {
+pub async fn count(CountArgs { selection: args }: CountArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.server)?;
     let q = query(&[
         ("video_id", Some(&args.video_id)),
@@ -76,12 +73,12 @@ pub async fn count(args: CountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn series(args: SeriesArgs) -> anyhow::Result<()> {
+pub async fn series(SeriesArgs { selection: args, step }: SeriesArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.server)?;
     let q = query(&[
         ("video_id", Some(&args.video_id)),
         ("type", Some(&args.event_type)),
-        ("step", Some(&args.step)),
+        ("step", Some(&step)),
         ("from", args.from.as_deref()),
         ("to", args.to.as_deref()),
     ]);
