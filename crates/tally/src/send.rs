@@ -141,6 +141,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let mut in_flight: VecDeque<(Batch, tokio::task::JoinHandle<anyhow::Result<crate::client::Answer>>)> =
         VecDeque::new();
     let mut input_done = false;
+    let mut events_sent = 0u64;
     loop {
         while !input_done && in_flight.len() < args.concurrency {
             match batch_rx.recv().await {
@@ -174,13 +175,16 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         if let Some(pp) = &progress_path {
             save_progress(pp, &progress)?;
         }
+        events_sent += batch.events as u64;
         bar.set_position(progress.offset);
         bar.set_message(format!("{} events", progress.events));
-        let _ = batch.events;
     }
     reader_task.await?;
     bar.finish();
-    eprintln!("sent: {} events accepted, {} duplicates", progress.events, progress.duplicates);
+    eprintln!(
+        "sent {events_sent} events in this run; in all, {} events accepted, {} duplicates",
+        progress.events, progress.duplicates
+    );
     Ok(())
 }
 

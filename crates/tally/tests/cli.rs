@@ -20,7 +20,9 @@ fn send_jsonl_and_csv_then_count() {
     std::fs::write(&jsonl, lines).unwrap();
     let out = tally(&server, &["send", jsonl.to_str().unwrap(), "--batch-size", "100"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("2500 events accepted"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sent 2500 events in this run; in all, 2500 events accepted")
+    );
     assert_eq!(server.count("v0") + server.count("v1") + server.count("v2"), 2500);
 
     let csv = dir.path().join("events.csv");
