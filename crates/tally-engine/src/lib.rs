@@ -19,7 +19,6 @@ mod recovery;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,6 +33,10 @@ pub use tally_core::{Granularity, MinuteRange};
 
 use budget::QueueBudget;
 use partition::{Append, Partition};
+
+/// Bytes a typical event takes in a record (short ids, no viewer id): sizes the first
+/// allocation of each record, so most batches are encoded without regrowing.
+const RECORD_BYTES_PER_EVENT_ESTIMATE: usize = 48;
 
 /// Every knob of the engine. Defaults are documented where they are set, in `Default`.
 #[derive(Debug, Clone)]
@@ -106,7 +109,6 @@ pub(crate) struct Shared {
     /// Set when a log or store write failed: nothing is acknowledged any more, and a
     /// restart recovers from disk. Never cleared.
     failure: Mutex<Option<String>>,
-    stopping: AtomicBool,
     flush_signal: checkpoint::FlushSignal,
     /// Held by `checkpoint::flush_once`.
     flush_lock: Mutex<()>,
@@ -249,7 +251,7 @@ impl Engine {
         if let Some(reason) = shared.failure.lock().clone() {
             return Err(EngineError::Unavailable { reason });
         }
-        if shared.stopping.load(Ordering::Acquire) {
+        if !*shared.admission.read() {
             return Err(EngineError::Unavailable { reason: "shutting down".into() });
         }
         let partitions = shared.config.partitions;
@@ -270,7 +272,7 @@ impl Engine {
                 return Ok(Submitted { ready: first, replies: Vec::new() });
             }
         }
-        let capacity = events.len() / partitions as usize * 48;
+        let capacity = events.len() / partitions as usize * RECORD_BYTES_PER_EVENT_ESTIMATE;
         let mut records: Vec<Option<RecordWriter>> =
             (0..partitions).map(|_| key.is_some().then(|| RecordWriter::new(receive_ms, key, capacity))).collect();
         let mut needs_dedup_entry = vec![key.is_some(); partitions as usize];
@@ -353,7 +355,6 @@ impl Engine {
     }
 
     fn stop_writers(&self) {
-        self.shared.stopping.store(true, Ordering::Release);
         *self.shared.admission.write() = false;
         for partition in &self.shared.partitions {
             partition.close();

@@ -7,9 +7,14 @@
 //! or P (otherwise). Deltas are added only when the snapshot does not contain them yet:
 //! the flushing ones if C ≤ F, the pending ones if C ≤ P. A flush that commits between the
 //! two steps moves C past them, and its cells are then read from the store instead.
+//!
+//! Many videos at once (`counts`): every view is taken first, then one snapshot. The
+//! snapshot is newer than each view, so the rule holds for each of them, and the answers
+//! all come from one consistent store state.
 
 use tally_aggregate::{Counter, Deltas};
-use tally_core::{Granularity, MinuteRange, partition_of};
+use tally_core::{Granularity, MinuteRange, Span, partition_of};
+use tally_store::Snapshot;
 
 use crate::{Engine, EngineError};
 
@@ -49,20 +54,33 @@ impl Engine {
 
     /// The count and sum of one (type, video) over a minute range.
     pub fn count(&self, event_type: &str, video_id: &str, range: MinuteRange) -> Result<Counter, EngineError> {
-        let mut total = Counter::default();
         if range.is_empty() {
-            return Ok(total);
+            return Ok(Counter::default());
         }
         let view = self.memory_view(event_type, video_id, range);
         let snapshot = self.shared.store.snapshot()?;
-        for span in range.decompose() {
-            total.add(snapshot.sum(event_type, video_id, span)?);
+        total(&*snapshot, &range.decompose(), event_type, video_id, &view)
+    }
+
+    /// `count` for many videos of one type over one range, from one store snapshot.
+    pub fn counts(
+        &self,
+        event_type: &str,
+        video_ids: &[&str],
+        range: MinuteRange,
+    ) -> Result<Vec<Counter>, EngineError> {
+        if range.is_empty() {
+            return Ok(vec![Counter::default(); video_ids.len()]);
         }
-        let checkpoint = snapshot.checkpoint_offset(view.partition)?;
-        for (_, counter) in unflushed(&view, checkpoint) {
-            total.add(*counter);
-        }
-        Ok(total)
+        let views: Vec<MemoryView> =
+            video_ids.iter().map(|video_id| self.memory_view(event_type, video_id, range)).collect();
+        let snapshot = self.shared.store.snapshot()?;
+        let spans = range.decompose();
+        video_ids
+            .iter()
+            .zip(&views)
+            .map(|(video_id, view)| total(&*snapshot, &spans, event_type, video_id, view))
+            .collect()
     }
 
     /// One counter per bucket of `granularity` over `range`, zero-filled. The range must be
@@ -92,6 +110,25 @@ impl Engine {
         }
         Ok(points)
     }
+}
+
+/// The store's buckets over `spans` plus the cells of `view` the snapshot does not hold.
+fn total(
+    snapshot: &dyn Snapshot,
+    spans: &[Span],
+    event_type: &str,
+    video_id: &str,
+    view: &MemoryView,
+) -> Result<Counter, EngineError> {
+    let mut total = Counter::default();
+    for span in spans {
+        total.add(snapshot.sum(event_type, video_id, *span)?);
+    }
+    let checkpoint = snapshot.checkpoint_offset(view.partition)?;
+    for (_, counter) in unflushed(view, checkpoint) {
+        total.add(*counter);
+    }
+    Ok(total)
 }
 
 /// The copied cells that the snapshot with checkpoint `checkpoint` does not contain.

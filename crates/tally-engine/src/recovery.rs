@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -83,7 +82,6 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         store,
         partitions,
         failure: Mutex::new(None),
-        stopping: AtomicBool::new(false),
         flush_signal: FlushSignal::default(),
         flush_lock: Mutex::new(()),
         admission: parking_lot::RwLock::new(true),

@@ -150,6 +150,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let range = MinuteRange { start: BASE_MINUTE + start, end: BASE_MINUTE + start + len };
                 let got = engine.count(TYPES[event_type], VIDEOS[video], range).unwrap();
                 prop_assert_eq!(got, model.sum(video, event_type, range.start, range.end), "count {:?}", range);
+                let all = engine.counts(TYPES[event_type], &VIDEOS, range).unwrap();
+                let expected: Vec<Counter> =
+                    (0..VIDEOS.len()).map(|v| model.sum(v, event_type, range.start, range.end)).collect();
+                prop_assert_eq!(all, expected, "counts {:?}", range);
             }
             Op::Series { video, event_type, granularity, start, len } => {
                 let granularity = Granularity::ALL[granularity];

@@ -188,11 +188,10 @@ pub(crate) async fn counts(
     check_type(event_type)?;
     let (from, to) = bounds(&state, instant_value("from", &request.from)?, instant_value("to", &request.to)?)?;
     let range = MinuteRange::covering(from, to);
-    let mut counts = serde_json::Map::with_capacity(request.video_ids.len());
-    for video_id in &request.video_ids {
-        let counter = engine.count(event_type, video_id, range)?;
-        counts.insert(video_id.clone(), json!(counter.count));
-    }
+    let video_ids: Vec<&str> = request.video_ids.iter().map(String::as_str).collect();
+    let counters = engine.counts(event_type, &video_ids, range)?;
+    let counts: serde_json::Map<String, Value> =
+        request.video_ids.iter().zip(counters).map(|(video_id, c)| (video_id.clone(), json!(c.count))).collect();
     Ok(Json(json!({
         "type": event_type,
         "from": rfc3339(range.start),

@@ -78,6 +78,10 @@ enum Mode {
     Read,
 }
 
+/// Step between the bodies one worker sends in turn: a prime, so each worker cycles through
+/// every body whatever their number, and workers do not send the same body in lockstep.
+const BODY_STRIDE: usize = 7919;
+
 /// Samples ranks 0..n with probability proportional to 1/(rank+1)^s.
 struct Zipf {
     cumulative: Vec<f64>,
@@ -205,7 +209,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                 if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
                     break;
                 }
-                let index = (worker + sequence as usize * 7919) % bodies.len();
+                let index = (worker + sequence as usize * BODY_STRIDE) % bodies.len();
                 let key = format!("bench-{run_id}-{worker}-{sequence}");
                 sequence += 1;
                 let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];

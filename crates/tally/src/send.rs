@@ -63,6 +63,8 @@ struct Progress {
 }
 
 const HEAD_BYTES: usize = 64 << 10;
+/// Bytes read from the input at a time.
+const READ_BUFFER_BYTES: usize = 1 << 20;
 const CSV_HEADER: [&str; 6] = ["video_id", "type", "ts", "value", "event_id", "viewer_id"];
 
 struct Batch {
@@ -214,7 +216,7 @@ fn read_batches(
     source_id: &str,
     mut emit: impl FnMut(Batch) -> bool,
 ) -> anyhow::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let mut offset = 0u64;
     let mut line = String::new();
     let mut line_number = 0u64;
