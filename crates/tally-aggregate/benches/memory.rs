@@ -39,7 +39,7 @@ fn main() {
         for video in 0..videos {
             let video_id = format!("video-{video:08}");
             for minute in 0..minutes_per_video {
-                deltas.add("view", &video_id, 29_000_000 + minute as i64, 1);
+                deltas.add("view", &video_id, 29_000_000 + minute as i64, 1, None);
             }
         }
         let bytes = live() - before;

@@ -1,6 +1,7 @@
 //! Counter deltas: what a partition counted since its last flush, per (type, video, minute).
 
 use hashbrown::HashMap;
+use tally_core::hll::Hll;
 
 /// A count of events and the sum of their values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -32,6 +33,11 @@ pub struct MinuteCell {
 pub struct Deltas {
     cells_by_key: HashMap<Box<[u8]>, Vec<MinuteCell>>,
     cells: usize,
+    /// Distinct-viewer sketches per (type 0xFF video, minute), only for events that carry
+    /// a viewer id.
+    viewers: HashMap<(Box<[u8]>, i64), Hll>,
+    /// The distinct event types held; few, so a list.
+    types: Vec<Box<str>>,
     key_scratch: Vec<u8>,
 }
 
@@ -44,9 +50,41 @@ fn build_key(scratch: &mut Vec<u8>, event_type: &str, video_id: &str) {
     scratch.extend_from_slice(video_id.as_bytes());
 }
 
+/// Looks up a viewer sketch without allocating a key; hashes like `(Box<[u8]>, i64)`.
+#[derive(Hash)]
+struct ViewerKeyRef<'a>(&'a [u8], i64);
+
+impl hashbrown::Equivalent<(Box<[u8]>, i64)> for ViewerKeyRef<'_> {
+    fn equivalent(&self, key: &(Box<[u8]>, i64)) -> bool {
+        *self.0 == *key.0 && self.1 == key.1
+    }
+}
+
+fn split_key(key: &[u8]) -> (&str, &str) {
+    let split = key.iter().position(|&b| b == KEY_SEPARATOR).expect("separator in key");
+    let event_type = std::str::from_utf8(&key[..split]).expect("utf-8 type");
+    let video_id = std::str::from_utf8(&key[split + 1..]).expect("utf-8 video");
+    (event_type, video_id)
+}
+
 impl Deltas {
-    pub fn add(&mut self, event_type: &str, video_id: &str, minute: i64, value: i64) {
+    pub fn add(&mut self, event_type: &str, video_id: &str, minute: i64, value: i64, viewer_id: Option<&str>) {
+        if self.types.last().is_none_or(|last| **last != *event_type)
+            && !self.types.iter().any(|known| **known == *event_type)
+        {
+            self.types.push(Box::from(event_type));
+        }
         build_key(&mut self.key_scratch, event_type, video_id);
+        if let Some(viewer_id) = viewer_id {
+            match self.viewers.get_mut(&ViewerKeyRef(&self.key_scratch, minute)) {
+                Some(sketch) => sketch.insert(viewer_id.as_bytes()),
+                None => {
+                    let mut sketch = Hll::default();
+                    sketch.insert(viewer_id.as_bytes());
+                    self.viewers.insert((Box::from(&self.key_scratch[..]), minute), sketch);
+                }
+            }
+        }
         let cells = match self.cells_by_key.get_mut(&self.key_scratch[..]) {
             Some(cells) => cells,
             // Most keys see one minute between flushes: room for exactly one cell, where a
@@ -73,11 +111,30 @@ impl Deltas {
     /// Every (type, video, cells), in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &[MinuteCell])> {
         self.cells_by_key.iter().map(|(key, cells)| {
-            let split = key.iter().position(|&b| b == KEY_SEPARATOR).expect("separator in key");
-            let event_type = std::str::from_utf8(&key[..split]).expect("utf-8 type");
-            let video_id = std::str::from_utf8(&key[split + 1..]).expect("utf-8 video");
+            let (event_type, video_id) = split_key(key);
             (event_type, video_id, cells.as_slice())
         })
+    }
+
+    /// The distinct-viewer sketch of one (type, video, minute), if any event there had a
+    /// viewer id.
+    pub fn viewers(&self, event_type: &str, video_id: &str, minute: i64) -> Option<&Hll> {
+        let mut key = Vec::with_capacity(event_type.len() + 1 + video_id.len());
+        build_key(&mut key, event_type, video_id);
+        self.viewers.get(&ViewerKeyRef(&key, minute))
+    }
+
+    /// Every (type, video, minute, sketch), in no particular order.
+    pub fn iter_viewers(&self) -> impl Iterator<Item = (&str, &str, i64, &Hll)> {
+        self.viewers.iter().map(|((key, minute), sketch)| {
+            let (event_type, video_id) = split_key(key);
+            (event_type, video_id, *minute, sketch)
+        })
+    }
+
+    /// The distinct event types held.
+    pub fn types(&self) -> &[Box<str>] {
+        &self.types
     }
 
     /// Distinct (type, video, minute) cells held.

@@ -48,7 +48,7 @@ impl PartitionState {
                 return;
             }
             outcome.accepted += 1;
-            deltas.add(event.event_type, event.video_id, minute_of(event.ts_ms), event.value);
+            deltas.add(event.event_type, event.video_id, minute_of(event.ts_ms), event.value, event.viewer_id);
         })?;
         if let Some(request) = record.request_key {
             self.dedup.insert_request(request, outcome);

@@ -8,10 +8,14 @@
 
 pub mod bucket;
 pub mod event;
+pub mod hll;
 pub mod partition;
 pub mod record;
+pub mod retention;
+pub mod topk;
 
 pub use bucket::{Granularity, MinuteRange, Span};
 pub use event::{EventRef, FieldError, Limits};
 pub use partition::partition_of;
 pub use record::{RecordError, RecordReader, RecordWriter, RequestKey};
+pub use retention::{Cutoffs, Retention};

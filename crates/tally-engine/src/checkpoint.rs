@@ -78,6 +78,8 @@ impl FlusherHandle {
 
 fn run_flusher(shared: &Shared) {
     let interval = Duration::from_millis(shared.config.flush_interval_ms);
+    let retention_interval = Duration::from_millis(shared.config.retention_interval_ms);
+    let mut last_purge: Option<Instant> = None;
     loop {
         if shared.flush_signal.wait(interval) {
             return;
@@ -87,6 +89,24 @@ fn run_flusher(shared: &Shared) {
         }
         // A failed flush has already marked the engine failed.
         let _ = flush_once(shared);
+        if last_purge.is_none_or(|at| at.elapsed() >= retention_interval) {
+            last_purge = Some(Instant::now());
+            purge(shared);
+        }
+    }
+}
+
+/// Drops the store tables wholly past retention. A failure is logged and retried at the
+/// next interval: nothing acknowledged depends on it.
+fn purge(shared: &Shared) {
+    let _one_at_a_time = shared.flush_lock.lock();
+    let started = Instant::now();
+    match shared.store.purge(&shared.write_cutoffs()) {
+        Ok(dropped) => {
+            metrics::counter!("tally_retention_tables_dropped_total").increment(dropped as u64);
+            metrics::histogram!("tally_retention_purge_seconds").record(started.elapsed().as_secs_f64());
+        }
+        Err(error) => tracing::warn!(%error, "retention purge failed; retrying at the next interval"),
     }
 }
 
@@ -132,7 +152,7 @@ pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
             journal: std::mem::take(journal),
         })
         .collect();
-    if let Err(error) = shared.store.commit(&flushes) {
+    if let Err(error) = shared.store.commit(&flushes, &shared.write_cutoffs()) {
         shared.fail(format!("flush: {error}"));
         return Err(error.into());
     }

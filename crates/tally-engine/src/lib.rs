@@ -28,8 +28,9 @@ use tally_core::{EventRef, RecordWriter, RequestKey, partition_of};
 use tally_store::{CounterStore, StoreError};
 use tally_wal::WalError;
 
+pub use query::{TopAnswer, TopItem};
 pub use tally_aggregate::{Counter, Outcome};
-pub use tally_core::{Granularity, MinuteRange};
+pub use tally_core::{Cutoffs, Granularity, MinuteRange, Retention};
 
 use budget::QueueBudget;
 use partition::{Append, Partition};
@@ -37,6 +38,9 @@ use partition::{Append, Partition};
 /// Bytes a typical event takes in a record (short ids, no viewer id): sizes the first
 /// allocation of each record, so most batches are encoded without regrowing.
 const RECORD_BYTES_PER_EVENT_ESTIMATE: usize = 48;
+
+/// How far writes and purges trail the retention cutoffs queries use, minutes.
+const RETENTION_LAG_MINUTES: i64 = 60;
 
 /// Every knob of the engine. Defaults are documented where they are set, in `Default`.
 #[derive(Debug, Clone)]
@@ -62,6 +66,10 @@ pub struct EngineConfig {
     /// In-memory (type, video, minute) cells per partition past which its writer waits for
     /// a flush before writing more, so memory stays bounded when the store falls behind.
     pub pending_cells_max: usize,
+    /// How long each granularity of buckets is kept.
+    pub retention: Retention,
+    /// How often expired buckets are dropped, milliseconds.
+    pub retention_interval_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -76,6 +84,8 @@ impl Default for EngineConfig {
             group_bytes_max: 8 << 20,
             queue_bytes_max: 256 << 20,
             pending_cells_max: 2_000_000,
+            retention: Retention::default(),
+            retention_interval_ms: 60_000,
         }
     }
 }
@@ -98,6 +108,8 @@ pub enum EngineError {
     Recovery { partition: u32, offset: u64, detail: String },
     #[error("data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error("query too expensive: {reason}")]
+    TooExpensive { reason: String },
 }
 
 /// State shared by the engine handle, the writers and the flusher.
@@ -122,6 +134,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The retention cutoffs now: what queries may read.
+    pub(crate) fn cutoffs(&self) -> Cutoffs {
+        self.config.retention.cutoffs(now_ms().div_euclid(tally_core::bucket::MINUTE_MS))
+    }
+
+    /// The cutoffs flushes and purges apply: `RETENTION_LAG_MINUTES` behind the query
+    /// cutoffs, so a query that chose its buckets just before a cutoff moved still finds
+    /// them all when it reads.
+    pub(crate) fn write_cutoffs(&self) -> Cutoffs {
+        let now = now_ms().div_euclid(tally_core::bucket::MINUTE_MS);
+        self.config.retention.cutoffs(now - RETENTION_LAG_MINUTES)
+    }
+
     pub(crate) fn fail(&self, reason: String) {
         tracing::error!(%reason, "engine stops acknowledging writes");
         self.failure.lock().get_or_insert(reason);
@@ -184,6 +209,13 @@ impl Submitted {
 
 type Reply = Result<Result<Outcome, EngineError>, tokio::sync::oneshot::error::RecvError>;
 
+/// Wall-clock milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> {
     let mut total = ready;
     let mut reused = false;
@@ -233,6 +265,23 @@ impl Engine {
 
     pub fn recovery(&self) -> RecoveryReport {
         self.recovery
+    }
+
+    /// The retention cutoffs now: which granularities a query may read where.
+    pub fn cutoffs(&self) -> Cutoffs {
+        self.shared.cutoffs()
+    }
+
+    /// Drops expired buckets now (the flusher also does it every `retention_interval_ms`);
+    /// returns the tables dropped.
+    pub fn purge(&self) -> Result<usize, EngineError> {
+        let _one_at_a_time = self.shared.flush_lock.lock();
+        Ok(self.shared.store.purge(&self.shared.write_cutoffs())?)
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn store_bytes(&self) -> Result<u64, EngineError> {
+        Ok(self.shared.store.disk_bytes()?)
     }
 
     /// Validated events in, one record per touched partition out to the writers. Admission

@@ -1,11 +1,14 @@
 //! The engine against a naive model: random submits, flushes, restarts and queries; every
-//! count and series must equal what a plain map of the accepted events says.
+//! count, series, top list, per-type stats and (small) distinct-viewer count must equal
+//! what plain maps of the accepted events say.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
 use tally_core::EventRef;
-use tally_engine::{Counter, Engine, EngineConfig, EngineError, Granularity, IdempotencyKey, MinuteRange, Outcome};
+use tally_engine::{
+    Counter, Engine, EngineConfig, EngineError, Granularity, IdempotencyKey, MinuteRange, Outcome, Retention,
+};
 
 const VIDEOS: [&str; 4] = ["a", "b", "video-c", "d/é"];
 const TYPES: [&str; 2] = ["view", "like"];
@@ -21,6 +24,7 @@ struct TestEvent {
     minute: i64,
     value: i64,
     event_id: Option<u8>,
+    viewer: Option<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,9 +37,22 @@ enum Op {
 }
 
 fn event() -> impl Strategy<Value = TestEvent> {
-    (0..VIDEOS.len(), 0..TYPES.len(), 0..MINUTES, -5i64..100, proptest::option::of(0u8..6)).prop_map(
-        |(video, event_type, minute, value, event_id)| TestEvent { video, event_type, minute, value, event_id },
+    (
+        0..VIDEOS.len(),
+        0..TYPES.len(),
+        0..MINUTES,
+        -5i64..100,
+        proptest::option::of(0u8..6),
+        proptest::option::of(0u8..8),
     )
+        .prop_map(|(video, event_type, minute, value, event_id, viewer)| TestEvent {
+            video,
+            event_type,
+            minute,
+            value,
+            event_id,
+            viewer,
+        })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -53,6 +70,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     counters: BTreeMap<(usize, usize, i64), Counter>,
+    viewers: BTreeMap<(usize, usize, i64), HashSet<u8>>,
     seen_events: HashSet<(usize, u8)>,
     seen_keys: HashMap<u8, (u64, Outcome)>,
 }
@@ -83,6 +101,9 @@ impl Model {
                 .entry((e.video, e.event_type, BASE_MINUTE + e.minute))
                 .or_default()
                 .add(Counter { count: 1, sum: i128::from(e.value) });
+            if let Some(viewer) = e.viewer {
+                self.viewers.entry((e.video, e.event_type, BASE_MINUTE + e.minute)).or_default().insert(viewer);
+            }
         }
         if let Some(k) = key {
             self.seen_keys.insert(k, (fingerprint(events), outcome));
@@ -97,6 +118,22 @@ impl Model {
         }
         total
     }
+
+    fn uniques(&self, video: usize, event_type: usize, start: i64, end: i64) -> usize {
+        let range = (video, event_type, start)..(video, event_type, end);
+        self.viewers.range(range).flat_map(|(_, set)| set).collect::<HashSet<_>>().len()
+    }
+
+    /// The `k` videos with the most events, ties by id; videos with none left out.
+    fn top(&self, event_type: usize, start: i64, end: i64, k: usize) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = (0..VIDEOS.len())
+            .map(|v| (VIDEOS[v].to_string(), self.sum(v, event_type, start, end).count))
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(k);
+        all
+    }
 }
 
 fn open(dir: &std::path::Path) -> Engine {
@@ -105,6 +142,7 @@ fn open(dir: &std::path::Path) -> Engine {
         partitions: 3,
         segment_bytes_max: 512,
         flush_interval_ms: 3_600_000,
+        retention: Retention::KEEP_ALL,
         ..EngineConfig::default()
     })
     .unwrap()
@@ -119,16 +157,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Submit { events, key } => {
                 let ids: Vec<String> =
                     events.iter().map(|e| e.event_id.map(|i| format!("id-{i}")).unwrap_or_default()).collect();
+                let viewers: Vec<String> = events.iter().map(|e| format!("viewer-{:?}", e.viewer)).collect();
                 let refs: Vec<EventRef<'_>> = events
                     .iter()
                     .zip(&ids)
-                    .map(|(e, id)| EventRef {
+                    .zip(&viewers)
+                    .map(|((e, id), viewer)| EventRef {
                         video_id: VIDEOS[e.video],
                         event_type: TYPES[e.event_type],
                         ts_ms: (BASE_MINUTE + e.minute) * 60_000 + 59_999,
                         value: e.value,
                         event_id: e.event_id.map(|_| id.as_str()),
-                        viewer_id: None,
+                        viewer_id: e.viewer.map(|_| viewer.as_str()),
                     })
                     .collect();
                 let key_text = key.map(|k| format!("key-{k}"));
@@ -154,6 +194,26 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let expected: Vec<Counter> =
                     (0..VIDEOS.len()).map(|v| model.sum(v, event_type, range.start, range.end)).collect();
                 prop_assert_eq!(all, expected, "counts {:?}", range);
+
+                let uniques = engine.uniques(TYPES[event_type], VIDEOS[video], range).unwrap().estimate().round();
+                prop_assert_eq!(uniques as usize, model.uniques(video, event_type, range.start, range.end));
+
+                let expected = model.top(event_type, range.start, range.end, 2);
+                for exact in [false, true] {
+                    let top = engine.top(TYPES[event_type], range, 2, exact).unwrap();
+                    prop_assert!(top.exact, "few videos: the sketches hold them all");
+                    let got: Vec<(String, u64)> = top.items.into_iter().map(|i| (i.video_id, i.count)).collect();
+                    prop_assert_eq!(&got, &expected, "top {:?} exact={}", range, exact);
+                }
+
+                let stats = engine.type_stats(VIDEOS[video], range).unwrap();
+                let expected: Vec<(String, Counter)> = (0..TYPES.len())
+                    .map(|t| (TYPES[t].to_string(), model.sum(video, t, range.start, range.end)))
+                    .filter(|(_, c)| c.count > 0)
+                    .collect::<BTreeMap<_, _>>()
+                    .into_iter()
+                    .collect();
+                prop_assert_eq!(stats, expected, "stats {:?}", range);
             }
             Op::Series { video, event_type, granularity, start, len } => {
                 let granularity = Granularity::ALL[granularity];

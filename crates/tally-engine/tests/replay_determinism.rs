@@ -1,11 +1,12 @@
 //! Recovery reproduces the live state exactly: the same requests, with receive times that
 //! cross many dedup generations, give the same outcomes and the same counts whether the
 //! engine runs straight through or is flushed, cleanly restarted and crashed (halted
-//! without a flush, so the log is replayed) at random points in between.
+//! without a flush, so the log is replayed) at random points in between. Distinct-viewer
+//! sketches must come out identical too.
 
 use proptest::prelude::*;
 use tally_core::EventRef;
-use tally_engine::{Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange, Outcome};
+use tally_engine::{Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange, Outcome, Retention};
 
 const VIDEOS: [&str; 3] = ["a", "b", "c"];
 /// A short window, so that generations open and expire within a test case.
@@ -37,13 +38,14 @@ fn open(dir: &std::path::Path) -> Engine {
         flush_interval_ms: 3_600_000,
         dedup_window_ms: WINDOW_MS,
         segment_bytes_max: 1024,
+        retention: Retention::KEEP_ALL,
         ..EngineConfig::default()
     })
     .unwrap()
 }
 
 /// Runs the ops; `disturb` decides whether flushes, restarts and crashes happen.
-fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>) {
+fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
     let mut engine = open(dir.path());
     let mut now = START_MS;
@@ -63,7 +65,7 @@ fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>) {
                         ts_ms: now,
                         value: 1,
                         event_id: id.map(|_| text.as_str()),
-                        viewer_id: None,
+                        viewer_id: Some(if id.is_some() { text.as_str() } else { "anonymous" }),
                     })
                     .collect();
                 let key_text = key.map(|k| format!("k{k}"));
@@ -95,7 +97,8 @@ fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>) {
     }
     let all = MinuteRange { start: 0, end: now / 60_000 + 1 };
     let counts = VIDEOS.iter().map(|v| engine.count("view", v, all).unwrap().count).collect();
-    (outcomes, counts)
+    let uniques = VIDEOS.iter().map(|v| engine.uniques("view", v, all).unwrap().estimate().to_bits()).collect();
+    (outcomes, counts, uniques)
 }
 
 proptest! {

@@ -2,16 +2,21 @@
 //! queries scan in.
 //!
 //! ```text
-//! bucket key   := u8 type_len | type | u16be video_len | video | u8 granularity | i64be(bucket ^ sign bit)
-//! bucket value := u64le count | i128le sum
+//! bucket key   := u8 type_len | type | u16be video_len | video | i64be(bucket ^ sign bit)
+//! bucket value := u64le count | i128le sum                       (tables counters.*)
+//! uniques      := bucket key → distinct-viewer sketch            (tables uniques.*)
+//! top key      := u8 type_len | type | i64be(bucket ^ sign bit) → top-items sketch (tables top.*)
+//! videos key   := u8 type_len | type | i64be(day ^ sign bit) | video → empty  (tables videos.day.*)
 //! checkpoint   := u64le offset | u32le n | n × i64le dedup generation start (oldest first)
 //! dedup key    := u32be partition | i64be(generation_start ^ sign bit) | u64be checkpoint offset
 //! ```
 //!
+//! The granularity and the period of a bucket name its table (see `tables`), so it is
+//! not part of the key.
+//!
 //! Flipping the sign bit makes big-endian signed integers sort like the numbers they hold.
 
 use tally_aggregate::Counter;
-use tally_core::Granularity;
 
 const SIGN: u64 = 1 << 63;
 
@@ -23,19 +28,33 @@ pub(crate) fn from_ordered_i64(bytes: &[u8]) -> i64 {
     (u64::from_be_bytes(bytes.try_into().expect("8 bytes")) ^ SIGN) as i64
 }
 
-/// The key prefix shared by every bucket of one (type, video, granularity).
-pub(crate) fn bucket_prefix(out: &mut Vec<u8>, event_type: &str, video_id: &str, granularity: Granularity) {
+/// The key prefix shared by every bucket of one (type, video).
+pub(crate) fn bucket_prefix(out: &mut Vec<u8>, event_type: &str, video_id: &str) {
+    type_prefix(out, event_type);
+    out.extend_from_slice(&u16::try_from(video_id.len()).expect("video id fits u16").to_be_bytes());
+    out.extend_from_slice(video_id.as_bytes());
+}
+
+pub(crate) fn bucket_key(out: &mut Vec<u8>, event_type: &str, video_id: &str, bucket: i64) {
+    bucket_prefix(out, event_type, video_id);
+    out.extend_from_slice(&ordered_i64(bucket));
+}
+
+/// The key prefix of everything of one type in a time-first table (top, videos).
+pub(crate) fn type_prefix(out: &mut Vec<u8>, event_type: &str) {
     out.clear();
     out.push(u8::try_from(event_type.len()).expect("type fits u8"));
     out.extend_from_slice(event_type.as_bytes());
-    out.extend_from_slice(&u16::try_from(video_id.len()).expect("video id fits u16").to_be_bytes());
-    out.extend_from_slice(video_id.as_bytes());
-    out.push(granularity as u8);
 }
 
-pub(crate) fn bucket_key(out: &mut Vec<u8>, event_type: &str, video_id: &str, granularity: Granularity, bucket: i64) {
-    bucket_prefix(out, event_type, video_id, granularity);
+pub(crate) fn top_key(out: &mut Vec<u8>, event_type: &str, bucket: i64) {
+    type_prefix(out, event_type);
     out.extend_from_slice(&ordered_i64(bucket));
+}
+
+pub(crate) fn videos_key(out: &mut Vec<u8>, event_type: &str, day: i64, video_id: &str) {
+    top_key(out, event_type, day);
+    out.extend_from_slice(video_id.as_bytes());
 }
 
 pub(crate) fn encode_counter(counter: Counter) -> [u8; 24] {
@@ -77,8 +96,8 @@ mod tests {
     #[test]
     fn one_video_prefix_never_matches_another() {
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        bucket_prefix(&mut a, "view", "ab", Granularity::Minute);
-        bucket_prefix(&mut b, "view", "abc", Granularity::Minute);
+        bucket_prefix(&mut a, "view", "ab");
+        bucket_prefix(&mut b, "view", "abc");
         assert!(!b.starts_with(&a));
     }
 }

@@ -1,5 +1,6 @@
 //! The aggregate store: where flushed counters live, per (type, video, granularity,
-//! bucket), together with each partition's checkpoint and dedup journal.
+//! bucket), with distinct-viewer sketches per bucket, top-items sketches per (type,
+//! bucket), each partition's checkpoint and dedup journal, and the retention tiers.
 //!
 //! Architecture invariant: one `commit` writes a flush's counters, the checkpoint offsets
 //! they cover and the dedup entries they added in a single atomic, durable transaction.
@@ -11,11 +12,18 @@
 
 mod key;
 mod redb_store;
+mod tables;
 
 pub use redb_store::RedbStore;
 
 use tally_aggregate::{Counter, DedupJournal, Deltas};
-use tally_core::{Granularity, Span};
+use tally_core::hll::Hll;
+use tally_core::topk::TopSketch;
+use tally_core::{Cutoffs, Granularity, Span};
+
+/// Items a stored top-items sketch keeps per bucket, by granularity (minute, hour, day).
+/// More items make the error bound smaller and each flush rewrite bigger.
+pub const TOP_SKETCH_ITEMS: [usize; 3] = [1024, 4096, 4096];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +35,8 @@ pub enum StoreError {
     PartitionCount { stored: u32, configured: u32 },
     #[error("store is corrupt: {detail}")]
     Corrupt { detail: String },
+    #[error("store was written in format {found}; this tally reads format {expected} and cannot convert it")]
+    Format { found: String, expected: u32 },
 }
 
 /// Where a partition's flushed state ends.
@@ -53,9 +63,14 @@ pub trait CounterStore: Send + Sync + 'static {
     fn checkpoint(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError>;
     /// The dedup journal blobs stored for one generation of one partition.
     fn dedup_blobs(&self, partition: u32, generation_start_ms: i64) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// Adds the deltas into minute, hour and day buckets and moves the checkpoints, atomically
-    /// and durably.
-    fn commit(&self, flushes: &[PartitionFlush<'_>]) -> Result<(), StoreError>;
+    /// Adds the deltas into minute, hour and day buckets (counters, distinct-viewer and
+    /// top-items sketches) and moves the checkpoints, atomically and durably. Buckets
+    /// before their tier's cutoff are not written: no query reads them.
+    fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError>;
+    /// Drops what lies wholly before the cutoffs; returns the tables dropped.
+    fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
+    /// Bytes the store takes on disk.
+    fn disk_bytes(&self) -> Result<u64, StoreError>;
     /// A consistent read view.
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError>;
 }
@@ -75,4 +90,13 @@ pub trait Snapshot {
         end: i64,
         visit: &mut dyn FnMut(i64, Counter),
     ) -> Result<(), StoreError>;
+    /// Merges the distinct-viewer sketches of one span into `into`.
+    fn uniques(&self, event_type: &str, video_id: &str, span: Span, into: &mut Hll) -> Result<(), StoreError>;
+    /// Merges the top-items sketches of one span into `into`.
+    fn top(&self, event_type: &str, span: Span, into: &mut TopSketch) -> Result<(), StoreError>;
+    /// Each video with an event of `event_type` in the days `[start, end)` (epoch minutes,
+    /// day-aligned), at least once, in no particular order.
+    fn videos(&self, event_type: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError>;
+    /// Every event type ever flushed.
+    fn types(&self) -> Result<Vec<String>, StoreError>;
 }

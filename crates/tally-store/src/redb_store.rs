@@ -1,23 +1,35 @@
 //! The embedded store on redb: a copy-on-write B-tree with MVCC snapshots, so readers never
 //! wait for the flusher, and one fsync-ed commit per flush.
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tally_aggregate::Counter;
-use tally_core::{Granularity, Span};
+use tally_core::hll::Hll;
+use tally_core::topk::TopSketch;
+use tally_core::{Cutoffs, Granularity, Span};
 
 use crate::key::{self, bucket_key, bucket_prefix, decode_counter, encode_counter, ordered_i64};
-use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError};
+use crate::tables::{self, Kind};
+use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TOP_SKETCH_ITEMS};
 
-const BUCKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("buckets");
 const CHECKPOINTS: TableDefinition<u32, &[u8]> = TableDefinition::new("checkpoints");
 const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TYPES: TableDefinition<&str, &[u8]> = TableDefinition::new("types");
 const META_PARTITIONS: &str = "partitions";
+const META_FORMAT: &str = "format";
+/// Version of the table layout (`tables`, `key`). Format 1 kept every bucket in one table.
+const FORMAT: u32 = 2;
+/// Compaction at open runs when at least this share of the file is free pages.
+const COMPACT_FREE_SHARE: f64 = 0.5;
 
 pub struct RedbStore {
     db: Database,
+    path: PathBuf,
 }
 
 fn redb_error<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
@@ -25,15 +37,35 @@ fn redb_error<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> 
 }
 
 impl RedbStore {
+    /// Opens (or creates) the store. When retention has freed at least half of the file,
+    /// it is compacted first, which returns the space to the file system.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path).map_err(redb_error("open"))?;
+        let mut db = Database::create(path).map_err(redb_error("open"))?;
         let txn = db.begin_write().map_err(redb_error("open"))?;
-        txn.open_table(BUCKETS).map_err(redb_error("create tables"))?;
-        txn.open_table(CHECKPOINTS).map_err(redb_error("create tables"))?;
-        txn.open_table(DEDUP).map_err(redb_error("create tables"))?;
-        txn.open_table(META).map_err(redb_error("create tables"))?;
+        {
+            txn.open_table(CHECKPOINTS).map_err(redb_error("create tables"))?;
+            txn.open_table(DEDUP).map_err(redb_error("create tables"))?;
+            txn.open_table(TYPES).map_err(redb_error("create tables"))?;
+            let mut meta = txn.open_table(META).map_err(redb_error("create tables"))?;
+            let format = meta.get(META_FORMAT).map_err(redb_error("read format"))?.map(|v| v.value().to_vec());
+            let partitions = meta.get(META_PARTITIONS).map_err(redb_error("read format"))?.is_some();
+            match format {
+                Some(bytes) if bytes == FORMAT.to_le_bytes() => {}
+                Some(bytes) => return Err(StoreError::Format { found: format!("{bytes:?}"), expected: FORMAT }),
+                None if partitions => return Err(StoreError::Format { found: "1".into(), expected: FORMAT }),
+                None => {
+                    meta.insert(META_FORMAT, &FORMAT.to_le_bytes()[..]).map_err(redb_error("write format"))?;
+                }
+            }
+        }
+        let stats = txn.stats().map_err(redb_error("read stats"))?;
         txn.commit().map_err(redb_error("create tables"))?;
-        Ok(RedbStore { db })
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if file_bytes > 0 && stats.fragmented_bytes() as f64 >= COMPACT_FREE_SHARE * file_bytes as f64 {
+            tracing::info!(file_bytes, free_bytes = stats.fragmented_bytes(), "compacting the store");
+            db.compact().map_err(redb_error("compact"))?;
+        }
+        Ok(RedbStore { db, path: path.to_path_buf() })
     }
 }
 
@@ -119,41 +151,56 @@ impl CounterStore for RedbStore {
         Ok(blobs)
     }
 
-    fn commit(&self, flushes: &[PartitionFlush<'_>]) -> Result<(), StoreError> {
-        // Merge each flush's minute cells into minute, hour and day buckets, then apply the
-        // upserts in key order: neighbouring keys share B-tree pages.
-        let mut upserts: Vec<(Vec<u8>, Counter)> = Vec::new();
-        for flush in flushes {
-            for (event_type, video_id, cells) in flush.deltas.iter() {
-                for granularity in Granularity::ALL {
-                    let mut merged: Vec<(i64, Counter)> = Vec::with_capacity(cells.len());
-                    for cell in cells {
-                        let bucket = granularity.bucket_of(cell.minute);
-                        match merged.iter_mut().find(|(b, _)| *b == bucket) {
-                            Some((_, counter)) => counter.add(cell.counter),
-                            None => merged.push((bucket, cell.counter)),
-                        }
-                    }
-                    for (bucket, counter) in merged {
-                        let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 12);
-                        bucket_key(&mut key, event_type, video_id, granularity, bucket);
-                        upserts.push((key, counter));
-                    }
-                }
-            }
-        }
-        upserts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-
+    fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
+        let work = FlushWork::build(flushes, cutoffs);
         let txn = self.db.begin_write().map_err(redb_error("begin flush"))?;
         {
-            let mut buckets = txn.open_table(BUCKETS).map_err(redb_error("flush buckets"))?;
-            for (key, delta) in &upserts {
-                let mut counter = buckets
-                    .get(key.as_slice())
-                    .map_err(redb_error("flush buckets"))?
-                    .map_or(Counter::default(), |v| decode_counter(v.value()));
-                counter.add(*delta);
-                buckets.insert(key.as_slice(), &encode_counter(counter)[..]).map_err(redb_error("flush buckets"))?;
+            for (&(granularity, period), upserts) in &work.counters {
+                let name = tables::name(Kind::Counters, granularity, period);
+                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
+                for (key, delta) in upserts {
+                    let mut counter = table
+                        .get(key.as_slice())
+                        .map_err(redb_error("flush counters"))?
+                        .map_or(Counter::default(), |v| decode_counter(v.value()));
+                    counter.add(*delta);
+                    table.insert(key.as_slice(), &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
+                }
+            }
+            for (&(granularity, period), sketches) in &work.uniques {
+                let name = tables::name(Kind::Uniques, granularity, period);
+                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush uniques"))?;
+                for (key, sketch) in sketches {
+                    let mut merged = match table.get(key.as_slice()).map_err(redb_error("flush uniques"))? {
+                        Some(stored) => Hll::decode(stored.value()).map_err(|detail| corrupt(&name, detail))?,
+                        None => Hll::default(),
+                    };
+                    merged.merge(sketch);
+                    table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush uniques"))?;
+                }
+            }
+            for (&(granularity, period), sketches) in &work.top {
+                let name = tables::name(Kind::Top, granularity, period);
+                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush top items"))?;
+                for (key, sketch) in sketches {
+                    let mut merged = sketch.clone();
+                    if let Some(stored) = table.get(key.as_slice()).map_err(redb_error("flush top items"))? {
+                        merged.merge_encoded(stored.value()).map_err(|detail| corrupt(&name, detail))?;
+                    }
+                    merged.prune(TOP_SKETCH_ITEMS[granularity as usize]);
+                    table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush top items"))?;
+                }
+            }
+            for (&(granularity, period), keys) in &work.videos {
+                let name = tables::name(Kind::Videos, granularity, period);
+                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush video index"))?;
+                for key in keys {
+                    table.insert(key.as_slice(), &[][..]).map_err(redb_error("flush video index"))?;
+                }
+            }
+            let mut types = txn.open_table(TYPES).map_err(redb_error("flush types"))?;
+            for event_type in &work.types {
+                types.insert(event_type.as_str(), &[][..]).map_err(redb_error("flush types"))?;
             }
             let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("flush checkpoints"))?;
             let mut dedup = txn.open_table(DEDUP).map_err(redb_error("flush dedup journal"))?;
@@ -176,17 +223,164 @@ impl CounterStore for RedbStore {
         txn.commit().map_err(redb_error("commit flush"))
     }
 
+    fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(redb_error("begin purge"))?;
+        let expired: Vec<String> = txn
+            .list_tables()
+            .map_err(redb_error("list tables"))?
+            .map(|handle| handle.name().to_string())
+            .filter(|name| {
+                tables::parse(name).is_some_and(|(_, granularity, period)| {
+                    tables::entirely_before(granularity, period, cutoffs.of(granularity))
+                })
+            })
+            .collect();
+        for name in &expired {
+            txn.delete_table(blob_table(name)).map_err(redb_error("drop expired table"))?;
+        }
+        txn.commit().map_err(redb_error("commit purge"))?;
+        Ok(expired.len())
+    }
+
+    fn disk_bytes(&self) -> Result<u64, StoreError> {
+        Ok(std::fs::metadata(&self.path)
+            .map_err(|e| StoreError::Redb { context: "stat store file", source: redb::Error::Io(e) })?
+            .len())
+    }
+
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
         let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
-        let buckets = txn.open_table(BUCKETS).map_err(redb_error("begin read"))?;
         let checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("begin read"))?;
-        Ok(Box::new(RedbSnapshot { buckets, checkpoints }))
+        Ok(Box::new(RedbSnapshot { txn, checkpoints, tables: RefCell::new(HashMap::new()) }))
+    }
+}
+
+type BlobTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
+fn blob_table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+fn corrupt(table: &str, detail: String) -> StoreError {
+    StoreError::Corrupt { detail: format!("table {table}: {detail}") }
+}
+
+/// A flush's writes, grouped by table and sorted by key within each: neighbouring keys
+/// share B-tree pages.
+#[derive(Default)]
+struct FlushWork {
+    counters: BTreeMap<(Granularity, i64), Vec<(Vec<u8>, Counter)>>,
+    uniques: BTreeMap<(Granularity, i64), BTreeMap<Vec<u8>, Hll>>,
+    top: BTreeMap<(Granularity, i64), BTreeMap<Vec<u8>, TopSketch>>,
+    videos: BTreeMap<(Granularity, i64), BTreeSet<Vec<u8>>>,
+    types: BTreeSet<String>,
+}
+
+impl FlushWork {
+    fn build(flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> FlushWork {
+        let mut work = FlushWork::default();
+        let table = |granularity: Granularity, bucket: i64| (granularity, tables::period_of(granularity, bucket));
+        for flush in flushes {
+            work.types.extend(flush.deltas.types().iter().map(|t| t.to_string()));
+            for (event_type, video_id, cells) in flush.deltas.iter() {
+                for granularity in Granularity::ALL {
+                    let mut merged: Vec<(i64, Counter)> = Vec::with_capacity(cells.len());
+                    for cell in cells {
+                        let bucket = granularity.bucket_of(cell.minute);
+                        if bucket < cutoffs.of(granularity) {
+                            continue;
+                        }
+                        match merged.iter_mut().find(|(b, _)| *b == bucket) {
+                            Some((_, counter)) => counter.add(cell.counter),
+                            None => merged.push((bucket, cell.counter)),
+                        }
+                    }
+                    for (bucket, counter) in merged {
+                        let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
+                        bucket_key(&mut key, event_type, video_id, bucket);
+                        work.counters.entry(table(granularity, bucket)).or_default().push((key, counter));
+                        let mut top_key = Vec::with_capacity(event_type.len() + 9);
+                        key::top_key(&mut top_key, event_type, bucket);
+                        work.top
+                            .entry(table(granularity, bucket))
+                            .or_default()
+                            .entry(top_key)
+                            .or_default()
+                            .add(video_id.as_bytes(), counter.count);
+                        if granularity == Granularity::Day {
+                            let mut videos_key = Vec::with_capacity(event_type.len() + video_id.len() + 9);
+                            key::videos_key(&mut videos_key, event_type, bucket, video_id);
+                            work.videos.entry(table(granularity, bucket)).or_default().insert(videos_key);
+                        }
+                    }
+                }
+            }
+            for (event_type, video_id, minute, sketch) in flush.deltas.iter_viewers() {
+                for granularity in Granularity::ALL {
+                    let bucket = granularity.bucket_of(minute);
+                    if bucket < cutoffs.of(granularity) {
+                        continue;
+                    }
+                    let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
+                    bucket_key(&mut key, event_type, video_id, bucket);
+                    work.uniques.entry(table(granularity, bucket)).or_default().entry(key).or_default().merge(sketch);
+                }
+            }
+        }
+        for upserts in work.counters.values_mut() {
+            upserts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        work
     }
 }
 
 struct RedbSnapshot {
-    buckets: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    txn: redb::ReadTransaction,
     checkpoints: redb::ReadOnlyTable<u32, &'static [u8]>,
+    /// Tables opened so far; `None` when the table does not exist.
+    tables: RefCell<HashMap<(Kind, Granularity, i64), Option<Rc<BlobTable>>>>,
+}
+
+impl RedbSnapshot {
+    fn table(&self, kind: Kind, granularity: Granularity, period: i64) -> Result<Option<Rc<BlobTable>>, StoreError> {
+        if let Some(table) = self.tables.borrow().get(&(kind, granularity, period)) {
+            return Ok(table.clone());
+        }
+        let name = tables::name(kind, granularity, period);
+        let table = match self.txn.open_table(blob_table(&name)) {
+            Ok(table) => Some(Rc::new(table)),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(redb_error("open table")(e)),
+        };
+        self.tables.borrow_mut().insert((kind, granularity, period), table.clone());
+        Ok(table)
+    }
+
+    /// Visits every (key, value) of `kind` whose bucket lies in `[start, end)`, where the
+    /// key is `prefix | bucket | …`.
+    fn scan(
+        &self,
+        kind: Kind,
+        granularity: Granularity,
+        prefix: &[u8],
+        start: i64,
+        end: i64,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let (mut low, mut high) = (prefix.to_vec(), prefix.to_vec());
+        for (period, from, to) in tables::periods(granularity, start, end) {
+            let Some(table) = self.table(kind, granularity, period)? else { continue };
+            low.truncate(prefix.len());
+            high.truncate(prefix.len());
+            low.extend_from_slice(&ordered_i64(from));
+            high.extend_from_slice(&ordered_i64(to));
+            for entry in table.range(low.as_slice()..high.as_slice()).map_err(redb_error("scan"))? {
+                let (key, value) = entry.map_err(redb_error("scan"))?;
+                visit(key.value(), value.value())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Snapshot for RedbSnapshot {
@@ -210,20 +404,51 @@ impl Snapshot for RedbSnapshot {
         end: i64,
         visit: &mut dyn FnMut(i64, Counter),
     ) -> Result<(), StoreError> {
-        if start >= end {
-            return Ok(());
+        let mut prefix = Vec::with_capacity(event_type.len() + video_id.len() + 11);
+        bucket_prefix(&mut prefix, event_type, video_id);
+        let prefix_len = prefix.len();
+        self.scan(Kind::Counters, granularity, &prefix, start, end, &mut |key, value| {
+            visit(key::from_ordered_i64(&key[prefix_len..]), decode_counter(value));
+            Ok(())
+        })
+    }
+
+    fn uniques(&self, event_type: &str, video_id: &str, span: Span, into: &mut Hll) -> Result<(), StoreError> {
+        let mut prefix = Vec::with_capacity(event_type.len() + video_id.len() + 11);
+        bucket_prefix(&mut prefix, event_type, video_id);
+        self.scan(Kind::Uniques, span.granularity, &prefix, span.start, span.end, &mut |_, value| {
+            into.merge(&Hll::decode(value).map_err(|detail| corrupt("uniques", detail))?);
+            Ok(())
+        })
+    }
+
+    fn top(&self, event_type: &str, span: Span, into: &mut TopSketch) -> Result<(), StoreError> {
+        let mut prefix = Vec::with_capacity(event_type.len() + 9);
+        key::type_prefix(&mut prefix, event_type);
+        self.scan(Kind::Top, span.granularity, &prefix, span.start, span.end, &mut |_, value| {
+            into.merge_encoded(value).map_err(|detail| corrupt("top", detail))
+        })
+    }
+
+    fn videos(&self, event_type: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
+        let mut prefix = Vec::with_capacity(event_type.len() + 9);
+        key::type_prefix(&mut prefix, event_type);
+        let video_at = prefix.len() + 8;
+        self.scan(Kind::Videos, Granularity::Day, &prefix, start, end, &mut |key, _| {
+            let video =
+                std::str::from_utf8(&key[video_at..]).map_err(|_| corrupt("videos", "video id is not UTF-8".into()))?;
+            visit(video);
+            Ok(())
+        })
+    }
+
+    fn types(&self) -> Result<Vec<String>, StoreError> {
+        let table = self.txn.open_table(TYPES).map_err(redb_error("read types"))?;
+        let mut types = Vec::new();
+        for entry in table.iter().map_err(redb_error("read types"))? {
+            types.push(entry.map_err(redb_error("read types"))?.0.value().to_string());
         }
-        let mut low = Vec::with_capacity(event_type.len() + video_id.len() + 12);
-        bucket_prefix(&mut low, event_type, video_id, granularity);
-        let prefix_len = low.len();
-        let mut high = low.clone();
-        low.extend_from_slice(&ordered_i64(start));
-        high.extend_from_slice(&ordered_i64(end));
-        for entry in self.buckets.range(low.as_slice()..high.as_slice()).map_err(redb_error("scan buckets"))? {
-            let (key, value) = entry.map_err(redb_error("scan buckets"))?;
-            visit(key::from_ordered_i64(&key.value()[prefix_len..]), decode_counter(value.value()));
-        }
-        Ok(())
+        Ok(types)
     }
 }
 
@@ -238,13 +463,15 @@ mod tests {
         let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
         store.claim_partitions(2).unwrap();
         let mut deltas = Deltas::default();
-        deltas.add("view", "v", 59, 1);
-        deltas.add("view", "v", 60, 2);
-        deltas.add("view", "v", 60, 3);
-        deltas.add("view", "w", 60, 9);
+        deltas.add("view", "v", 59, 1, None);
+        deltas.add("view", "v", 60, 2, None);
+        deltas.add("view", "v", 60, 3, None);
+        deltas.add("view", "w", 60, 9, None);
         let checkpoint = Checkpoint { partition: 1, offset: 77, dedup_generation_starts: vec![5] };
         let journal = DedupJournal { blobs: vec![(5, vec![1; 17])] };
-        store.commit(&[PartitionFlush { deltas: &deltas, checkpoint: checkpoint.clone(), journal }]).unwrap();
+        store
+            .commit(&[PartitionFlush { deltas: &deltas, checkpoint: checkpoint.clone(), journal }], &Cutoffs::NONE)
+            .unwrap();
         assert_eq!(store.checkpoint(1).unwrap(), Some(checkpoint));
         assert_eq!(store.checkpoint(0).unwrap(), None);
         assert_eq!(store.dedup_blobs(1, 5).unwrap(), vec![vec![1; 17]]);
@@ -257,5 +484,115 @@ mod tests {
         assert_eq!(sum(Granularity::Day, 0, 1440), Counter { count: 3, sum: 6 });
         assert_eq!(snapshot.checkpoint_offset(1).unwrap(), 77);
         assert!(matches!(store.claim_partitions(3), Err(StoreError::PartitionCount { stored: 2, configured: 3 })));
+    }
+}
+
+#[cfg(test)]
+mod sketch_and_retention_tests {
+    use super::*;
+    use tally_aggregate::{DedupJournal, Deltas};
+    use tally_core::bucket::DAY_MINUTES;
+
+    fn flush(store: &RedbStore, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
+        let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: vec![] };
+        let flush = PartitionFlush { deltas, checkpoint, journal: DedupJournal::default() };
+        store.commit(&[flush], cutoffs).unwrap();
+    }
+
+    #[test]
+    fn sketches_types_and_the_video_index_follow_the_flushed_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let day = 20_000 * DAY_MINUTES;
+        let mut deltas = Deltas::default();
+        for (minute, viewer) in [(day, "ann"), (day + 1, "bob"), (day + 61, "ann")] {
+            deltas.add("view", "v", minute, 1, Some(viewer));
+        }
+        deltas.add("view", "w", day, 1, None);
+        deltas.add("like", "v", day, 1, Some("cy"));
+        flush(&store, &deltas, 1, &Cutoffs::NONE);
+        // A second flush merges into the stored sketches.
+        let mut more = Deltas::default();
+        more.add("view", "v", day + 2, 1, Some("dee"));
+        flush(&store, &more, 2, &Cutoffs::NONE);
+
+        let snapshot = store.snapshot().unwrap();
+        let uniques = |granularity, start, end| {
+            let mut hll = Hll::default();
+            snapshot.uniques("view", "v", Span { granularity, start, end }, &mut hll).unwrap();
+            hll.estimate().round() as u64
+        };
+        assert_eq!(uniques(Granularity::Minute, day, day + 60), 3);
+        assert_eq!(uniques(Granularity::Hour, day, day + 120), 3);
+        assert_eq!(uniques(Granularity::Day, day, day + DAY_MINUTES), 3);
+        assert_eq!(uniques(Granularity::Minute, day + 1, day + 2), 1);
+
+        let mut top = TopSketch::default();
+        snapshot
+            .top("view", Span { granularity: Granularity::Day, start: day, end: day + DAY_MINUTES }, &mut top)
+            .unwrap();
+        assert_eq!((top.lower_bound(b"v"), top.lower_bound(b"w"), top.offset()), (4, 1, 0));
+
+        let mut videos = Vec::new();
+        snapshot.videos("view", day, day + DAY_MINUTES, &mut |v| videos.push(v.to_string())).unwrap();
+        videos.sort();
+        assert_eq!(videos, ["v", "w"]);
+        assert_eq!(snapshot.types().unwrap(), ["like", "view"]);
+    }
+
+    #[test]
+    fn retention_skips_expired_tiers_at_flush_and_purge_drops_whole_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let old_day = 100 * DAY_MINUTES;
+        let mut deltas = Deltas::default();
+        deltas.add("view", "v", old_day + 5, 1, None);
+        // Minutes of `old_day` are already past the minute cutoff: only hour and day land.
+        let cutoffs = Cutoffs { minute: old_day + DAY_MINUTES, hour: i64::MIN, day: i64::MIN };
+        flush(&store, &deltas, 1, &cutoffs);
+        let read = |store: &RedbStore, granularity| {
+            let span = Span { granularity, start: old_day, end: old_day + DAY_MINUTES };
+            store.snapshot().unwrap().sum("view", "v", span).unwrap().count
+        };
+        assert_eq!((read(&store, Granularity::Minute), read(&store, Granularity::Hour)), (0, 1));
+        let later = Cutoffs { minute: old_day + 60 * DAY_MINUTES, hour: old_day + 60 * DAY_MINUTES, day: i64::MIN };
+        assert!(store.purge(&later).unwrap() >= 2, "hour counters and top tables of that period");
+        assert_eq!((read(&store, Granularity::Hour), read(&store, Granularity::Day)), (0, 1));
+        assert_eq!(store.purge(&later).unwrap(), 0);
+    }
+
+    /// Retention must give disk space back: pages of dropped tables are reused by new
+    /// writes, and a store mostly free is compacted when it is opened.
+    #[test]
+    fn purged_space_is_reused_and_returned_to_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = RedbStore::open(&path).unwrap();
+        let write_day = |store: &RedbStore, day: i64, offset: u64| {
+            let mut deltas = Deltas::default();
+            for video in 0..20_000 {
+                deltas.add("view", &format!("video-{video:06}"), day * DAY_MINUTES + video % 1440, 1, None);
+            }
+            flush(store, &deltas, offset, &Cutoffs::NONE);
+        };
+        write_day(&store, 10, 1);
+        let one_day = store.disk_bytes().unwrap();
+        // Keep one day of every tier; periods are a day for minutes and longer for the
+        // others, so write days a full period apart.
+        for step in 1..5 {
+            let day = 10 + step * 360;
+            let cutoff = day * DAY_MINUTES;
+            store.purge(&Cutoffs { minute: cutoff, hour: cutoff, day: cutoff }).unwrap();
+            write_day(&store, day, step as u64 + 1);
+        }
+        let after = store.disk_bytes().unwrap();
+        assert!(after < one_day * 5 / 2, "five days written, one kept at a time: {one_day} then {after} bytes");
+        // Drop everything, reopen: the file shrinks.
+        let all = Cutoffs { minute: i64::MAX, hour: i64::MAX, day: i64::MAX };
+        store.purge(&all).unwrap();
+        drop(store);
+        let reopened = RedbStore::open(&path).unwrap();
+        let compacted = reopened.disk_bytes().unwrap();
+        assert!(compacted < after / 4, "{after} bytes before compaction, {compacted} after");
     }
 }

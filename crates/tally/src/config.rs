@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 use tally_core::Limits;
-use tally_engine::EngineConfig;
+use tally_engine::{EngineConfig, Retention};
 use tally_server::ServerConfig;
 
 /// Every setting of `tally serve`. Absent keys take the defaults of `EngineConfig`,
@@ -30,6 +30,13 @@ pub struct FileConfig {
     pub group_bytes_max: Option<usize>,
     pub queue_bytes_max: Option<usize>,
     pub pending_cells_max: Option<usize>,
+    /// Days minute buckets are kept; 0 keeps them forever.
+    pub minute_retention_days: Option<u32>,
+    /// Days hour buckets are kept; 0 keeps them forever.
+    pub hour_retention_days: Option<u32>,
+    /// Days day buckets are kept; 0 (the default) keeps them forever.
+    pub day_retention_days: Option<u32>,
+    pub retention_interval_ms: Option<u64>,
     pub body_bytes_max: Option<usize>,
     pub body_bytes_in_flight_max: Option<usize>,
     pub events_per_request_max: Option<usize>,
@@ -52,6 +59,15 @@ pub struct ServeConfig {
     pub server: ServerConfig,
 }
 
+/// A retention setting: absent takes the default, 0 means forever.
+fn days(setting: Option<u32>, default: Option<u32>) -> Option<u32> {
+    match setting {
+        None => default,
+        Some(0) => None,
+        Some(days) => Some(days),
+    }
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
@@ -72,6 +88,12 @@ impl FileConfig {
             group_bytes_max: self.group_bytes_max.unwrap_or(engine_default.group_bytes_max),
             queue_bytes_max: self.queue_bytes_max.unwrap_or(engine_default.queue_bytes_max),
             pending_cells_max: self.pending_cells_max.unwrap_or(engine_default.pending_cells_max),
+            retention: Retention {
+                minute_days: days(self.minute_retention_days, engine_default.retention.minute_days),
+                hour_days: days(self.hour_retention_days, engine_default.retention.hour_days),
+                day_days: days(self.day_retention_days, engine_default.retention.day_days),
+            },
+            retention_interval_ms: self.retention_interval_ms.unwrap_or(engine_default.retention_interval_ms),
         };
         let server = ServerConfig {
             body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),
@@ -103,6 +125,18 @@ impl FileConfig {
         within("group_bytes_max", engine.group_bytes_max as u64, 4096, 64 * MIB)?;
         within("queue_bytes_max", engine.queue_bytes_max as u64, MIB, 64 << 30)?;
         within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
+        within("retention_interval_ms", engine.retention_interval_ms, 1000, 86_400_000)?;
+        // A coarser tier answers for a finer one past its retention, so it must last as long.
+        let forever = |days: Option<u32>| days.unwrap_or(u32::MAX);
+        let retention = engine.retention;
+        anyhow::ensure!(
+            forever(retention.minute_days) <= forever(retention.hour_days)
+                && forever(retention.hour_days) <= forever(retention.day_days),
+            "retention must not shrink from minute to hour to day buckets: minute {}, hour {}, day {} days (0 = forever)",
+            retention.minute_days.unwrap_or(0),
+            retention.hour_days.unwrap_or(0),
+            retention.day_days.unwrap_or(0)
+        );
         within("body_bytes_max", server.body_bytes_max as u64, 1024, 64 * MIB)?;
         within(
             "body_bytes_in_flight_max",
@@ -142,6 +176,7 @@ mod tests {
             ("pending_cells_max = 0", "pending_cells_max"),
             ("dedup_window_ms = -5", "dedup_window_ms"),
             ("body_bytes_max = 1073741824", "body_bytes_max"),
+            ("minute_retention_days = 30\nhour_retention_days = 10", "retention must not shrink"),
         ] {
             let error = toml::from_str::<FileConfig>(text).unwrap().resolve().err().expect(text).to_string();
             assert!(error.contains(name), "{error}");
@@ -163,6 +198,10 @@ mod tests {
             group_bytes_max = 1048576
             queue_bytes_max = 1048576
             pending_cells_max = 1000
+            minute_retention_days = 2
+            hour_retention_days = 90
+            day_retention_days = 0
+            retention_interval_ms = 5000
             body_bytes_max = 1048576
             body_bytes_in_flight_max = 2097152
             events_per_request_max = 10
