@@ -25,6 +25,8 @@ const SPARSE_PRECISION: u32 = 25;
 pub const SPARSE_ENTRIES_MAX: usize = REGISTERS / 4;
 /// The relative standard error of a dense estimate.
 pub const RELATIVE_STANDARD_ERROR: f64 = 0.0081;
+/// Linear counting over 2^25 registers with at most a few thousand values: 1/√(2m).
+const SPARSE_RELATIVE_STANDARD_ERROR: f64 = 0.000_122;
 const HASH_SEED: u64 = 0x7a11_7a11_0001;
 
 /// Unsorted sparse entries tolerated before the first normalization.
@@ -167,6 +169,15 @@ impl Hll {
                 m * (m / (m - distinct as f64)).ln()
             }
             Hll::Dense(registers) => ertl_estimate(registers.as_slice()),
+        }
+    }
+
+    /// The relative standard error of `estimate`: about 0.012% while sparse (linear
+    /// counting over 2^25 registers), 0.81% once dense.
+    pub fn relative_error(&self) -> f64 {
+        match self {
+            Hll::Sparse { .. } => SPARSE_RELATIVE_STANDARD_ERROR,
+            Hll::Dense(_) => RELATIVE_STANDARD_ERROR,
         }
     }
 

@@ -40,6 +40,12 @@ impl ApiError {
         }
     }
 
+    /// A failure of the server itself: logged, shown only as "internal".
+    pub fn internal(detail: String) -> ApiError {
+        tracing::error!(%detail, "internal error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+    }
+
     pub fn with(mut self, key: &str, value: Value) -> ApiError {
         self.details.insert(key.into(), value);
         self
@@ -60,15 +66,15 @@ impl From<EngineError> for ApiError {
                     "the server failed after accepting the request ({reason}); some events may be counted: retry with the same Idempotency-Key"
                 ),
             ),
+            EngineError::TooExpensive { reason } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_expensive", reason)
+            }
             EngineError::IdempotencyConflict => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
                 "this Idempotency-Key was already used with a different request body",
             ),
-            other => {
-                tracing::error!(error = %other, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
-            }
+            other => ApiError::internal(other.to_string()),
         }
     }
 }

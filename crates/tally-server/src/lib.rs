@@ -5,6 +5,7 @@
 //! reported the events durable and applied; every other outcome counts nothing that the
 //! response does not say it counted.
 
+mod analytics;
 mod error;
 mod ingest;
 mod monitoring;
@@ -101,11 +102,14 @@ impl AppState {
 }
 
 /// Every route, as (method, path): the OpenAPI document is checked against this list.
-pub const ROUTES: [(&str, &str); 8] = [
+pub const ROUTES: [(&str, &str); 11] = [
     ("post", "/v1/events"),
     ("get", "/v1/count"),
     ("post", "/v1/counts"),
     ("get", "/v1/series"),
+    ("get", "/v1/top"),
+    ("get", "/v1/uniques"),
+    ("get", "/v1/stats"),
     ("get", "/v1/openapi.json"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -118,6 +122,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/count", get(query::count))
         .route("/v1/counts", post(query::counts))
         .route("/v1/series", get(query::series))
+        .route("/v1/top", get(analytics::top))
+        .route("/v1/uniques", get(analytics::uniques))
+        .route("/v1/stats", get(analytics::stats))
         .route("/v1/openapi.json", get(monitoring::openapi))
         .route("/healthz", get(monitoring::healthz))
         .route("/readyz", get(monitoring::readyz))

@@ -1,8 +1,11 @@
-//! Query routes: `GET /v1/count`, `POST /v1/counts`, `GET /v1/series`.
+//! Query routes: `GET /v1/count`, `POST /v1/counts`, `GET /v1/series`, and the parameter
+//! handling every query route shares.
 //!
-//! Times are RFC 3339 strings or integer epoch milliseconds; ranges are half-open
-//! `[from, to)` and widened to whole minutes (whole steps for series). Every answer states
-//! the aligned range it summed.
+//! Times are RFC 3339 strings, integer epoch milliseconds, or local dates and times
+//! (`2026-11-01`, `2026-11-01T08:00`) read in the `tz` time zone (UTC without one). Ranges
+//! are half-open `[from, to)` and widened to whole minutes (whole steps for series), and
+//! past a retention tier to that of the next coarser one. Every answer states the aligned
+//! range it summed and the resolution it was summed at.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,28 +14,69 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
+use jiff::tz::TimeZone;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_core::bucket::MINUTE_MS;
 use tally_core::event::{EVENT_TYPE_DEFAULT, VIDEO_ID_BYTES_MAX, check_id, is_event_type};
-use tally_engine::{Granularity, MinuteRange};
+use tally_engine::{Engine, Granularity, MinuteRange};
 
 use crate::{ApiError, AppState};
 
-fn parse_instant(field: &'static str, text: &str) -> Result<i64, ApiError> {
+/// An instant: epoch milliseconds, an RFC 3339 timestamp, or a local date or date-time
+/// read in `tz` (UTC when absent; a time that a daylight-saving change skips or repeats
+/// is resolved like RFC 5545: the later offset for a gap, the earlier for a fold).
+pub(crate) fn parse_instant(field: &'static str, text: &str, tz: Option<&TimeZone>) -> Result<i64, ApiError> {
     let bad = || {
         ApiError::bad_request(
             "invalid_parameter",
-            format!("{field} must be an RFC 3339 timestamp or epoch milliseconds"),
+            format!("{field} must be an RFC 3339 timestamp, epoch milliseconds, or a local date (2026-11-01) or date-time (2026-11-01T08:00)"),
         )
         .with("field", json!(field))
     };
     let ms = if !text.is_empty() && text.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
         text.parse::<i64>().map_err(|_| bad())?
+    } else if let Ok(ts) = text.parse::<jiff::Timestamp>() {
+        ts.as_millisecond()
     } else {
-        text.parse::<jiff::Timestamp>().map(|ts| ts.as_millisecond()).map_err(|_| bad())?
+        let local = match text.parse::<jiff::civil::DateTime>() {
+            Ok(datetime) => datetime,
+            Err(_) => text.parse::<jiff::civil::Date>().map_err(|_| bad())?.to_datetime(jiff::civil::Time::midnight()),
+        };
+        let utc = TimeZone::UTC;
+        let zoned = tz.unwrap_or(&utc).to_zoned_datetime(local).map_err(|_| bad())?;
+        zoned.timestamp().as_millisecond()
     };
     in_range(field, ms)
+}
+
+/// The `tz` parameter: an IANA time zone name.
+pub(crate) fn time_zone(p: &HashMap<&'static str, String>) -> Result<Option<TimeZone>, ApiError> {
+    p.get("tz")
+        .map(|name| {
+            TimeZone::get(name).map_err(|_| {
+                let shown: String = name.chars().take(64).collect();
+                ApiError::bad_request("invalid_parameter", format!("tz \"{shown}\" is not an IANA time zone name"))
+                    .with("field", json!("tz"))
+            })
+        })
+        .transpose()
+}
+
+/// `from` and `to` of a query string, read in its `tz`.
+pub(crate) fn from_to(
+    p: &HashMap<&'static str, String>,
+    tz: Option<&TimeZone>,
+) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let from = p.get("from").map(|t| parse_instant("from", t, tz)).transpose()?;
+    let to = p.get("to").map(|t| parse_instant("to", t, tz)).transpose()?;
+    Ok((from, to))
+}
+
+/// The range to sum for `[from, to)` ms: whole minutes, widened past each retention
+/// tier to the next coarser one; also the coarsest resolution that needed.
+pub(crate) fn retained_range(engine: &Engine, from: i64, to: i64) -> (MinuteRange, Granularity) {
+    engine.cutoffs().widen(MinuteRange::covering(from, to))
 }
 
 /// Instants must lie within years -9999 to 9999, the range answers can be written in.
@@ -49,7 +93,7 @@ fn in_range(field: &'static str, ms: i64) -> Result<i64, ApiError> {
 fn instant_value(field: &'static str, value: &Value) -> Result<Option<i64>, ApiError> {
     match value {
         Value::Null => Ok(None),
-        Value::String(text) => parse_instant(field, text).map(Some),
+        Value::String(text) => parse_instant(field, text, None).map(Some),
         Value::Number(n) => match n.as_i64() {
             Some(ms) => in_range(field, ms).map(Some),
             None => {
@@ -64,23 +108,23 @@ fn instant_value(field: &'static str, value: &Value) -> Result<Option<i64>, ApiE
 
 /// Sums are exact 128-bit integers; an answer shows them clamped to the 64-bit range that
 /// JSON tooling reads (reached only past about a thousand events of the maximum value).
-fn sum_json(sum: i128) -> i64 {
+pub(crate) fn sum_json(sum: i128) -> i64 {
     i64::try_from(sum).unwrap_or(if sum < 0 { i64::MIN } else { i64::MAX })
 }
 
-fn rfc3339(minute: i64) -> String {
+pub(crate) fn rfc3339(minute: i64) -> String {
     jiff::Timestamp::from_millisecond(minute.saturating_mul(MINUTE_MS))
         .map(|ts| ts.to_string())
         .unwrap_or_else(|_| (minute * MINUTE_MS).to_string())
 }
 
-fn check_video_id(field: &'static str, video_id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_video_id(field: &'static str, video_id: &str) -> Result<(), ApiError> {
     check_id(video_id, VIDEO_ID_BYTES_MAX).map_err(|reason| {
         ApiError::bad_request("invalid_parameter", format!("{field} {reason}")).with("field", json!(field))
     })
 }
 
-fn check_type(event_type: &str) -> Result<(), ApiError> {
+pub(crate) fn check_type(event_type: &str) -> Result<(), ApiError> {
     if is_event_type(event_type) {
         Ok(())
     } else {
@@ -89,12 +133,17 @@ fn check_type(event_type: &str) -> Result<(), ApiError> {
     }
 }
 
-fn query_pairs(query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn query_pairs(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Vec<(String, String)>, ApiError> {
     query.map(|Query(pairs)| pairs).map_err(|e| ApiError::bad_request("invalid_parameter", e.body_text()))
 }
 
 /// Query string parameters, each at most once, none unknown.
-fn params(pairs: Vec<(String, String)>, allowed: &[&'static str]) -> Result<HashMap<&'static str, String>, ApiError> {
+pub(crate) fn params(
+    pairs: Vec<(String, String)>,
+    allowed: &[&'static str],
+) -> Result<HashMap<&'static str, String>, ApiError> {
     let mut found = HashMap::new();
     for (name, value) in pairs {
         let Some(known) = allowed.iter().find(|a| **a == name) else {
@@ -112,7 +161,7 @@ fn params(pairs: Vec<(String, String)>, allowed: &[&'static str]) -> Result<Hash
 }
 
 /// The `video_id` (required) and `type` (default `view`) parameters, checked.
-fn video_and_type<'a>(p: &'a HashMap<&'static str, String>) -> Result<(&'a str, &'a str), ApiError> {
+pub(crate) fn video_and_type<'a>(p: &'a HashMap<&'static str, String>) -> Result<(&'a str, &'a str), ApiError> {
     let video_id = p.get("video_id").ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", "video_id is required").with("field", json!("video_id"))
     })?;
@@ -124,7 +173,7 @@ fn video_and_type<'a>(p: &'a HashMap<&'static str, String>) -> Result<(&'a str, 
 
 /// Resolves `[from, to)` in milliseconds: absent `from` is the epoch, absent `to` is the
 /// latest instant an event may carry now (receive time plus the maximum clock skew).
-fn bounds(state: &AppState, from: Option<i64>, to: Option<i64>) -> Result<(i64, i64), ApiError> {
+pub(crate) fn bounds(state: &AppState, from: Option<i64>, to: Option<i64>) -> Result<(i64, i64), ApiError> {
     let from = from.unwrap_or(0);
     let to = to.unwrap_or_else(|| (state.clock)() + state.config.limits.clock_skew_max_ms + 1);
     if from > to {
@@ -138,18 +187,19 @@ pub(crate) async fn count(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to"])?;
+    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = video_and_type(&p)?;
-    let from = p.get("from").map(|t| parse_instant("from", t)).transpose()?;
-    let to = p.get("to").map(|t| parse_instant("to", t)).transpose()?;
+    let tz = time_zone(&p)?;
+    let (from, to) = from_to(&p, tz.as_ref())?;
     let (from, to) = bounds(&state, from, to)?;
-    let range = MinuteRange::covering(from, to);
+    let (range, resolution) = retained_range(engine, from, to);
     let counter = engine.count(event_type, video_id, range)?;
     Ok(Json(json!({
         "video_id": video_id,
         "type": event_type,
         "from": rfc3339(range.start),
         "to": rfc3339(range.end),
+        "resolution": resolution.name(),
         "count": counter.count,
         "sum": sum_json(counter.sum),
     })))
@@ -187,7 +237,7 @@ pub(crate) async fn counts(
     let event_type = request.event_type.as_deref().unwrap_or(EVENT_TYPE_DEFAULT);
     check_type(event_type)?;
     let (from, to) = bounds(&state, instant_value("from", &request.from)?, instant_value("to", &request.to)?)?;
-    let range = MinuteRange::covering(from, to);
+    let (range, resolution) = retained_range(engine, from, to);
     let video_ids: Vec<&str> = request.video_ids.iter().map(String::as_str).collect();
     let counters = engine.counts(event_type, &video_ids, range)?;
     let counts: serde_json::Map<String, Value> =
@@ -196,6 +246,7 @@ pub(crate) async fn counts(
         "type": event_type,
         "from": rfc3339(range.start),
         "to": rfc3339(range.end),
+        "resolution": resolution.name(),
         "counts": counts,
     })))
 }
@@ -208,15 +259,15 @@ pub(crate) async fn series(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "step"])?;
+    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "step", "tz"])?;
     let (video_id, event_type) = video_and_type(&p)?;
     let step_name = p.get("step").map_or("minute", String::as_str);
     let granularity = Granularity::from_name(step_name).ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", "step must be minute, hour or day").with("field", json!("step"))
     })?;
+    let tz = time_zone(&p)?;
     let step_ms = granularity.minutes() * MINUTE_MS;
-    let from = p.get("from").map(|t| parse_instant("from", t)).transpose()?;
-    let to = p.get("to").map(|t| parse_instant("to", t)).transpose()?;
+    let (from, to) = from_to(&p, tz.as_ref())?;
     // Without bounds: the last 60 steps up to now. With one bound: 60 steps from it.
     let (from, to) = match (from, to) {
         (Some(from), Some(to)) => (from, to),
@@ -230,7 +281,12 @@ pub(crate) async fn series(
     if from > to {
         return Err(ApiError::bad_request("invalid_range", "from must not be after to"));
     }
+    if let (Granularity::Day, Some(tz)) = (granularity, &tz) {
+        return local_days(&state, engine, video_id, event_type, tz, p.get("tz").expect("tz given"), from, to);
+    }
+    // Past a tier's retention the steps coarsen to the finest tier still holding the start.
     let minutes = MinuteRange::covering(from, to);
+    let granularity = granularity.max(engine.cutoffs().finest_at(minutes.start).unwrap_or(Granularity::Day));
     let range = MinuteRange {
         start: granularity.bucket_of(minutes.start),
         end: granularity.bucket_of(minutes.end + granularity.minutes() - 1),
@@ -256,6 +312,88 @@ pub(crate) async fn series(
         "step": granularity.name(),
         "from": rfc3339(range.start),
         "to": rfc3339(range.end),
+        "resolution": granularity.name(),
+        "points": points,
+    })))
+}
+
+/// A day series in a time zone: one point per local calendar day touching `[from, to)`,
+/// each summed between the instants its day starts and the next one starts (23 or 25
+/// hours across daylight-saving changes). Those instants are read at the finest tier
+/// retained there: whole hours for most zones; minutes for half- and quarter-hour zones
+/// while minute buckets are kept, otherwise rounded down to the hour (and then
+/// `exact_boundaries` is false).
+#[allow(clippy::too_many_arguments)]
+fn local_days(
+    state: &AppState,
+    engine: &Engine,
+    video_id: &str,
+    event_type: &str,
+    tz: &TimeZone,
+    tz_name: &str,
+    from: i64,
+    to: i64,
+) -> Result<Json<Value>, ApiError> {
+    let date_of =
+        |ms: i64| jiff::Timestamp::from_millisecond(ms).expect("checked range").to_zoned_datetime(tz.clone()).date();
+    let first = date_of(from);
+    let last = if to > from { date_of(to - 1) } else { first };
+    let points_max = state.config.series_points_max;
+    let internal =
+        |e: jiff::Error| ApiError::bad_request("invalid_range", format!("local days cannot be built there: {e}"));
+    // Day starts: one per day plus the start of the day after the last.
+    let mut starts: Vec<jiff::ZonedDateTime> = Vec::new();
+    let mut date = first;
+    loop {
+        starts.push(tz.to_zoned_datetime(date.to_datetime(jiff::civil::Time::midnight())).map_err(internal)?);
+        if date > last {
+            break;
+        }
+        if starts.len() > points_max {
+            return Err(ApiError::bad_request(
+                "too_many_points",
+                format!("more than {points_max} days asked for; at most {points_max} per request"),
+            )
+            .with("limit", json!(points_max)));
+        }
+        date = date.tomorrow().map_err(internal)?;
+    }
+    let cutoffs = engine.cutoffs();
+    let mut exact_boundaries = true;
+    let mut resolution = Granularity::Day;
+    let bounds: Vec<i64> = starts
+        .iter()
+        .map(|start| {
+            let ms = start.timestamp().as_millisecond();
+            let read = cutoffs.floor(ms.div_euclid(MINUTE_MS));
+            exact_boundaries &= read * MINUTE_MS == ms;
+            // The coarsest granularity the boundary is a multiple of.
+            let needs =
+                Granularity::ALL.into_iter().rev().find(|g| read % g.minutes() == 0).unwrap_or(Granularity::Minute);
+            resolution = resolution.min(needs);
+            read
+        })
+        .collect();
+    let mut points = Vec::with_capacity(bounds.len() - 1);
+    for (i, pair) in bounds.windows(2).enumerate() {
+        let counter = engine.count(event_type, video_id, MinuteRange { start: pair[0], end: pair[1] })?;
+        points.push(json!({
+            "t": starts[i].strftime("%Y-%m-%dT%H:%M:%S%:z").to_string(),
+            "date": starts[i].date().to_string(),
+            "count": counter.count,
+            "sum": sum_json(counter.sum),
+        }));
+    }
+    let local = |z: &jiff::ZonedDateTime| z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
+    Ok(Json(json!({
+        "video_id": video_id,
+        "type": event_type,
+        "step": "day",
+        "tz": tz_name,
+        "from": local(&starts[0]),
+        "to": local(starts.last().expect("at least two starts")),
+        "resolution": resolution.name(),
+        "exact_boundaries": exact_boundaries,
         "points": points,
     })))
 }

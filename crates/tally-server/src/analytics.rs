@@ -1,0 +1,147 @@
+//! Analytics routes: `GET /v1/top` (trending videos), `GET /v1/uniques` (distinct
+//! viewers) and `GET /v1/stats` (every event type of a video in one call).
+//!
+//! They take the same range parameters as `/v1/count` (see `query`) and run on the
+//! blocking pool: a top query may count thousands of candidates.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use serde_json::{Value, json};
+use tally_core::event::EVENT_TYPE_DEFAULT;
+use tally_core::hll::Hll;
+use tally_engine::Engine;
+
+use crate::query::{
+    bounds, check_type, from_to, params, query_pairs, retained_range, rfc3339, sum_json, time_zone, video_and_type,
+};
+use crate::{ApiError, AppState};
+
+/// Most videos one top answer lists.
+pub const TOP_K_MAX: usize = 1_000;
+const TOP_K_DEFAULT: usize = 10;
+/// The range of a top query without `from`: the last hour ("trending now").
+const TOP_DEFAULT_SPAN_MS: i64 = 3_600_000;
+
+async fn blocking<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    work: impl FnOnce(&Engine) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let engine = Arc::clone(engine);
+    tokio::task::spawn_blocking(move || work(&engine))
+        .await
+        .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+}
+
+pub(crate) async fn top(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    let p = params(query_pairs(query)?, &["type", "from", "to", "k", "exact", "tz"])?;
+    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str).to_string();
+    check_type(&event_type)?;
+    let k = match p.get("k") {
+        None => TOP_K_DEFAULT,
+        Some(text) => text.parse::<usize>().ok().filter(|k| (1..=TOP_K_MAX).contains(k)).ok_or_else(|| {
+            ApiError::bad_request("invalid_parameter", format!("k must be an integer from 1 to {TOP_K_MAX}"))
+                .with("field", json!("k"))
+        })?,
+    };
+    let exact = match p.get("exact").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("invalid_parameter", "exact must be true or false").with("field", json!("exact"))
+            );
+        }
+    };
+    let tz = time_zone(&p)?;
+    let (from, to) = from_to(&p, tz.as_ref())?;
+    let to_default = (state.clock)() + state.config.limits.clock_skew_max_ms + 1;
+    let from = from.or(Some(to.unwrap_or(to_default) - TOP_DEFAULT_SPAN_MS));
+    let (from, to) = bounds(&state, from, to)?;
+    let (range, resolution) = retained_range(engine, from, to);
+    let answer = {
+        let event_type = event_type.clone();
+        blocking(engine, move |engine| Ok(engine.top(&event_type, range, k, exact)?)).await?
+    };
+    let items: Vec<Value> = answer
+        .items
+        .iter()
+        .map(|item| json!({ "video_id": item.video_id, "count": item.count, "error": item.error }))
+        .collect();
+    Ok(Json(json!({
+        "type": event_type,
+        "from": rfc3339(range.start),
+        "to": rfc3339(range.end),
+        "resolution": resolution.name(),
+        "k": k,
+        "exact": answer.exact,
+        "unlisted_max": answer.unlisted_max,
+        "candidates_counted": answer.refined,
+        "items": items,
+    })))
+}
+
+pub(crate) async fn uniques(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
+    let (video_id, event_type) = video_and_type(&p)?;
+    let tz = time_zone(&p)?;
+    let (from, to) = from_to(&p, tz.as_ref())?;
+    let (from, to) = bounds(&state, from, to)?;
+    let (range, resolution) = retained_range(engine, from, to);
+    let sketch: Hll = {
+        let (video_id, event_type) = (video_id.to_string(), event_type.to_string());
+        blocking(engine, move |engine| Ok(engine.uniques(&event_type, &video_id, range)?)).await?
+    };
+    Ok(Json(json!({
+        "video_id": video_id,
+        "type": event_type,
+        "from": rfc3339(range.start),
+        "to": rfc3339(range.end),
+        "resolution": resolution.name(),
+        "uniques": sketch.estimate().round() as u64,
+        "relative_error": sketch.relative_error(),
+    })))
+}
+
+pub(crate) async fn stats(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    let mut p = params(query_pairs(query)?, &["video_id", "from", "to", "tz"])?;
+    // Every type is reported; `video_and_type` checks the video id.
+    p.remove("type");
+    let (video_id, _) = video_and_type(&p)?;
+    let tz = time_zone(&p)?;
+    let (from, to) = from_to(&p, tz.as_ref())?;
+    let (from, to) = bounds(&state, from, to)?;
+    let (range, resolution) = retained_range(engine, from, to);
+    let by_type = {
+        let video_id = video_id.to_string();
+        blocking(engine, move |engine| Ok(engine.type_stats(&video_id, range)?)).await?
+    };
+    let types: serde_json::Map<String, Value> = by_type
+        .into_iter()
+        .map(|(event_type, c)| {
+            let avg = c.sum as f64 / c.count as f64;
+            (event_type, json!({ "count": c.count, "sum": sum_json(c.sum), "avg": avg }))
+        })
+        .collect();
+    Ok(Json(json!({
+        "video_id": video_id,
+        "from": rfc3339(range.start),
+        "to": rfc3339(range.end),
+        "resolution": resolution.name(),
+        "types": types,
+    })))
+}
