@@ -1,5 +1,5 @@
 //! `tally`: the server (`serve`) and its command-line client (`send`, `count`, `series`,
-//! `bench`). Thin glue: parse arguments, run the chosen command, map errors to exit codes.
+//! `top`, `uniques`, `stats`, `bench`). Thin glue: parse arguments, run the chosen command, map errors to exit codes.
 
 mod bench;
 mod client;
@@ -29,8 +29,14 @@ enum Command {
     Send(send::SendArgs),
     /// Count one video's events over a time range.
     Count(inspect::CountArgs),
-    /// One video's counts per minute, hour or day.
+    /// One video's counts per minute, hour or day (local days with --tz).
     Series(inspect::SeriesArgs),
+    /// The videos with the most events over a time range (default: the last hour).
+    Top(inspect::TopArgs),
+    /// Distinct viewers of one video over a time range (HyperLogLog estimate).
+    Uniques(inspect::UniquesArgs),
+    /// Count, sum and average of every event type of one video over a time range.
+    Stats(inspect::StatsArgs),
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
@@ -56,6 +62,9 @@ fn main() -> ExitCode {
         Command::Send(args) => client_runtime().and_then(|rt| rt.block_on(send::run(args))),
         Command::Count(args) => client_runtime().and_then(|rt| rt.block_on(inspect::count(args))),
         Command::Series(args) => client_runtime().and_then(|rt| rt.block_on(inspect::series(args))),
+        Command::Top(args) => client_runtime().and_then(|rt| rt.block_on(inspect::top(args))),
+        Command::Uniques(args) => client_runtime().and_then(|rt| rt.block_on(inspect::uniques(args))),
+        Command::Stats(args) => client_runtime().and_then(|rt| rt.block_on(inspect::stats(args))),
         Command::Bench(args) => client_runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     match result {

@@ -78,3 +78,32 @@ fn send_resumes_where_it_stopped_and_never_double_counts() {
     assert!(out.status.success());
     assert_eq!(server.count("r"), 4051);
 }
+
+#[test]
+fn top_uniques_and_stats_print_readable_text_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let body = r#"[{"video_id":"hit","viewer_id":"u1"},{"video_id":"hit","viewer_id":"u2"},{"video_id":"hit","viewer_id":"u1"},
+        {"video_id":"miss"},{"video_id":"hit","type":"watch_ms","value":3000}]"#;
+    assert_eq!(server.post_events(body, &[]).status, 200);
+    let stdout = |args: &[&str]| {
+        let output = tally(&server, args);
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let top = stdout(&["top", "-k", "5"]);
+    assert!(top.contains("exact"), "{top}");
+    let lines: Vec<&str> = top.lines().collect();
+    assert!(lines[1].contains("1.") && lines[1].contains("hit") && lines[1].contains(" 3 "), "{top}");
+    assert!(lines[2].contains("miss"), "{top}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&["top", "--json", "--exact"])).unwrap();
+    assert_eq!(json["items"][0], serde_json::json!({"video_id": "hit", "count": 3, "error": 0}));
+    assert!(stdout(&["uniques", "hit"]).starts_with("2 distinct viewers"));
+    let stats = stdout(&["stats", "hit"]);
+    assert!(stats.lines().any(|l| l.starts_with("watch_ms") && l.contains("3000.00")), "{stats}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&["stats", "hit", "--json"])).unwrap();
+    assert_eq!(json["types"]["view"]["count"], 3);
+    let bad = tally(&server, &["top", "-k", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("k must be"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
