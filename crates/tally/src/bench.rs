@@ -26,7 +26,8 @@ use crate::client::{Client, encode_query};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to load: `write` (POST /v1/events) or `read` (GET /v1/count)
+    /// What to load: `write` (POST /v1/events), `read` (GET /v1/count) or `top`
+    /// (GET /v1/top over the last --top-hours)
     #[arg(long, value_enum, default_value = "write")]
     mode: Mode,
     /// Distinct videos
@@ -57,6 +58,12 @@ pub struct BenchArgs {
     /// Longest range a read asks for, days (read mode)
     #[arg(long, default_value_t = 365)]
     range_days: i64,
+    /// Videos each top request asks for (top mode)
+    #[arg(long, default_value_t = 100)]
+    top_k: u32,
+    /// Range of each top request: the last this many hours (top mode)
+    #[arg(long, default_value_t = 1)]
+    top_hours: i64,
     /// Event type; default for writes: a fresh `bench-<run>` type, so counts can be checked
     /// exactly; for reads: view
     #[arg(long = "type")]
@@ -76,6 +83,7 @@ pub struct BenchArgs {
 enum Mode {
     Write,
     Read,
+    Top,
 }
 
 /// Step between the bodies one worker sends in turn: a prime, so each worker cycles through
@@ -164,7 +172,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.server)?;
     match args.mode {
         Mode::Write => write(args, client, seed).await,
-        Mode::Read => read(args, client, seed).await,
+        Mode::Read | Mode::Top => read(args, client, seed).await,
     }
 }
 
@@ -342,6 +350,8 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let zipf = Arc::new(Zipf::new(args.videos, args.zipf));
+    let top = args.mode == Mode::Top;
+    let (top_k, top_ms) = (args.top_k, args.top_hours * 3_600_000);
     let started = Instant::now();
     let bar = spinner();
     let mut workers = Vec::new();
@@ -352,35 +362,50 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
         workers.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(seed ^ worker as u64);
             let mut latencies = Vec::new();
+            let mut exact_answers = 0u64;
             while Instant::now() < deadline {
                 if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
                     break;
                 }
-                let to = now_ms - rng.random_range(0..7 * 86_400_000);
-                let from = to - rng.random_range(1..=range_ms);
-                let path = format!(
-                    "/v1/count?video_id={}&type={}&from={from}&to={to}",
-                    encode_query(&format!("v{}", zipf.sample(&mut rng))),
-                    encode_query(&event_type)
-                );
+                let path = if top {
+                    let to = jiff::Timestamp::now().as_millisecond();
+                    format!("/v1/top?type={}&k={top_k}&from={}&to={to}", encode_query(&event_type), to - top_ms)
+                } else {
+                    let to = now_ms - rng.random_range(0..7 * 86_400_000);
+                    let from = to - rng.random_range(1..=range_ms);
+                    format!(
+                        "/v1/count?video_id={}&type={}&from={from}&to={to}",
+                        encode_query(&format!("v{}", zipf.sample(&mut rng))),
+                        encode_query(&event_type)
+                    )
+                };
                 let sent_at = Instant::now();
                 let answer = client.request(Method::GET, &path, &[], Bytes::new()).await?;
-                anyhow::ensure!(answer.status.is_success(), "count failed: {}", answer.error_text());
+                anyhow::ensure!(answer.status.is_success(), "query failed: {}", answer.error_text());
                 latencies.push(sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if top && answer.json()?["exact"] == true {
+                    exact_answers += 1;
+                }
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok((latencies, exact_answers))
         }));
     }
     let mut latencies = Vec::new();
+    let mut exact_answers = 0;
     for worker in workers {
-        latencies.append(&mut worker.await??);
+        let (mut part, exact) = worker.await??;
+        latencies.append(&mut part);
+        exact_answers += exact;
     }
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     latencies.sort_unstable();
     let latencies = Latencies(latencies);
     let result = json!({
-        "mode": "read",
+        "mode": if top { "top" } else { "read" },
+        "top_k": top.then_some(top_k),
+        "top_hours": top.then_some(args.top_hours),
+        "exact_answers": top.then_some(exact_answers),
         "seed": seed,
         "videos": args.videos,
         "range_days_max": args.range_days,
@@ -421,6 +446,9 @@ fn print_result(args: &BenchArgs, result: &serde_json::Value) {
         );
     }
     println!("latency ms: p50 {} p90 {} p99 {} p99.9 {} max {}", l["p50"], l["p90"], l["p99"], l["p999"], l["max"]);
+    if result["mode"] == "top" {
+        println!("exact answers: {} of {}", result["exact_answers"], result["requests"]);
+    }
     if result["mode"] == "write" {
         if result["verified"] == true {
             println!(
