@@ -39,6 +39,9 @@ use partition::{Append, Partition};
 /// allocation of each record, so most batches are encoded without regrowing.
 const RECORD_BYTES_PER_EVENT_ESTIMATE: usize = 48;
 
+/// The store's file inside the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
 /// How far writes and purges trail the retention cutoffs queries use, minutes.
 const RETENTION_LAG_MINUTES: i64 = 60;
 

@@ -14,7 +14,7 @@ mod key;
 mod redb_store;
 mod tables;
 
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, TableUsage};
 
 use tally_aggregate::{Counter, DedupJournal, Deltas};
 use tally_core::hll::Hll;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use tally_aggregate::Counter;
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
@@ -66,6 +66,44 @@ impl RedbStore {
             db.compact().map_err(redb_error("compact"))?;
         }
         Ok(RedbStore { db, path: path.to_path_buf() })
+    }
+}
+
+/// What one group of store tables takes: rows, bytes of keys and values, and bytes of
+/// pages (what the disk holds for them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableUsage {
+    /// `kind.granularity` (e.g. `counters.minute`) or a single table's name.
+    pub group: String,
+    pub tables: u64,
+    pub rows: u64,
+    pub stored_bytes: u64,
+    pub page_bytes: u64,
+}
+
+/// redb's page size.
+const PAGE_BYTES: u64 = 4096;
+
+impl RedbStore {
+    /// Space per table group, for capacity planning (`tally store-stats`).
+    pub fn usage(&self) -> Result<Vec<TableUsage>, StoreError> {
+        let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
+        let mut groups: BTreeMap<String, TableUsage> = BTreeMap::new();
+        for handle in txn.list_tables().map_err(redb_error("list tables"))? {
+            let name = handle.name().to_string();
+            let group = match tables::parse(&name) {
+                Some(_) => name.rsplit_once('.').map_or(name.clone(), |(group, _)| group.to_string()),
+                None => name.clone(),
+            };
+            let table = txn.open_untyped_table(handle).map_err(redb_error("open table"))?;
+            let stats = table.stats().map_err(redb_error("table stats"))?;
+            let usage = groups.entry(group.clone()).or_insert_with(|| TableUsage { group, ..TableUsage::default() });
+            usage.tables += 1;
+            usage.rows += table.len().map_err(redb_error("table length"))?;
+            usage.stored_bytes += stats.stored_bytes();
+            usage.page_bytes += (stats.leaf_pages() + stats.branch_pages()) * PAGE_BYTES;
+        }
+        Ok(groups.into_values().collect())
     }
 }
 

@@ -161,11 +161,8 @@ pub async fn series(SeriesArgs { selection: args, step }: SeriesArgs) -> anyhow:
 
 pub async fn top(args: TopArgs) -> anyhow::Result<()> {
     let k = args.k.to_string();
-    let pairs = [
-        ("type", Some(args.event_type.as_str())),
-        ("k", Some(k.as_str())),
-        ("exact", args.exact.then_some("true")),
-    ];
+    let pairs =
+        [("type", Some(args.event_type.as_str())), ("k", Some(k.as_str())), ("exact", args.exact.then_some("true"))];
     let Some(answer) = args.range.ask("/v1/top", &pairs).await? else { return Ok(()) };
     let items = answer["items"].as_array().cloned().unwrap_or_default();
     let exact = if answer["exact"] == true {

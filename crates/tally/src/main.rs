@@ -37,6 +37,9 @@ enum Command {
     Uniques(inspect::UniquesArgs),
     /// Count, sum and average of every event type of one video over a time range.
     Stats(inspect::StatsArgs),
+    /// Space the store takes per table group (rows, bytes of data, bytes of pages), for
+    /// capacity planning. Reads the data directory of a stopped server.
+    StoreStats(StoreStatsArgs),
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
@@ -55,6 +58,47 @@ pub struct ServeArgs {
     config: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+pub struct StoreStatsArgs {
+    /// Data directory of a stopped server
+    #[arg(long, default_value = "./tally-data")]
+    data_dir: PathBuf,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
+    let path = args.data_dir.join(tally_engine::STORE_FILE);
+    anyhow::ensure!(path.exists(), "no store at {}", path.display());
+    let store = tally_store::RedbStore::open(&path)?;
+    let usage = store.usage()?;
+    if args.json {
+        let rows: Vec<serde_json::Value> = usage
+            .iter()
+            .map(|u| {
+                serde_json::json!({"group": u.group, "tables": u.tables, "rows": u.rows,
+                    "stored_bytes": u.stored_bytes, "page_bytes": u.page_bytes})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>7} {:>14} {:>16} {:>16} {:>10}",
+        "group", "tables", "rows", "data bytes", "page bytes", "B/row"
+    );
+    for u in &usage {
+        let per_row = if u.rows == 0 { 0 } else { u.page_bytes / u.rows };
+        println!(
+            "{:<20} {:>7} {:>14} {:>16} {:>16} {:>10}",
+            u.group, u.tables, u.rows, u.stored_bytes, u.page_bytes, per_row
+        );
+    }
+    println!("file: {} bytes", std::fs::metadata(&path)?.len());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -65,6 +109,7 @@ fn main() -> ExitCode {
         Command::Top(args) => client_runtime().and_then(|rt| rt.block_on(inspect::top(args))),
         Command::Uniques(args) => client_runtime().and_then(|rt| rt.block_on(inspect::uniques(args))),
         Command::Stats(args) => client_runtime().and_then(|rt| rt.block_on(inspect::stats(args))),
+        Command::StoreStats(args) => store_stats(args),
         Command::Bench(args) => client_runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     match result {

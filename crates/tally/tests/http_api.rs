@@ -229,8 +229,11 @@ fn count_ranges_are_half_open_minute_aligned_and_stated() {
 fn bad_query_parameters_are_400() {
     let (_dir, server) = server("");
     // Eight days of minutes from six days ago: minute buckets are still kept there.
-    let too_many_minutes =
-        format!("/v1/series?video_id=v&step=minute&from={}&to={}", now_ms() - 6 * 86_400_000, now_ms() + 2 * 86_400_000);
+    let too_many_minutes = format!(
+        "/v1/series?video_id=v&step=minute&from={}&to={}",
+        now_ms() - 6 * 86_400_000,
+        now_ms() + 2 * 86_400_000
+    );
     for path in [
         "/v1/count",
         "/v1/count?video_id=",
