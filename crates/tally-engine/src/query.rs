@@ -320,8 +320,14 @@ impl Engine {
             }
             let video_id = std::str::from_utf8(video_id).expect("video ids are UTF-8");
             if refined == TOP_REFINEMENTS_MAX {
-                unrefined_max = upper;
+                // Candidates come by upper bound, descending: the first one left bounds them all.
+                if unrefined.is_empty() {
+                    unrefined_max = upper;
+                }
                 unrefined.push((low, video_id));
+                if unrefined.len() == k {
+                    break;
+                }
                 continue;
             }
             refined += 1;
