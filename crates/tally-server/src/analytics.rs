@@ -15,7 +15,8 @@ use tally_core::hll::Hll;
 use tally_engine::Engine;
 
 use crate::query::{
-    bounds, check_type, from_to, params, query_pairs, retained_range, rfc3339, sum_json, time_zone, video_and_type,
+    asked_range, bounds, check_type, from_to, params, query_pairs, retained_range, rfc3339, sum_json, time_zone,
+    video_and_type,
 };
 use crate::{ApiError, AppState};
 
@@ -94,10 +95,7 @@ pub(crate) async fn uniques(
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = video_and_type(&p)?;
-    let tz = time_zone(&p)?;
-    let (from, to) = from_to(&p, tz.as_ref())?;
-    let (from, to) = bounds(&state, from, to)?;
-    let (range, resolution) = retained_range(engine, from, to);
+    let (range, resolution) = asked_range(&state, engine, &p)?;
     let sketch: Hll = {
         let (video_id, event_type) = (video_id.to_string(), event_type.to_string());
         blocking(engine, move |engine| Ok(engine.uniques(&event_type, &video_id, range)?)).await?
@@ -122,10 +120,7 @@ pub(crate) async fn stats(
     // Every type is reported; `video_and_type` checks the video id.
     p.remove("type");
     let (video_id, _) = video_and_type(&p)?;
-    let tz = time_zone(&p)?;
-    let (from, to) = from_to(&p, tz.as_ref())?;
-    let (from, to) = bounds(&state, from, to)?;
-    let (range, resolution) = retained_range(engine, from, to);
+    let (range, resolution) = asked_range(&state, engine, &p)?;
     let by_type = {
         let video_id = video_id.to_string();
         blocking(engine, move |engine| Ok(engine.type_stats(&video_id, range)?)).await?

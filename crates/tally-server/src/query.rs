@@ -182,6 +182,19 @@ pub(crate) fn bounds(state: &AppState, from: Option<i64>, to: Option<i64>) -> Re
     Ok((from, to))
 }
 
+/// The range a query string asks for: `from`/`to` read in its `tz`, absent bounds
+/// resolved, widened past retention; and the resolution that needed.
+pub(crate) fn asked_range(
+    state: &AppState,
+    engine: &Engine,
+    p: &HashMap<&'static str, String>,
+) -> Result<(MinuteRange, Granularity), ApiError> {
+    let tz = time_zone(p)?;
+    let (from, to) = from_to(p, tz.as_ref())?;
+    let (from, to) = bounds(state, from, to)?;
+    Ok(retained_range(engine, from, to))
+}
+
 pub(crate) async fn count(
     State(state): State<Arc<AppState>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -189,10 +202,7 @@ pub(crate) async fn count(
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = video_and_type(&p)?;
-    let tz = time_zone(&p)?;
-    let (from, to) = from_to(&p, tz.as_ref())?;
-    let (from, to) = bounds(&state, from, to)?;
-    let (range, resolution) = retained_range(engine, from, to);
+    let (range, resolution) = asked_range(&state, engine, &p)?;
     let counter = engine.count(event_type, video_id, range)?;
     Ok(Json(json!({
         "video_id": video_id,
