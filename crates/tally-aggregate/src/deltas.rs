@@ -69,9 +69,7 @@ fn split_key(key: &[u8]) -> (&str, &str) {
 
 impl Deltas {
     pub fn add(&mut self, event_type: &str, video_id: &str, minute: i64, value: i64, viewer_id: Option<&str>) {
-        if self.types.last().is_none_or(|last| **last != *event_type)
-            && !self.types.iter().any(|known| **known == *event_type)
-        {
+        if !self.types.iter().any(|known| **known == *event_type) {
             self.types.push(Box::from(event_type));
         }
         build_key(&mut self.key_scratch, event_type, video_id);

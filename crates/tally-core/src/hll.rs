@@ -182,7 +182,7 @@ impl Hll {
     }
 
     /// Bytes of the stored form.
-    pub fn encoded_len(&self) -> usize {
+    fn encoded_len(&self) -> usize {
         match self {
             Hll::Sparse { entries, .. } => 1 + 4 * entries.len(),
             Hll::Dense(_) => 1 + REGISTERS,

@@ -35,14 +35,6 @@ impl Retention {
     /// Keeps every tier forever.
     pub const KEEP_ALL: Retention = Retention { minute_days: None, hour_days: None, day_days: None };
 
-    pub fn days(&self, granularity: Granularity) -> Option<u32> {
-        match granularity {
-            Granularity::Minute => self.minute_days,
-            Granularity::Hour => self.hour_days,
-            Granularity::Day => self.day_days,
-        }
-    }
-
     /// The cutoffs at epoch minute `now`.
     pub fn cutoffs(&self, now: i64) -> Cutoffs {
         let cut = |days: Option<u32>, align: i64| {

@@ -275,18 +275,6 @@ impl Engine {
         self.shared.cutoffs()
     }
 
-    /// Drops expired buckets now (the flusher also does it every `retention_interval_ms`);
-    /// returns the tables dropped.
-    pub fn purge(&self) -> Result<usize, EngineError> {
-        let _one_at_a_time = self.shared.flush_lock.lock();
-        Ok(self.shared.store.purge(&self.shared.write_cutoffs())?)
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn store_bytes(&self) -> Result<u64, EngineError> {
-        Ok(self.shared.store.disk_bytes()?)
-    }
-
     /// Validated events in, one record per touched partition out to the writers. Admission
     /// is all or nothing: a refused request has sent nothing to any partition.
     ///

@@ -47,6 +47,16 @@ impl<T> MemoryView<T> {
         }
     }
 
+    /// The same view with each copy transformed.
+    fn map<U>(&self, f: impl Fn(&T) -> U) -> MemoryView<U> {
+        MemoryView {
+            partition: self.partition,
+            pending_start: self.pending_start,
+            pending: f(&self.pending),
+            flushing: self.flushing.as_ref().map(|(start, copy)| (*start, f(copy))),
+        }
+    }
+
     /// The copies that a snapshot with checkpoint `checkpoint` does not contain.
     fn unflushed(&self, checkpoint: u64) -> impl Iterator<Item = &T> {
         let flushing = self.flushing.iter().filter(move |(start, _)| checkpoint <= *start).map(|(_, copy)| copy);
@@ -105,7 +115,28 @@ impl Engine {
         }
         let view = self.memory_view(event_type, video_id, range);
         let snapshot = self.shared.store.snapshot()?;
-        total(&*snapshot, &range.decompose(), event_type, video_id, &view)
+        total(&*snapshot, range, &range.decompose(), event_type, video_id, &view)
+    }
+
+    /// One video's count and sum between consecutive `bounds` (ascending epoch minutes),
+    /// all from one store snapshot: for series whose steps are not buckets (local days).
+    pub fn counts_between(
+        &self,
+        event_type: &str,
+        video_id: &str,
+        bounds: &[i64],
+    ) -> Result<Vec<Counter>, EngineError> {
+        let (Some(&start), Some(&end)) = (bounds.first(), bounds.last()) else { return Ok(Vec::new()) };
+        debug_assert!(bounds.is_sorted(), "bounds must ascend");
+        let view = self.memory_view(event_type, video_id, MinuteRange { start, end });
+        let snapshot = self.shared.store.snapshot()?;
+        bounds
+            .windows(2)
+            .map(|pair| {
+                let range = MinuteRange { start: pair[0], end: pair[1] };
+                total(&*snapshot, range, &range.decompose(), event_type, video_id, &view)
+            })
+            .collect()
     }
 
     /// `count` for many videos of one type over one range, from one store snapshot.
@@ -125,7 +156,7 @@ impl Engine {
         video_ids
             .iter()
             .zip(&views)
-            .map(|(video_id, view)| total(&*snapshot, &spans, event_type, video_id, view))
+            .map(|(video_id, view)| total(&*snapshot, range, &spans, event_type, video_id, view))
             .collect()
     }
 
@@ -173,7 +204,6 @@ impl Engine {
                 .collect::<Vec<_>>()
         });
         let snapshot = self.shared.store.snapshot()?;
-        let checkpoint = snapshot.checkpoint_offset(partition)?;
         let mut types: Vec<String> = snapshot.types()?;
         types.extend(view.pending.iter().map(|(t, _)| t.clone()));
         if let Some((_, flushing)) = &view.flushing {
@@ -184,15 +214,10 @@ impl Engine {
         let spans = range.decompose();
         let mut answer = Vec::new();
         for event_type in types {
-            let mut total = Counter::default();
-            for span in &spans {
-                total.add(snapshot.sum(&event_type, video_id, *span)?);
-            }
-            for copy in view.unflushed(checkpoint) {
-                for (_, cells) in copy.iter().filter(|(t, _)| *t == event_type) {
-                    cells.iter().for_each(|(_, counter)| total.add(*counter));
-                }
-            }
+            let cells_of_type = |copy: &Vec<(String, Cells)>| {
+                copy.iter().find(|(t, _)| *t == event_type).map(|(_, cells)| cells.clone()).unwrap_or_default()
+            };
+            let total = total(&*snapshot, range, &spans, &event_type, video_id, &view.map(cells_of_type))?;
             if total.count > 0 {
                 answer.push((event_type, total));
             }
@@ -395,8 +420,11 @@ impl Best {
 }
 
 /// The store's buckets over `spans` plus the cells of `view` the snapshot does not hold.
+/// The store's buckets over `spans` (the decomposition of `range`) plus the cells of
+/// `view` inside `range` that the snapshot does not hold.
 fn total(
     snapshot: &dyn Snapshot,
+    range: MinuteRange,
     spans: &[Span],
     event_type: &str,
     video_id: &str,
@@ -407,7 +435,7 @@ fn total(
         total.add(snapshot.sum(event_type, video_id, *span)?);
     }
     let checkpoint = snapshot.checkpoint_offset(view.partition)?;
-    for (_, counter) in view.unflushed(checkpoint).flatten() {
+    for (_, counter) in view.unflushed(checkpoint).flatten().filter(|(minute, _)| range.contains(*minute)) {
         total.add(*counter);
     }
     Ok(total)

@@ -10,14 +10,10 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use serde_json::{Value, json};
-use tally_core::event::EVENT_TYPE_DEFAULT;
 use tally_core::hll::Hll;
 use tally_engine::Engine;
 
-use crate::query::{
-    asked_range, bounds, check_type, from_to, params, query_pairs, retained_range, rfc3339, sum_json, time_zone,
-    video_and_type,
-};
+use crate::query::{asked_range, params, query_pairs, ranged, sum_json, type_param, video_param};
 use crate::{ApiError, AppState};
 
 /// Most videos one top answer lists.
@@ -42,8 +38,7 @@ pub(crate) async fn top(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["type", "from", "to", "k", "exact", "tz"])?;
-    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str).to_string();
-    check_type(&event_type)?;
+    let event_type = type_param(&p)?.to_string();
     let k = match p.get("k") {
         None => TOP_K_DEFAULT,
         Some(text) => text.parse::<usize>().ok().filter(|k| (1..=TOP_K_MAX).contains(k)).ok_or_else(|| {
@@ -60,12 +55,7 @@ pub(crate) async fn top(
             );
         }
     };
-    let tz = time_zone(&p)?;
-    let (from, to) = from_to(&p, tz.as_ref())?;
-    let to_default = (state.clock)() + state.config.limits.clock_skew_max_ms + 1;
-    let from = from.or(Some(to.unwrap_or(to_default) - TOP_DEFAULT_SPAN_MS));
-    let (from, to) = bounds(&state, from, to)?;
-    let (range, resolution) = retained_range(engine, from, to);
+    let (range, resolution) = asked_range(&state, engine, &p, Some(TOP_DEFAULT_SPAN_MS))?;
     let answer = {
         let event_type = event_type.clone();
         blocking(engine, move |engine| Ok(engine.top(&event_type, range, k, exact)?)).await?
@@ -75,17 +65,18 @@ pub(crate) async fn top(
         .iter()
         .map(|item| json!({ "video_id": item.video_id, "count": item.count, "error": item.error }))
         .collect();
-    Ok(Json(json!({
-        "type": event_type,
-        "from": rfc3339(range.start),
-        "to": rfc3339(range.end),
-        "resolution": resolution.name(),
-        "k": k,
-        "exact": answer.exact,
-        "unlisted_max": answer.unlisted_max,
-        "candidates_counted": answer.refined,
-        "items": items,
-    })))
+    Ok(ranged(
+        range,
+        resolution,
+        json!({
+            "type": event_type,
+            "k": k,
+            "exact": answer.exact,
+            "unlisted_max": answer.unlisted_max,
+            "candidates_counted": answer.refined,
+            "items": items,
+        }),
+    ))
 }
 
 pub(crate) async fn uniques(
@@ -94,21 +85,22 @@ pub(crate) async fn uniques(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
-    let (video_id, event_type) = video_and_type(&p)?;
-    let (range, resolution) = asked_range(&state, engine, &p)?;
+    let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
+    let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let sketch: Hll = {
         let (video_id, event_type) = (video_id.to_string(), event_type.to_string());
         blocking(engine, move |engine| Ok(engine.uniques(&event_type, &video_id, range)?)).await?
     };
-    Ok(Json(json!({
-        "video_id": video_id,
-        "type": event_type,
-        "from": rfc3339(range.start),
-        "to": rfc3339(range.end),
-        "resolution": resolution.name(),
-        "uniques": sketch.estimate().round() as u64,
-        "relative_error": sketch.relative_error(),
-    })))
+    Ok(ranged(
+        range,
+        resolution,
+        json!({
+            "video_id": video_id,
+            "type": event_type,
+            "uniques": sketch.estimate().round() as u64,
+            "relative_error": sketch.relative_error(),
+        }),
+    ))
 }
 
 pub(crate) async fn stats(
@@ -116,11 +108,9 @@ pub(crate) async fn stats(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let mut p = params(query_pairs(query)?, &["video_id", "from", "to", "tz"])?;
-    // Every type is reported; `video_and_type` checks the video id.
-    p.remove("type");
-    let (video_id, _) = video_and_type(&p)?;
-    let (range, resolution) = asked_range(&state, engine, &p)?;
+    let p = params(query_pairs(query)?, &["video_id", "from", "to", "tz"])?;
+    let video_id = video_param(&p)?;
+    let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let by_type = {
         let video_id = video_id.to_string();
         blocking(engine, move |engine| Ok(engine.type_stats(&video_id, range)?)).await?
@@ -132,11 +122,5 @@ pub(crate) async fn stats(
             (event_type, json!({ "count": c.count, "sum": sum_json(c.sum), "avg": avg }))
         })
         .collect();
-    Ok(Json(json!({
-        "video_id": video_id,
-        "from": rfc3339(range.start),
-        "to": rfc3339(range.end),
-        "resolution": resolution.name(),
-        "types": types,
-    })))
+    Ok(ranged(range, resolution, json!({ "video_id": video_id, "types": types })))
 }

@@ -160,22 +160,33 @@ pub(crate) fn params(
     Ok(found)
 }
 
-/// The `video_id` (required) and `type` (default `view`) parameters, checked.
-pub(crate) fn video_and_type<'a>(p: &'a HashMap<&'static str, String>) -> Result<(&'a str, &'a str), ApiError> {
+/// The `video_id` parameter (required), checked.
+pub(crate) fn video_param<'a>(p: &'a HashMap<&'static str, String>) -> Result<&'a str, ApiError> {
     let video_id = p.get("video_id").ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", "video_id is required").with("field", json!("video_id"))
     })?;
     check_video_id("video_id", video_id)?;
-    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str);
-    check_type(event_type)?;
-    Ok((video_id, event_type))
+    Ok(video_id)
 }
 
-/// Resolves `[from, to)` in milliseconds: absent `from` is the epoch, absent `to` is the
-/// latest instant an event may carry now (receive time plus the maximum clock skew).
-pub(crate) fn bounds(state: &AppState, from: Option<i64>, to: Option<i64>) -> Result<(i64, i64), ApiError> {
-    let from = from.unwrap_or(0);
+/// The `type` parameter (default `view`), checked.
+pub(crate) fn type_param<'a>(p: &'a HashMap<&'static str, String>) -> Result<&'a str, ApiError> {
+    let event_type = p.get("type").map_or(EVENT_TYPE_DEFAULT, String::as_str);
+    check_type(event_type)?;
+    Ok(event_type)
+}
+
+/// Resolves `[from, to)` in milliseconds: absent `to` is the latest instant an event may
+/// carry now (receive time plus the maximum clock skew); absent `from` is `span_default`
+/// before `to`, or the epoch without one.
+pub(crate) fn bounds(
+    state: &AppState,
+    from: Option<i64>,
+    to: Option<i64>,
+    span_default: Option<i64>,
+) -> Result<(i64, i64), ApiError> {
     let to = to.unwrap_or_else(|| (state.clock)() + state.config.limits.clock_skew_max_ms + 1);
+    let from = from.unwrap_or_else(|| span_default.map_or(0, |span| to.saturating_sub(span)));
     if from > to {
         return Err(ApiError::bad_request("invalid_range", "from must not be after to"));
     }
@@ -183,16 +194,26 @@ pub(crate) fn bounds(state: &AppState, from: Option<i64>, to: Option<i64>) -> Re
 }
 
 /// The range a query string asks for: `from`/`to` read in its `tz`, absent bounds
-/// resolved, widened past retention; and the resolution that needed.
+/// resolved (see `bounds`), widened past retention; and the resolution that needed.
 pub(crate) fn asked_range(
     state: &AppState,
     engine: &Engine,
     p: &HashMap<&'static str, String>,
+    span_default: Option<i64>,
 ) -> Result<(MinuteRange, Granularity), ApiError> {
     let tz = time_zone(p)?;
     let (from, to) = from_to(p, tz.as_ref())?;
-    let (from, to) = bounds(state, from, to)?;
+    let (from, to) = bounds(state, from, to, span_default)?;
     Ok(retained_range(engine, from, to))
+}
+
+/// An answer over a range: `body` plus the aligned range summed and its resolution.
+pub(crate) fn ranged(range: MinuteRange, resolution: Granularity, mut body: Value) -> Json<Value> {
+    let fields = body.as_object_mut().expect("answers are objects");
+    fields.insert("from".into(), json!(rfc3339(range.start)));
+    fields.insert("to".into(), json!(rfc3339(range.end)));
+    fields.insert("resolution".into(), json!(resolution.name()));
+    Json(body)
 }
 
 pub(crate) async fn count(
@@ -201,18 +222,14 @@ pub(crate) async fn count(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
-    let (video_id, event_type) = video_and_type(&p)?;
-    let (range, resolution) = asked_range(&state, engine, &p)?;
+    let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
+    let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let counter = engine.count(event_type, video_id, range)?;
-    Ok(Json(json!({
-        "video_id": video_id,
-        "type": event_type,
-        "from": rfc3339(range.start),
-        "to": rfc3339(range.end),
-        "resolution": resolution.name(),
-        "count": counter.count,
-        "sum": sum_json(counter.sum),
-    })))
+    Ok(ranged(
+        range,
+        resolution,
+        json!({ "video_id": video_id, "type": event_type, "count": counter.count, "sum": sum_json(counter.sum) }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -246,19 +263,13 @@ pub(crate) async fn counts(
     }
     let event_type = request.event_type.as_deref().unwrap_or(EVENT_TYPE_DEFAULT);
     check_type(event_type)?;
-    let (from, to) = bounds(&state, instant_value("from", &request.from)?, instant_value("to", &request.to)?)?;
+    let (from, to) = bounds(&state, instant_value("from", &request.from)?, instant_value("to", &request.to)?, None)?;
     let (range, resolution) = retained_range(engine, from, to);
     let video_ids: Vec<&str> = request.video_ids.iter().map(String::as_str).collect();
     let counters = engine.counts(event_type, &video_ids, range)?;
     let counts: serde_json::Map<String, Value> =
         request.video_ids.iter().zip(counters).map(|(video_id, c)| (video_id.clone(), json!(c.count))).collect();
-    Ok(Json(json!({
-        "type": event_type,
-        "from": rfc3339(range.start),
-        "to": rfc3339(range.end),
-        "resolution": resolution.name(),
-        "counts": counts,
-    })))
+    Ok(ranged(range, resolution, json!({ "type": event_type, "counts": counts })))
 }
 
 /// Points a series has when neither `from` nor `to` is given.
@@ -270,7 +281,7 @@ pub(crate) async fn series(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "step", "tz"])?;
-    let (video_id, event_type) = video_and_type(&p)?;
+    let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let step_name = p.get("step").map_or("minute", String::as_str);
     let granularity = Granularity::from_name(step_name).ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", "step must be minute, hour or day").with("field", json!("step"))
@@ -349,13 +360,13 @@ fn local_days(
     let first = date_of(from);
     let last = if to > from { date_of(to - 1) } else { first };
     let points_max = state.config.series_points_max;
-    let internal =
+    let unbuildable =
         |e: jiff::Error| ApiError::bad_request("invalid_range", format!("local days cannot be built there: {e}"));
     // Day starts: one per day plus the start of the day after the last.
     let mut starts: Vec<jiff::ZonedDateTime> = Vec::new();
     let mut date = first;
     loop {
-        starts.push(tz.to_zoned_datetime(date.to_datetime(jiff::civil::Time::midnight())).map_err(internal)?);
+        starts.push(tz.to_zoned_datetime(date.to_datetime(jiff::civil::Time::midnight())).map_err(unbuildable)?);
         if date > last {
             break;
         }
@@ -366,7 +377,7 @@ fn local_days(
             )
             .with("limit", json!(points_max)));
         }
-        date = date.tomorrow().map_err(internal)?;
+        date = date.tomorrow().map_err(unbuildable)?;
     }
     let cutoffs = engine.cutoffs();
     let mut exact_boundaries = true;
@@ -384,17 +395,20 @@ fn local_days(
             read
         })
         .collect();
-    let mut points = Vec::with_capacity(bounds.len() - 1);
-    for (i, pair) in bounds.windows(2).enumerate() {
-        let counter = engine.count(event_type, video_id, MinuteRange { start: pair[0], end: pair[1] })?;
-        points.push(json!({
-            "t": starts[i].strftime("%Y-%m-%dT%H:%M:%S%:z").to_string(),
-            "date": starts[i].date().to_string(),
-            "count": counter.count,
-            "sum": sum_json(counter.sum),
-        }));
-    }
     let local = |z: &jiff::ZonedDateTime| z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
+    let points: Vec<Value> = engine
+        .counts_between(event_type, video_id, &bounds)?
+        .into_iter()
+        .zip(&starts)
+        .map(|(counter, start)| {
+            json!({
+                "t": local(start),
+                "date": start.date().to_string(),
+                "count": counter.count,
+                "sum": sum_json(counter.sum),
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "video_id": video_id,
         "type": event_type,

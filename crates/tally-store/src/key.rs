@@ -64,12 +64,12 @@ pub(crate) fn encode_counter(counter: Counter) -> [u8; 24] {
     out
 }
 
-pub(crate) fn decode_counter(bytes: &[u8]) -> Counter {
-    assert_eq!(bytes.len(), 24, "bucket value must be 24 bytes: the store is corrupt");
-    Counter {
-        count: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
-        sum: i128::from_le_bytes(bytes[8..].try_into().expect("16 bytes")),
-    }
+pub(crate) fn decode_counter(bytes: &[u8]) -> Result<Counter, String> {
+    let (count, sum) = bytes
+        .split_first_chunk::<8>()
+        .and_then(|(count, rest)| Some((count, <&[u8; 16]>::try_from(rest).ok()?)))
+        .ok_or_else(|| format!("a bucket value is {} bytes, not 24", bytes.len()))?;
+    Ok(Counter { count: u64::from_le_bytes(*count), sum: i128::from_le_bytes(*sum) })
 }
 
 pub(crate) fn dedup_key(partition: u32, generation_start_ms: i64, offset: u64) -> [u8; 20] {

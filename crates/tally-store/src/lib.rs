@@ -69,8 +69,6 @@ pub trait CounterStore: Send + Sync + 'static {
     fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError>;
     /// Drops what lies wholly before the cutoffs; returns the tables dropped.
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
-    /// Bytes the store takes on disk.
-    fn disk_bytes(&self) -> Result<u64, StoreError>;
     /// A consistent read view.
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError>;
 }

@@ -85,6 +85,13 @@ pub struct TableUsage {
 const PAGE_BYTES: u64 = 4096;
 
 impl RedbStore {
+    /// Bytes the store file takes on disk.
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        Ok(std::fs::metadata(&self.path)
+            .map_err(|e| StoreError::Redb { context: "stat store file", source: redb::Error::Io(e) })?
+            .len())
+    }
+
     /// Space per table group, for capacity planning (`tally store-stats`).
     pub fn usage(&self) -> Result<Vec<TableUsage>, StoreError> {
         let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
@@ -197,10 +204,10 @@ impl CounterStore for RedbStore {
                 let name = tables::name(Kind::Counters, granularity, period);
                 let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
                 for (key, delta) in upserts {
-                    let mut counter = table
-                        .get(key.as_slice())
-                        .map_err(redb_error("flush counters"))?
-                        .map_or(Counter::default(), |v| decode_counter(v.value()));
+                    let mut counter = match table.get(key.as_slice()).map_err(redb_error("flush counters"))? {
+                        Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
+                        None => Counter::default(),
+                    };
                     counter.add(*delta);
                     table.insert(key.as_slice(), &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
                 }
@@ -217,11 +224,10 @@ impl CounterStore for RedbStore {
                     table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush uniques"))?;
                 }
             }
-            for (&(granularity, period), sketches) in &work.top {
+            for ((granularity, period), sketches) in work.top {
                 let name = tables::name(Kind::Top, granularity, period);
                 let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush top items"))?;
-                for (key, sketch) in sketches {
-                    let mut merged = sketch.clone();
+                for (key, mut merged) in sketches {
                     if let Some(stored) = table.get(key.as_slice()).map_err(redb_error("flush top items"))? {
                         merged.merge_encoded(stored.value()).map_err(|detail| corrupt(&name, detail))?;
                     }
@@ -280,12 +286,6 @@ impl CounterStore for RedbStore {
         Ok(expired.len())
     }
 
-    fn disk_bytes(&self) -> Result<u64, StoreError> {
-        Ok(std::fs::metadata(&self.path)
-            .map_err(|e| StoreError::Redb { context: "stat store file", source: redb::Error::Io(e) })?
-            .len())
-    }
-
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
         let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
         let checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("begin read"))?;
@@ -294,6 +294,8 @@ impl CounterStore for RedbStore {
 }
 
 type BlobTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+/// A table a snapshot opened, or `None` when it does not exist.
+type OpenedTable = Option<Rc<BlobTable>>;
 
 fn blob_table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
@@ -303,20 +305,26 @@ fn corrupt(table: &str, detail: String) -> StoreError {
     StoreError::Corrupt { detail: format!("table {table}: {detail}") }
 }
 
+/// (granularity, period): with a kind, it names a table.
+type TableOf = (Granularity, i64);
+
 /// A flush's writes, grouped by table and sorted by key within each: neighbouring keys
 /// share B-tree pages.
 #[derive(Default)]
 struct FlushWork {
-    counters: BTreeMap<(Granularity, i64), Vec<(Vec<u8>, Counter)>>,
-    uniques: BTreeMap<(Granularity, i64), BTreeMap<Vec<u8>, Hll>>,
-    top: BTreeMap<(Granularity, i64), BTreeMap<Vec<u8>, TopSketch>>,
-    videos: BTreeMap<(Granularity, i64), BTreeSet<Vec<u8>>>,
+    counters: BTreeMap<TableOf, Vec<(Vec<u8>, Counter)>>,
+    uniques: BTreeMap<TableOf, BTreeMap<Vec<u8>, Hll>>,
+    top: BTreeMap<TableOf, BTreeMap<Vec<u8>, TopSketch>>,
+    videos: BTreeMap<TableOf, BTreeSet<Vec<u8>>>,
     types: BTreeSet<String>,
 }
 
 impl FlushWork {
     fn build(flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> FlushWork {
         let mut work = FlushWork::default();
+        // Keyed by borrowed (type, granularity, bucket) while cells are visited; the store
+        // keys are made once per sketch at the end.
+        let mut top: HashMap<(&str, Granularity, i64), TopSketch> = HashMap::new();
         let table = |granularity: Granularity, bucket: i64| (granularity, tables::period_of(granularity, bucket));
         for flush in flushes {
             work.types.extend(flush.deltas.types().iter().map(|t| t.to_string()));
@@ -337,12 +345,7 @@ impl FlushWork {
                         let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
                         bucket_key(&mut key, event_type, video_id, bucket);
                         work.counters.entry(table(granularity, bucket)).or_default().push((key, counter));
-                        let mut top_key = Vec::with_capacity(event_type.len() + 9);
-                        key::top_key(&mut top_key, event_type, bucket);
-                        work.top
-                            .entry(table(granularity, bucket))
-                            .or_default()
-                            .entry(top_key)
+                        top.entry((event_type, granularity, bucket))
                             .or_default()
                             .add(video_id.as_bytes(), counter.count);
                         if granularity == Granularity::Day {
@@ -365,6 +368,11 @@ impl FlushWork {
                 }
             }
         }
+        for ((event_type, granularity, bucket), sketch) in top {
+            let mut key = Vec::with_capacity(event_type.len() + 9);
+            key::top_key(&mut key, event_type, bucket);
+            work.top.entry(table(granularity, bucket)).or_default().insert(key, sketch);
+        }
         for upserts in work.counters.values_mut() {
             upserts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         }
@@ -372,16 +380,19 @@ impl FlushWork {
     }
 }
 
+/// Sees one (key, value) row of a scan; refuses a malformed one with a detail.
+type RowVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), String> + 'a;
+
 struct RedbSnapshot {
     txn: redb::ReadTransaction,
     checkpoints: redb::ReadOnlyTable<u32, &'static [u8]>,
     /// Tables opened so far; `None` when the table does not exist.
-    tables: RefCell<HashMap<(Kind, Granularity, i64), Option<Rc<BlobTable>>>>,
+    tables: RefCell<HashMap<(Kind, TableOf), OpenedTable>>,
 }
 
 impl RedbSnapshot {
-    fn table(&self, kind: Kind, granularity: Granularity, period: i64) -> Result<Option<Rc<BlobTable>>, StoreError> {
-        if let Some(table) = self.tables.borrow().get(&(kind, granularity, period)) {
+    fn table(&self, kind: Kind, granularity: Granularity, period: i64) -> Result<OpenedTable, StoreError> {
+        if let Some(table) = self.tables.borrow().get(&(kind, (granularity, period))) {
             return Ok(table.clone());
         }
         let name = tables::name(kind, granularity, period);
@@ -390,12 +401,13 @@ impl RedbSnapshot {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(redb_error("open table")(e)),
         };
-        self.tables.borrow_mut().insert((kind, granularity, period), table.clone());
+        self.tables.borrow_mut().insert((kind, (granularity, period)), table.clone());
         Ok(table)
     }
 
     /// Visits every (key, value) of `kind` whose bucket lies in `[start, end)`, where the
-    /// key is `prefix | bucket | …`.
+    /// key is `prefix | bucket | …`. A visitor refuses a malformed row with a detail; the
+    /// error then names the table.
     fn scan(
         &self,
         kind: Kind,
@@ -403,7 +415,7 @@ impl RedbSnapshot {
         prefix: &[u8],
         start: i64,
         end: i64,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+        visit: &mut RowVisitor<'_>,
     ) -> Result<(), StoreError> {
         let (mut low, mut high) = (prefix.to_vec(), prefix.to_vec());
         for (period, from, to) in tables::periods(granularity, start, end) {
@@ -414,7 +426,8 @@ impl RedbSnapshot {
             high.extend_from_slice(&ordered_i64(to));
             for entry in table.range(low.as_slice()..high.as_slice()).map_err(redb_error("scan"))? {
                 let (key, value) = entry.map_err(redb_error("scan"))?;
-                visit(key.value(), value.value())?;
+                visit(key.value(), value.value())
+                    .map_err(|detail| corrupt(&tables::name(kind, granularity, period), detail))?;
             }
         }
         Ok(())
@@ -446,7 +459,7 @@ impl Snapshot for RedbSnapshot {
         bucket_prefix(&mut prefix, event_type, video_id);
         let prefix_len = prefix.len();
         self.scan(Kind::Counters, granularity, &prefix, start, end, &mut |key, value| {
-            visit(key::from_ordered_i64(&key[prefix_len..]), decode_counter(value));
+            visit(key::from_ordered_i64(&key[prefix_len..]), decode_counter(value)?);
             Ok(())
         })
     }
@@ -455,7 +468,7 @@ impl Snapshot for RedbSnapshot {
         let mut prefix = Vec::with_capacity(event_type.len() + video_id.len() + 11);
         bucket_prefix(&mut prefix, event_type, video_id);
         self.scan(Kind::Uniques, span.granularity, &prefix, span.start, span.end, &mut |_, value| {
-            into.merge(&Hll::decode(value).map_err(|detail| corrupt("uniques", detail))?);
+            into.merge(&Hll::decode(value)?);
             Ok(())
         })
     }
@@ -463,9 +476,7 @@ impl Snapshot for RedbSnapshot {
     fn top(&self, event_type: &str, span: Span, into: &mut TopSketch) -> Result<(), StoreError> {
         let mut prefix = Vec::with_capacity(event_type.len() + 9);
         key::type_prefix(&mut prefix, event_type);
-        self.scan(Kind::Top, span.granularity, &prefix, span.start, span.end, &mut |_, value| {
-            into.merge_encoded(value).map_err(|detail| corrupt("top", detail))
-        })
+        self.scan(Kind::Top, span.granularity, &prefix, span.start, span.end, &mut |_, value| into.merge_encoded(value))
     }
 
     fn videos(&self, event_type: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
@@ -473,8 +484,7 @@ impl Snapshot for RedbSnapshot {
         key::type_prefix(&mut prefix, event_type);
         let video_at = prefix.len() + 8;
         self.scan(Kind::Videos, Granularity::Day, &prefix, start, end, &mut |key, _| {
-            let video =
-                std::str::from_utf8(&key[video_at..]).map_err(|_| corrupt("videos", "video id is not UTF-8".into()))?;
+            let video = std::str::from_utf8(&key[video_at..]).map_err(|_| "video id is not UTF-8".to_string())?;
             visit(video);
             Ok(())
         })

@@ -89,13 +89,13 @@ fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
         "group", "tables", "rows", "data bytes", "page bytes", "B/row"
     );
     for u in &usage {
-        let per_row = if u.rows == 0 { 0 } else { u.page_bytes / u.rows };
+        let per_row = u.page_bytes.checked_div(u.rows).unwrap_or(0);
         println!(
             "{:<20} {:>7} {:>14} {:>16} {:>16} {:>10}",
             u.group, u.tables, u.rows, u.stored_bytes, u.page_bytes, per_row
         );
     }
-    println!("file: {} bytes", std::fs::metadata(&path)?.len());
+    println!("file: {} bytes", store.disk_bytes()?);
     Ok(())
 }
 
