@@ -36,7 +36,7 @@ impl PartitionState {
         if let Some(request) = record.request_key
             && let Some((first, fingerprint)) = self.dedup.request_outcome(request.key)
         {
-            return Ok(if fingerprint == request.fingerprint { Applied::Done(first) } else { Applied::KeyReused });
+            return Ok(if fingerprint == request.fingerprint { Applied::Repeated(first) } else { Applied::KeyReused });
         }
         let mut outcome = Outcome::default();
         let Self { deltas, dedup } = self;
@@ -60,8 +60,11 @@ impl PartitionState {
 /// What applying a record did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    /// Counted (or, for a repeated idempotency key with the same body, counted before).
+    /// Counted now.
     Done(Outcome),
+    /// The idempotency key was already applied with the same body: nothing counted now;
+    /// the outcome is the first one.
+    Repeated(Outcome),
     /// The idempotency key was already used with a different body: nothing counted.
     KeyReused,
 }
@@ -88,7 +91,7 @@ mod tests {
 
     fn apply(state: &mut PartitionState, bytes: &[u8]) -> Outcome {
         match state.apply(&RecordReader::new(bytes).unwrap()).unwrap() {
-            Applied::Done(outcome) => outcome,
+            Applied::Done(outcome) | Applied::Repeated(outcome) => outcome,
             Applied::KeyReused => panic!("key reused"),
         }
     }

@@ -114,6 +114,9 @@ pub(crate) fn run_writer(
     let partition_label = partition.index.to_string();
     let fsync_seconds = metrics::histogram!("tally_wal_fsync_seconds", "partition" => partition_label.clone());
     let group_records = metrics::histogram!("tally_wal_group_records", "partition" => partition_label);
+    // Events counted now: a request answered again from dedup memory adds nothing.
+    let accepted_total = metrics::counter!("tally_events_accepted_total");
+    let duplicate_total = metrics::counter!("tally_events_duplicate_total");
     let mut removed_before = partition.checkpoint_offset.load(Ordering::Relaxed);
     partition.record_wal_stats(&wal);
     let mut group: Vec<Append> = Vec::new();
@@ -160,18 +163,25 @@ pub(crate) fn run_writer(
         group_records.record(group.len() as f64);
 
         let mut outcomes = Vec::with_capacity(group.len());
+        let mut counted = Outcome::default();
         {
             let mut memory = partition.memory.lock();
             for append in &group {
                 let record = RecordReader::new(&append.record).expect("a record this process encoded must decode");
                 outcomes.push(match memory.state.apply(&record).expect("a record this process encoded must apply") {
-                    Applied::Done(outcome) => Ok(outcome),
+                    Applied::Done(outcome) => {
+                        counted.add(outcome);
+                        Ok(outcome)
+                    }
+                    Applied::Repeated(outcome) => Ok(outcome),
                     Applied::KeyReused => Err(EngineError::IdempotencyConflict),
                 });
             }
             memory.applied_offset = end_offset;
             partition.dedup_entries.store(memory.state.dedup.entries(), Ordering::Relaxed);
         }
+        accepted_total.increment(u64::from(counted.accepted));
+        duplicate_total.increment(u64::from(counted.duplicates));
         for (append, outcome) in group.drain(..).zip(outcomes) {
             partition.queued.fetch_sub(1, Ordering::Relaxed);
             let _ = append.reply.send(outcome);

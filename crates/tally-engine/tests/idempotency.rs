@@ -5,15 +5,23 @@
 use std::sync::Arc;
 
 use tally_core::EventRef;
+use tally_core::retention::Retention;
 use tally_engine::{Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange};
 
+/// A fixed instant; retention is off, so it never expires whatever the wall clock says.
 const RECEIVE_MS: i64 = 1_800_000_000_000;
 
 #[test]
 fn racing_reuse_of_a_key_counts_exactly_one_body() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(
-        Engine::open(EngineConfig { data_dir: dir.path().into(), partitions: 4, ..EngineConfig::default() }).unwrap(),
+        Engine::open(EngineConfig {
+            data_dir: dir.path().into(),
+            partitions: 4,
+            retention: Retention::KEEP_ALL,
+            ..EngineConfig::default()
+        })
+        .unwrap(),
     );
     for round in 0..20 {
         let key = format!("key-{round}");

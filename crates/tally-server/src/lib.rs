@@ -15,7 +15,7 @@ mod wire;
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use tally_core::Limits;
 use tally_engine::Engine;
 use tokio::sync::Semaphore;
@@ -101,34 +101,33 @@ impl AppState {
     }
 }
 
-/// Every route, as (method, path): the OpenAPI document is checked against this list.
-pub const ROUTES: [(&str, &str); 11] = [
-    ("post", "/v1/events"),
-    ("get", "/v1/count"),
-    ("post", "/v1/counts"),
-    ("get", "/v1/series"),
-    ("get", "/v1/top"),
-    ("get", "/v1/uniques"),
-    ("get", "/v1/stats"),
-    ("get", "/v1/openapi.json"),
-    ("get", "/healthz"),
-    ("get", "/readyz"),
-    ("get", "/metrics"),
-];
+/// Every route: method, path and handler. The router is built from this table alone, and
+/// the OpenAPI document is checked against it (`routes`), so neither can drift.
+fn table() -> [(&'static str, &'static str, MethodRouter<Arc<AppState>>); 11] {
+    [
+        ("post", "/v1/events", post(ingest::ingest)),
+        ("get", "/v1/count", get(query::count)),
+        ("post", "/v1/counts", post(query::counts)),
+        ("get", "/v1/series", get(query::series)),
+        ("get", "/v1/top", get(analytics::top)),
+        ("get", "/v1/uniques", get(analytics::uniques)),
+        ("get", "/v1/stats", get(analytics::stats)),
+        ("get", "/v1/openapi.json", get(monitoring::openapi)),
+        ("get", "/healthz", get(monitoring::healthz)),
+        ("get", "/readyz", get(monitoring::readyz)),
+        ("get", "/metrics", get(monitoring::metrics)),
+    ]
+}
+
+/// Every route the router serves, as (method, path).
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    table().into_iter().map(|(method, path, _)| (method, path)).collect()
+}
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/events", post(ingest::ingest))
-        .route("/v1/count", get(query::count))
-        .route("/v1/counts", post(query::counts))
-        .route("/v1/series", get(query::series))
-        .route("/v1/top", get(analytics::top))
-        .route("/v1/uniques", get(analytics::uniques))
-        .route("/v1/stats", get(analytics::stats))
-        .route("/v1/openapi.json", get(monitoring::openapi))
-        .route("/healthz", get(monitoring::healthz))
-        .route("/readyz", get(monitoring::readyz))
-        .route("/metrics", get(monitoring::metrics))
+    table()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| router.route(path, handler))
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::from_fn(monitoring::track_request))
         .with_state(state)

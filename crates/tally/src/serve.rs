@@ -1,5 +1,9 @@
 //! `tally serve`: listen first (so `/readyz` can say "recovering"), recover the engine,
 //! serve until SIGTERM or SIGINT, then drain, flush, checkpoint and exit 0.
+//!
+//! A stop signal during recovery exits at once: nothing has been acknowledged yet and
+//! recovery writes nothing the next start cannot redo, so it starts over from the same
+//! checkpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +12,7 @@ use anyhow::Context;
 use tally_engine::Engine;
 use tally_server::{AppState, router, system_clock};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::ServeArgs;
 use crate::config::FileConfig;
@@ -34,10 +39,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         runtime.worker_threads(threads);
     }
     let runtime = runtime.enable_all().thread_name("tally-http").build()?;
-    runtime.block_on(serve(config))
+    let served = runtime.block_on(serve(config));
+    // Do not wait for blocking work still running: after a stop during recovery, that is
+    // the recovery itself.
+    runtime.shutdown_background();
+    served
 }
 
 async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
+    // Before anything slow, so that a stop during recovery is a clean exit, not a kill.
+    let mut stop_signal = StopSignal::install()?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     let data_dir = std::path::absolute(&config.engine.data_dir)?;
@@ -55,8 +66,14 @@ async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
     });
 
     let engine_config = config.engine;
-    let opened = tokio::task::spawn_blocking(move || Engine::open(engine_config)).await?;
-    let engine = Arc::new(opened.context("opening the data directory")?);
+    let opening = tokio::task::spawn_blocking(move || Engine::open(engine_config));
+    let engine = tokio::select! {
+        opened = opening => Arc::new(opened?.context("opening the data directory")?),
+        () = stop_signal.recv() => {
+            tracing::info!("stopped while recovering; the next start recovers from the same checkpoint");
+            return Ok(());
+        }
+    };
     let recovery = engine.recovery();
     tracing::info!(
         seconds = recovery.duration.as_secs_f64(),
@@ -66,24 +83,39 @@ async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
     );
     state.set_engine(Arc::clone(&engine));
 
-    shutdown_signal().await;
+    stop_signal.recv().await;
     tracing::info!(drain_ms = config.shutdown_drain_ms, "stopping: draining requests");
     state.set_stopping();
     let _ = stop_tx.send(true);
     match tokio::time::timeout(Duration::from_millis(config.shutdown_drain_ms), server).await {
         Ok(result) => result??,
-        Err(_) => tracing::warn!("drain timed out; closing remaining connections"),
+        // New requests are refused with 503 from here on; requests already admitted are
+        // still answered once the engine has written them, and cut off at exit otherwise.
+        Err(_) => tracing::warn!("drain timed out; stopping with requests still open"),
     }
     tokio::task::spawn_blocking(move || engine.shutdown()).await??;
     tracing::info!("stopped: everything flushed and checkpointed");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGTERM or SIGINT, whichever comes first.
+struct StopSignal {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignal {
+    fn install() -> anyhow::Result<StopSignal> {
+        Ok(StopSignal {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }

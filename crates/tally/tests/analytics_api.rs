@@ -115,8 +115,9 @@ fn stats_reports_every_event_type_of_a_video_with_count_sum_and_average() {
 
 #[test]
 fn local_days_follow_daylight_saving_and_half_hour_zones() {
-    // Late events: up to 400 days, so a past DST change can be written.
-    let (_dir, server) = server("lateness_max_ms = 34560000000");
+    // The October 2026 days below must stay writable and in the hour tier whenever this
+    // runs: the longest lateness allowed (100 years) and hour buckets kept forever.
+    let (_dir, server) = server("lateness_max_ms = 3153600000000\nhour_retention_days = 0");
     // Berlin left summer time on 2026-10-25: that day has 25 hours.
     post(
         &server,

@@ -107,3 +107,45 @@ fn top_uniques_and_stats_print_readable_text_and_json() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("k must be"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// The load generator checks the server's counts exactly, on a fresh type and on one that
+/// already has events (counts before plus what was acknowledged).
+#[test]
+fn bench_checks_counts_on_a_fresh_and_an_existing_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--events",
+            "20000",
+            "--videos",
+            "300",
+            "--batch-size",
+            "500",
+            "--concurrency",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = tally(&server, &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let fresh = bench(&[]);
+    assert_eq!(
+        (fresh["events"].clone(), fresh["counted"].clone()),
+        (serde_json::json!(20000), serde_json::json!(20000))
+    );
+    assert_eq!(fresh["mismatched_videos"], 0);
+    let event_type = fresh["event_type"].as_str().unwrap().to_owned();
+    let again = bench(&["--type", &event_type]);
+    assert_eq!(
+        (again["counted"].clone(), again["mismatched_videos"].clone()),
+        (serde_json::json!(20000), serde_json::json!(0))
+    );
+    let ids: Vec<String> = (0..300).map(|v| format!("v{v}")).collect();
+    let counts = server.post_json("/v1/counts", &serde_json::json!({"video_ids": ids, "type": event_type}).to_string());
+    let total: u64 = counts.json()["counts"].as_object().unwrap().values().map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!(total, 40_000);
+}

@@ -11,12 +11,16 @@ fn server(config: &str) -> (tempfile::TempDir, Server) {
     (dir, server)
 }
 
+/// The (index, field) of each listed error; every error must also say why.
 fn fields(answer: &Value) -> Vec<(u64, String)> {
     answer["errors"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["index"].as_u64().unwrap(), e["field"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            assert!(e["reason"].as_str().is_some_and(|r| r.len() > 5), "no reason given: {e}");
+            (e["index"].as_u64().unwrap(), e["field"].as_str().unwrap().to_owned())
+        })
         .collect()
 }
 
@@ -147,18 +151,30 @@ fn body_and_event_limits_answer_413() {
     assert!(big.len() > 1024);
     let answer = server.post_events(&big, &[]);
     assert_eq!((answer.status, answer.json()["error"].clone()), (413, json!("body_too_large")));
-    // Without Content-Length (chunked), the server stops reading at the limit.
-    let mut stream = std::net::TcpStream::connect(server.address).unwrap();
+    // Without Content-Length (chunked), the server stops reading at the limit: it answers
+    // 413 while the client is still sending a body that would only end after 256 MiB.
     use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut stream = std::net::TcpStream::connect(server.address).unwrap();
     write!(stream, "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
-    for _ in 0..4 {
-        let chunk = "x".repeat(512);
-        let _ = write!(stream, "{:x}\r\n{chunk}\r\n", chunk.len());
-    }
-    let _ = write!(stream, "0\r\n\r\n");
-    let mut raw = String::new();
-    let _ = stream.read_to_string(&mut raw);
-    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    let written = std::sync::Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (mut stream, written) = (stream.try_clone().unwrap(), std::sync::Arc::clone(&written));
+        std::thread::spawn(move || {
+            let chunk = format!("1000\r\n{}\r\n", "x".repeat(4096));
+            while written.load(Ordering::Relaxed) < 256 << 20 && stream.write_all(chunk.as_bytes()).is_ok() {
+                written.fetch_add(4096, Ordering::Relaxed);
+            }
+            let _ = stream.write_all(b"0\r\n\r\n");
+        })
+    };
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    let written_when_answered = written.load(Ordering::Relaxed);
+    assert_eq!(&head, b"HTTP/1.1 413");
+    assert!(written_when_answered < 64 << 20, "answered only after {written_when_answered} bytes of a 1 KiB limit");
+    let _ = stream.shutdown(std::net::Shutdown::Both); // unblocks the writer if still open
+    writer.join().unwrap();
     let four = json!([{"video_id": "a"}, {"video_id": "a"}, {"video_id": "a"}, {"video_id": "a"}]).to_string();
     let answer = server.post_events(&four, &[]);
     assert_eq!((answer.status, answer.json()["error"].clone()), (413, json!("too_many_events")));
@@ -288,11 +304,13 @@ fn series_is_zero_filled_per_step() {
     assert_eq!(counts, [0, 1, 0]);
     let day = server.get("/v1/series?video_id=v&step=day").json();
     assert_eq!(day["points"].as_array().unwrap().len(), 60);
-    // The three events straddle midnight UTC when this runs shortly after it.
-    let today = now_ms() / 86_400_000 * 86_400_000;
+    // The three events straddle midnight UTC when this runs shortly after it. "Today" is
+    // the server's last point, not this test's clock, which may already be a day later.
+    let points = day["points"].as_array().unwrap();
+    let today: jiff::Timestamp = points[59]["t"].as_str().unwrap().parse().unwrap();
+    let today = today.as_millisecond();
     let today_count =
         [hour + 60_000, hour + 2 * 3_600_000, hour + 2 * 3_600_000 + 5].iter().filter(|&&ts| ts >= today).count();
-    let points = day["points"].as_array().unwrap();
     assert_eq!(points[59]["count"], today_count);
     assert_eq!(points[58]["count"], 3 - today_count);
 }
@@ -302,13 +320,20 @@ fn health_readiness_and_metrics() {
     let (_dir, server) = server("");
     assert_eq!(server.get("/healthz").json(), json!({"status": "ok"}));
     assert_eq!(server.get("/readyz").json(), json!({"status": "ready"}));
-    server.post_events(r#"[{"video_id":"a"}]"#, &[]);
+    let keyed = r#"[{"video_id":"a","event_id":"e"}]"#;
+    for _ in 0..2 {
+        assert_eq!(server.post_events(keyed, &[("idempotency-key", "k")]).json()["accepted"], 1);
+    }
+    assert_eq!(server.post_events(keyed, &[]).json()["duplicates"], 1);
     server.post_events(r#"[{"video_id":""}]"#, &[]);
     let metrics = server.get("/metrics").text();
+    // Events counted, not answers given: the repeated request adds nothing.
+    for line in ["tally_events_accepted_total 1", "tally_events_duplicate_total 1", "tally_events_rejected_total 1"] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line} in\n{metrics}");
+    }
     for name in [
-        "tally_events_accepted_total 1",
-        "tally_events_rejected_total 1",
         "tally_http_request_duration_seconds_bucket{route=\"/v1/events\"",
+        "tally_queue_bytes",
         "tally_wal_fsync_seconds_bucket",
         "tally_wal_bytes{partition=\"0\"}",
         "tally_wal_segments",
@@ -335,7 +360,7 @@ fn openapi_document_matches_the_routes() {
         }
     }
     let mut routes: Vec<(String, String)> =
-        tally_server::ROUTES.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+        tally_server::routes().iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
     documented.sort();
     routes.sort();
     assert_eq!(documented, routes, "openapi.json and the router disagree");
@@ -344,6 +369,33 @@ fn openapi_document_matches_the_routes() {
             request(server.address, &method.to_uppercase(), path, &[("content-type", "application/json")], b"{}")
                 .unwrap();
         assert!(answer.status != 404 && answer.status != 405, "{method} {path} answered {}", answer.status);
+    }
+    // Query parameters: the documented ones are exactly those the server accepts, which it
+    // lists when it refuses an unknown one.
+    for (path, methods) in spec["paths"].as_object().unwrap() {
+        let Some(operation) = methods.get("get") else { continue };
+        let mut documented: Vec<String> = operation["parameters"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| match p["$ref"].as_str() {
+                Some(reference) => &spec["components"]["parameters"][reference.rsplit('/').next().unwrap()],
+                None => p,
+            })
+            .filter(|p| p["in"] == "query")
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect();
+        if documented.is_empty() {
+            continue;
+        }
+        let refused = server.get(&format!("{path}?not_a_parameter=1")).json();
+        let message = refused["message"].as_str().unwrap();
+        let mut allowed: Vec<String> =
+            message.split("allowed: ").nth(1).unwrap().split(", ").map(str::to_owned).collect();
+        documented.sort();
+        allowed.sort();
+        assert_eq!(documented, allowed, "query parameters of GET {path}");
     }
 }
 
@@ -360,4 +412,89 @@ fn full_dedup_memory_answers_429_with_retry_after_and_counts_nothing() {
     // Events without ids need no dedup memory and are still accepted.
     assert_eq!(server.post_events(r#"[{"video_id":"a"}]"#, &[]).status, 200);
     assert_eq!(server.count("a"), 4);
+}
+
+/// Many large requests at once against a 1 MiB write queue: some are refused with 429 and
+/// `Retry-After`, and exactly the events of the acknowledged ones are counted.
+#[test]
+fn full_write_queue_answers_429_with_retry_after_and_counts_only_what_was_acknowledged() {
+    let (_dir, server) = server("queue_bytes_max = 1048576\npartitions = 2");
+    let body: String = serde_json::to_string(
+        &(0..20_000).map(|i| json!({"video_id": format!("video-{}", i % 50), "value": 1})).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let address = server.address;
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let (mut accepted, mut refused) = (0u64, Vec::new());
+                for _ in 0..25 {
+                    let answer = request(
+                        address,
+                        "POST",
+                        "/v1/events",
+                        &[("content-type", "application/json")],
+                        body.as_bytes(),
+                    )
+                    .unwrap();
+                    match answer.status {
+                        200 => accepted += answer.json()["accepted"].as_u64().unwrap(),
+                        429 => refused.push(answer),
+                        other => panic!("unexpected {other}: {}", answer.text()),
+                    }
+                }
+                (accepted, refused)
+            })
+        })
+        .collect();
+    let (mut accepted, mut refused) = (0, Vec::new());
+    for thread in threads {
+        let (a, r) = thread.join().unwrap();
+        accepted += a;
+        refused.extend(r);
+    }
+    assert!(!refused.is_empty(), "200 large requests at once never filled a 1 MiB queue");
+    for answer in &refused {
+        assert_eq!(answer.header("retry-after"), Some("1"));
+        assert_eq!(answer.json()["error"], "overloaded");
+    }
+    let ids: Vec<String> = (0..50).map(|v| format!("video-{v}")).collect();
+    let counts = server.post_json("/v1/counts", &json!({ "video_ids": ids }).to_string()).json();
+    let counted: u64 = counts["counts"].as_object().unwrap().values().map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!(counted, accepted, "{} requests refused", refused.len());
+}
+
+/// The body budget is reserved from `Content-Length` before reading: while one large body
+/// is still arriving, another request that does not fit is refused at once with 503.
+#[test]
+fn too_many_bodies_in_flight_answers_503_with_retry_after_and_counts_nothing() {
+    use std::io::{Read, Write};
+    let (_dir, server) = server("body_bytes_max = 65536\nbody_bytes_in_flight_max = 65536");
+    let mut body = br#"[{"video_id":"slow"}]"#.to_vec();
+    body.resize(65_530, b' '); // leaves 6 bytes of the budget: less than any other body
+    let mut slow = std::net::TcpStream::connect(server.address).unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\ncontent-type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body[..1000]).unwrap();
+    // The slow body's reservation is taken once its head is read; wait until it is (a
+    // request sent earlier could take the budget first and make the slow one the refused).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server.get("/metrics").text().lines().any(|l| l == "tally_body_bytes_in_flight 65530") {
+        assert!(std::time::Instant::now() < deadline, "the slow body never held its reservation");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let refused = server.post_events(r#"[{"video_id":"fast"}]"#, &[]);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    assert_eq!(refused.json()["error"], "overloaded");
+    slow.write_all(&body[1000..]).unwrap();
+    let mut raw = String::new();
+    slow.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!((server.count("slow"), server.count("fast")), (1, 0));
+    assert_eq!(server.post_events(r#"[{"video_id":"fast"}]"#, &[]).status, 200, "the budget came back");
 }

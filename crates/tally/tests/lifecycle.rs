@@ -28,6 +28,36 @@ fn sigterm_flushes_checkpoints_and_exits_zero_and_counts_survive() {
     assert_eq!(server.get("/v1/count?video_id=b&type=like").json()["count"], 10);
 }
 
+/// While the log is replayed, `/readyz` and ingest say 503 "recovering"; a SIGTERM then
+/// exits 0 at once, and the next start recovers every acknowledged event.
+#[test]
+fn a_stop_during_recovery_exits_zero_and_the_next_start_recovers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "flush_interval_ms = 3600000";
+    let mut server = start(&data, config);
+    // About 80 MB of log, so that the replay lasts far longer than the two requests below.
+    let body = serde_json::to_string(
+        &(0..20_000).map(|i| serde_json::json!({"video_id": format!("v{}", i % 100)})).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    for _ in 0..100 {
+        assert_eq!(server.post_events(&body, &[]).status, 200);
+    }
+    server.kill();
+    let mut server = spawn(&data, config);
+    let readyz = server.get("/readyz");
+    assert_eq!((readyz.status, readyz.json()), (503, serde_json::json!({"status": "recovering"})));
+    let ingest = server.post_events(r#"{"video_id":"v0"}"#, &[]);
+    assert_eq!((ingest.status, ingest.header("retry-after")), (503, Some("5")), "{}", ingest.text());
+    let status = server.terminate(STOP_TIMEOUT);
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(server.log().contains("stopped while recovering"), "{}", server.log());
+    let server = start(&data, config);
+    assert_eq!(server.count("v0"), 20_000);
+    assert_eq!(server.count("v99"), 20_000);
+}
+
 #[test]
 fn unknown_config_key_refuses_to_start_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
