@@ -54,6 +54,25 @@ impl TopSketch {
         self.offset += other.offset;
     }
 
+    /// The sketch of exact counts of *distinct* items, pruned to `capacity`: the same as
+    /// adding each and then `prune(capacity)`, without building a table of all of them
+    /// (one selection over the list instead of a hash insert per item).
+    pub fn from_distinct(mut items: Vec<(u64, &[u8])>, capacity: usize) -> TopSketch {
+        let mut threshold = 0;
+        if items.len() > capacity {
+            let (_, &mut (t, _), _) = items.select_nth_unstable_by(capacity, |a, b| b.0.cmp(&a.0));
+            threshold = t;
+            items.truncate(capacity);
+        }
+        let counts: HashMap<Box<[u8]>, u64> = items
+            .into_iter()
+            .filter(|&(count, _)| count > threshold)
+            .map(|(count, item)| (Box::from(item), count - threshold))
+            .collect();
+        debug_assert!(counts.len() <= capacity, "items must be distinct");
+        TopSketch { counts, offset: threshold }
+    }
+
     /// Keeps at most `capacity` items, moving what it drops into the error bound.
     pub fn prune(&mut self, capacity: usize) {
         if self.counts.len() <= capacity {
@@ -156,6 +175,26 @@ mod tests {
                 prop_assert!(low <= true_count && true_count <= low + merged.offset(),
                     "item {item}: true {true_count}, bounds [{low}, {}]", low + merged.offset());
             }
+        }
+    }
+
+    proptest! {
+        /// Built from a list of distinct items, a sketch is exactly the one built by adding
+        /// them one by one and pruning.
+        #[test]
+        fn from_distinct_equals_adding_then_pruning(
+            counts in prop::collection::btree_map(0u16..500, 1u64..50, 0..300),
+            capacity in 1usize..40,
+        ) {
+            let items: Vec<(u64, Vec<u8>)> =
+                counts.iter().map(|(item, &count)| (count, item.to_le_bytes().to_vec())).collect();
+            let mut added = TopSketch::default();
+            for (count, item) in &items {
+                added.add(item, *count);
+            }
+            added.prune(capacity);
+            let built = TopSketch::from_distinct(items.iter().map(|(c, i)| (*c, i.as_slice())).collect(), capacity);
+            prop_assert_eq!(built, added);
         }
     }
 

@@ -315,16 +315,18 @@ struct FlushWork {
     counters: BTreeMap<TableOf, Vec<(Vec<u8>, Counter)>>,
     uniques: BTreeMap<TableOf, BTreeMap<Vec<u8>, Hll>>,
     top: BTreeMap<TableOf, BTreeMap<Vec<u8>, TopSketch>>,
-    videos: BTreeMap<TableOf, BTreeSet<Vec<u8>>>,
+    videos: BTreeMap<TableOf, Vec<Vec<u8>>>,
     types: BTreeSet<String>,
 }
 
 impl FlushWork {
     fn build(flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> FlushWork {
         let mut work = FlushWork::default();
-        // Keyed by borrowed (type, granularity, bucket) while cells are visited; the store
-        // keys are made once per sketch at the end.
-        let mut top: HashMap<(&str, Granularity, i64), TopSketch> = HashMap::new();
+        // The exact count of every video in each (type, granularity, bucket) of this flush,
+        // keyed by borrowed names; each becomes a pruned top-items sketch at the end. A
+        // video lives in one partition and has one counter per bucket, so the items of a
+        // bucket are distinct.
+        let mut top: HashMap<(&str, Granularity, i64), Vec<(u64, &[u8])>> = HashMap::new();
         let table = |granularity: Granularity, bucket: i64| (granularity, tables::period_of(granularity, bucket));
         for flush in flushes {
             work.types.extend(flush.deltas.types().iter().map(|t| t.to_string()));
@@ -347,11 +349,11 @@ impl FlushWork {
                         work.counters.entry(table(granularity, bucket)).or_default().push((key, counter));
                         top.entry((event_type, granularity, bucket))
                             .or_default()
-                            .add(video_id.as_bytes(), counter.count);
+                            .push((counter.count, video_id.as_bytes()));
                         if granularity == Granularity::Day {
                             let mut videos_key = Vec::with_capacity(event_type.len() + video_id.len() + 9);
                             key::videos_key(&mut videos_key, event_type, bucket, video_id);
-                            work.videos.entry(table(granularity, bucket)).or_default().insert(videos_key);
+                            work.videos.entry(table(granularity, bucket)).or_default().push(videos_key);
                         }
                     }
                 }
@@ -368,13 +370,18 @@ impl FlushWork {
                 }
             }
         }
-        for ((event_type, granularity, bucket), sketch) in top {
+        for ((event_type, granularity, bucket), items) in top {
             let mut key = Vec::with_capacity(event_type.len() + 9);
             key::top_key(&mut key, event_type, bucket);
+            let sketch = TopSketch::from_distinct(items, TOP_SKETCH_ITEMS[granularity as usize]);
             work.top.entry(table(granularity, bucket)).or_default().insert(key, sketch);
         }
         for upserts in work.counters.values_mut() {
             upserts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        for keys in work.videos.values_mut() {
+            keys.sort_unstable();
+            keys.dedup();
         }
         work
     }
