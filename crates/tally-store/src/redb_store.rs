@@ -203,13 +203,13 @@ impl CounterStore for RedbStore {
             for (&(granularity, period), upserts) in &work.counters {
                 let name = tables::name(Kind::Counters, granularity, period);
                 let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
-                for (key, delta) in upserts {
-                    let mut counter = match table.get(key.as_slice()).map_err(redb_error("flush counters"))? {
+                for (key, delta) in upserts.iter() {
+                    let mut counter = match table.get(key).map_err(redb_error("flush counters"))? {
                         Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
                         None => Counter::default(),
                     };
                     counter.add(*delta);
-                    table.insert(key.as_slice(), &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
+                    table.insert(key, &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
                 }
             }
             for (&(granularity, period), sketches) in &work.uniques {
@@ -238,8 +238,8 @@ impl CounterStore for RedbStore {
             for (&(granularity, period), keys) in &work.videos {
                 let name = tables::name(Kind::Videos, granularity, period);
                 let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush video index"))?;
-                for key in keys {
-                    table.insert(key.as_slice(), &[][..]).map_err(redb_error("flush video index"))?;
+                for (key, ()) in keys.iter() {
+                    table.insert(key, &[][..]).map_err(redb_error("flush video index"))?;
                 }
             }
             let mut types = txn.open_table(TYPES).map_err(redb_error("flush types"))?;
@@ -312,11 +312,45 @@ type TableOf = (Granularity, i64);
 /// share B-tree pages.
 #[derive(Default)]
 struct FlushWork {
-    counters: BTreeMap<TableOf, Vec<(Vec<u8>, Counter)>>,
+    counters: BTreeMap<TableOf, KeyedRows<Counter>>,
     uniques: BTreeMap<TableOf, BTreeMap<Vec<u8>, Hll>>,
     top: BTreeMap<TableOf, BTreeMap<Vec<u8>, TopSketch>>,
-    videos: BTreeMap<TableOf, Vec<Vec<u8>>>,
+    videos: BTreeMap<TableOf, KeyedRows<()>>,
     types: BTreeSet<String>,
+}
+
+/// One bucket of one event type: (type, granularity, bucket start minute).
+type BucketOf<'a> = (&'a str, Granularity, i64);
+
+/// Rows of one table with distinct keys, the keys back to back in one buffer: one
+/// allocation for all of them instead of one per key.
+struct KeyedRows<V> {
+    bytes: Vec<u8>,
+    rows: Vec<(usize, usize, V)>,
+}
+
+impl<V> Default for KeyedRows<V> {
+    fn default() -> Self {
+        KeyedRows { bytes: Vec::new(), rows: Vec::new() }
+    }
+}
+
+impl<V> KeyedRows<V> {
+    fn push(&mut self, key: &[u8], value: V) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        self.rows.push((start, self.bytes.len(), value));
+    }
+
+    /// Into key order, so that neighbouring writes share B-tree pages.
+    fn sort(&mut self) {
+        let bytes = &self.bytes;
+        self.rows.sort_unstable_by(|a, b| bytes[a.0..a.1].cmp(&bytes[b.0..b.1]));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
+        self.rows.iter().map(|(start, end, value)| (&self.bytes[*start..*end], value))
+    }
 }
 
 impl FlushWork {
@@ -326,13 +360,14 @@ impl FlushWork {
         // keyed by borrowed names; each becomes a pruned top-items sketch at the end. A
         // video lives in one partition and has one counter per bucket, so the items of a
         // bucket are distinct.
-        let mut top: HashMap<(&str, Granularity, i64), Vec<(u64, &[u8])>> = HashMap::new();
+        let mut top: HashMap<BucketOf<'_>, Vec<(u64, &[u8])>> = HashMap::new();
         let table = |granularity: Granularity, bucket: i64| (granularity, tables::period_of(granularity, bucket));
+        let (mut merged, mut key) = (Vec::<(i64, Counter)>::new(), Vec::new());
         for flush in flushes {
             work.types.extend(flush.deltas.types().iter().map(|t| t.to_string()));
             for (event_type, video_id, cells) in flush.deltas.iter() {
                 for granularity in Granularity::ALL {
-                    let mut merged: Vec<(i64, Counter)> = Vec::with_capacity(cells.len());
+                    merged.clear();
                     for cell in cells {
                         let bucket = granularity.bucket_of(cell.minute);
                         if bucket < cutoffs.of(granularity) {
@@ -343,17 +378,15 @@ impl FlushWork {
                             None => merged.push((bucket, cell.counter)),
                         }
                     }
-                    for (bucket, counter) in merged {
-                        let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
+                    for &(bucket, counter) in &merged {
                         bucket_key(&mut key, event_type, video_id, bucket);
-                        work.counters.entry(table(granularity, bucket)).or_default().push((key, counter));
+                        work.counters.entry(table(granularity, bucket)).or_default().push(&key, counter);
                         top.entry((event_type, granularity, bucket))
                             .or_default()
                             .push((counter.count, video_id.as_bytes()));
                         if granularity == Granularity::Day {
-                            let mut videos_key = Vec::with_capacity(event_type.len() + video_id.len() + 9);
-                            key::videos_key(&mut videos_key, event_type, bucket, video_id);
-                            work.videos.entry(table(granularity, bucket)).or_default().push(videos_key);
+                            key::videos_key(&mut key, event_type, bucket, video_id);
+                            work.videos.entry(table(granularity, bucket)).or_default().push(&key, ());
                         }
                     }
                 }
@@ -376,13 +409,8 @@ impl FlushWork {
             let sketch = TopSketch::from_distinct(items, TOP_SKETCH_ITEMS[granularity as usize]);
             work.top.entry(table(granularity, bucket)).or_default().insert(key, sketch);
         }
-        for upserts in work.counters.values_mut() {
-            upserts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        }
-        for keys in work.videos.values_mut() {
-            keys.sort_unstable();
-            keys.dedup();
-        }
+        work.counters.values_mut().for_each(KeyedRows::sort);
+        work.videos.values_mut().for_each(KeyedRows::sort);
         work
     }
 }
