@@ -69,6 +69,8 @@ pub struct EngineConfig {
     /// In-memory (type, video, minute) cells per partition past which its writer waits for
     /// a flush before writing more, so memory stays bounded when the store falls behind.
     pub pending_cells_max: usize,
+    /// The store's page cache, bytes (a ceiling, filled as pages are read and written).
+    pub store_cache_bytes: usize,
     /// How long each granularity of buckets is kept.
     pub retention: Retention,
     /// How often expired buckets are dropped, milliseconds.
@@ -87,6 +89,7 @@ impl Default for EngineConfig {
             group_bytes_max: 8 << 20,
             queue_bytes_max: 256 << 20,
             pending_cells_max: 2_000_000,
+            store_cache_bytes: 1 << 30,
             retention: Retention::default(),
             retention_interval_ms: 60_000,
         }
@@ -329,6 +332,11 @@ impl Engine {
             if needs_dedup_entry[index] && partition.dedup_entries() >= shared.config.dedup_entries_max {
                 return Err(EngineError::Overloaded {
                     reason: "dedup memory is full; retry once the window has passed",
+                });
+            }
+            if partition.stalled() {
+                return Err(EngineError::Overloaded {
+                    reason: "a partition is writing its backlog of pending cells to the store",
                 });
             }
             let record = record.finish();

@@ -2,7 +2,7 @@
 //! flusher and with queries.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -44,6 +44,9 @@ pub(crate) struct Partition {
     pub(crate) drained: Condvar,
     queued: AtomicU64,
     dedup_entries: AtomicUsize,
+    /// The writer waits for the flusher (its deltas are at `pending_cells_max`): new
+    /// requests for this partition are refused rather than queued behind a long flush.
+    stalled: AtomicBool,
     pub(crate) checkpoint_offset: AtomicU64,
     wal_segments: AtomicU64,
     wal_bytes: AtomicU64,
@@ -60,6 +63,7 @@ impl Partition {
             drained: Condvar::new(),
             queued: AtomicU64::new(0),
             dedup_entries: AtomicUsize::new(dedup_entries),
+            stalled: AtomicBool::new(false),
             checkpoint_offset: AtomicU64::new(checkpoint),
             wal_segments: AtomicU64::new(0),
             wal_bytes: AtomicU64::new(0),
@@ -93,6 +97,10 @@ impl Partition {
             applied_offset: memory.applied_offset,
             checkpoint_offset: self.checkpoint_offset.load(Ordering::Relaxed),
         }
+    }
+
+    pub(crate) fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     fn record_wal_stats(&self, wal: &Wal) {
@@ -219,11 +227,15 @@ fn wait_for_room(shared: &Shared, partition: &Partition) {
     let mut memory = partition.memory.lock();
     let mut stalled = false;
     while memory.state.deltas.cells() >= shared.config.pending_cells_max && shared.failure.lock().is_none() {
-        stalled = true;
+        if !stalled {
+            partition.stalled.store(true, Ordering::Relaxed);
+            stalled = true;
+        }
         shared.flush_signal.request();
         partition.drained.wait_for(&mut memory, Duration::from_millis(WRITER_IDLE_MS));
     }
     if stalled {
+        partition.stalled.store(false, Ordering::Relaxed);
         metrics::counter!("tally_writer_stalls_total").increment(1);
     }
 }

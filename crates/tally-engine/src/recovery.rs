@@ -36,7 +36,8 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         path: lock_path.clone(),
         source: std::io::Error::other("another tally process is using this data directory"),
     })?;
-    let store: Arc<dyn CounterStore> = Arc::new(RedbStore::open(&data_dir.join(crate::STORE_FILE))?);
+    let store: Arc<dyn CounterStore> =
+        Arc::new(RedbStore::open(&data_dir.join(crate::STORE_FILE), config.store_cache_bytes)?);
     store.claim_partitions(config.partitions)?;
 
     let mut partitions = Vec::with_capacity(config.partitions as usize);

@@ -37,10 +37,11 @@ fn redb_error<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> 
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store. When retention has freed at least half of the file,
-    /// it is compacted first, which returns the space to the file system.
-    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let mut db = Database::create(path).map_err(redb_error("open"))?;
+    /// Opens (or creates) the store, with a page cache of at most `cache_bytes`. When
+    /// retention has freed at least half of the file, it is compacted first, which returns
+    /// the space to the file system.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
+        let mut db = redb::Builder::new().set_cache_size(cache_bytes).create(path).map_err(redb_error("open"))?;
         let txn = db.begin_write().map_err(redb_error("open"))?;
         {
             txn.open_table(CHECKPOINTS).map_err(redb_error("create tables"))?;
@@ -540,10 +541,12 @@ mod tests {
     use super::*;
     use tally_aggregate::{DedupJournal, Deltas};
 
+    pub(super) const TEST_CACHE_BYTES: usize = 64 << 20;
+
     #[test]
     fn flush_rolls_minutes_into_hours_and_days_and_moves_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES).unwrap();
         store.claim_partitions(2).unwrap();
         let mut deltas = Deltas::default();
         deltas.add("view", "v", 59, 1, None);
@@ -572,6 +575,7 @@ mod tests {
 
 #[cfg(test)]
 mod sketch_and_retention_tests {
+    use super::tests::TEST_CACHE_BYTES;
     use super::*;
     use tally_aggregate::{DedupJournal, Deltas};
     use tally_core::bucket::DAY_MINUTES;
@@ -585,7 +589,7 @@ mod sketch_and_retention_tests {
     #[test]
     fn sketches_types_and_the_video_index_follow_the_flushed_events() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES).unwrap();
         let day = 20_000 * DAY_MINUTES;
         let mut deltas = Deltas::default();
         for (minute, viewer) in [(day, "ann"), (day + 1, "bob"), (day + 61, "ann")] {
@@ -626,7 +630,7 @@ mod sketch_and_retention_tests {
     #[test]
     fn retention_skips_expired_tiers_at_flush_and_purge_drops_whole_tables() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES).unwrap();
         let old_day = 100 * DAY_MINUTES;
         let mut deltas = Deltas::default();
         deltas.add("view", "v", old_day + 5, 1, None);
@@ -650,7 +654,7 @@ mod sketch_and_retention_tests {
     fn purged_space_is_reused_and_returned_to_the_file_system() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let store = RedbStore::open(&path).unwrap();
+        let store = RedbStore::open(&path, TEST_CACHE_BYTES).unwrap();
         let write_day = |store: &RedbStore, day: i64, offset: u64| {
             let mut deltas = Deltas::default();
             for video in 0..20_000 {
@@ -674,7 +678,7 @@ mod sketch_and_retention_tests {
         let all = Cutoffs { minute: i64::MAX, hour: i64::MAX, day: i64::MAX };
         store.purge(&all).unwrap();
         drop(store);
-        let reopened = RedbStore::open(&path).unwrap();
+        let reopened = RedbStore::open(&path, TEST_CACHE_BYTES).unwrap();
         let compacted = reopened.disk_bytes().unwrap();
         assert!(compacted < after / 4, "{after} bytes before compaction, {compacted} after");
     }

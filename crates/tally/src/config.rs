@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub group_bytes_max: Option<usize>,
     pub queue_bytes_max: Option<usize>,
     pub pending_cells_max: Option<usize>,
+    /// The store's page cache, bytes.
+    pub store_cache_bytes: Option<usize>,
     /// Days minute buckets are kept; 0 keeps them forever.
     pub minute_retention_days: Option<u32>,
     /// Days hour buckets are kept; 0 keeps them forever.
@@ -88,6 +90,7 @@ impl FileConfig {
             group_bytes_max: self.group_bytes_max.unwrap_or(engine_default.group_bytes_max),
             queue_bytes_max: self.queue_bytes_max.unwrap_or(engine_default.queue_bytes_max),
             pending_cells_max: self.pending_cells_max.unwrap_or(engine_default.pending_cells_max),
+            store_cache_bytes: self.store_cache_bytes.unwrap_or(engine_default.store_cache_bytes),
             retention: Retention {
                 minute_days: days(self.minute_retention_days, engine_default.retention.minute_days),
                 hour_days: days(self.hour_retention_days, engine_default.retention.hour_days),
@@ -125,6 +128,7 @@ impl FileConfig {
         within("group_bytes_max", engine.group_bytes_max as u64, 4096, 64 * MIB)?;
         within("queue_bytes_max", engine.queue_bytes_max as u64, MIB, 64 << 30)?;
         within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
+        within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
         within("retention_interval_ms", engine.retention_interval_ms, 1000, 86_400_000)?;
         // A coarser tier answers for a finer one past its retention, so it must last as long.
         let forever = |days: Option<u32>| days.unwrap_or(u32::MAX);
@@ -198,6 +202,7 @@ mod tests {
             group_bytes_max = 1048576
             queue_bytes_max = 1048576
             pending_cells_max = 1000
+            store_cache_bytes = 16777216
             minute_retention_days = 2
             hour_retention_days = 90
             day_retention_days = 0

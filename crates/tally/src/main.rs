@@ -71,7 +71,8 @@ pub struct StoreStatsArgs {
 fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
     let path = args.data_dir.join(tally_engine::STORE_FILE);
     anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = tally_store::RedbStore::open(&path)?;
+    // A small cache: this reads each table once.
+    let store = tally_store::RedbStore::open(&path, 64 << 20)?;
     let usage = store.usage()?;
     if args.json {
         let rows: Vec<serde_json::Value> = usage
