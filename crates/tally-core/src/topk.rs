@@ -58,6 +58,11 @@ impl TopSketch {
     /// adding each and then `prune(capacity)`, without building a table of all of them
     /// (one selection over the list instead of a hash insert per item).
     pub fn from_distinct(mut items: Vec<(u64, &[u8])>, capacity: usize) -> TopSketch {
+        debug_assert_eq!(
+            items.iter().map(|(_, item)| *item).collect::<hashbrown::HashSet<_>>().len(),
+            items.len(),
+            "items must be distinct"
+        );
         let mut threshold = 0;
         if items.len() > capacity {
             let (_, &mut (t, _), _) = items.select_nth_unstable_by(capacity, |a, b| b.0.cmp(&a.0));
@@ -69,7 +74,6 @@ impl TopSketch {
             .filter(|&(count, _)| count > threshold)
             .map(|(count, item)| (Box::from(item), count - threshold))
             .collect();
-        debug_assert!(counts.len() <= capacity, "items must be distinct");
         TopSketch { counts, offset: threshold }
     }
 

@@ -21,9 +21,9 @@ fn sigterm_flushes_checkpoints_and_exits_zero_and_counts_survive() {
     }
     let status = server.terminate(STOP_TIMEOUT);
     assert!(status.success(), "{status:?}\n{}", server.log());
-    assert!(server.log().contains("everything flushed and checkpointed"));
+    assert!(server.logged("everything flushed and checkpointed"), "{}", server.log());
     let server = start(&data, "flush_interval_ms = 3600000");
-    assert!(server.log().contains("replayed_bytes=0"), "a clean stop leaves nothing to replay:\n{}", server.log());
+    assert!(server.logged("replayed_bytes=0"), "a clean stop leaves nothing to replay:\n{}", server.log());
     assert_eq!(server.count("a"), 10);
     assert_eq!(server.get("/v1/count?video_id=b&type=like").json()["count"], 10);
 }
@@ -52,7 +52,7 @@ fn a_stop_during_recovery_exits_zero_and_the_next_start_recovers_everything() {
     assert_eq!((ingest.status, ingest.header("retry-after")), (503, Some("5")), "{}", ingest.text());
     let status = server.terminate(STOP_TIMEOUT);
     assert!(status.success(), "{status:?}\n{}", server.log());
-    assert!(server.log().contains("stopped while recovering"), "{}", server.log());
+    assert!(server.logged("stopped while recovering"), "{}", server.log());
     let server = start(&data, config);
     assert_eq!(server.count("v0"), 20_000);
     assert_eq!(server.count("v99"), 20_000);
@@ -125,7 +125,7 @@ fn torn_tail_is_dropped_and_earlier_events_survive() {
     std::fs::OpenOptions::new().write(true).open(segment).unwrap().set_len(len - 3).unwrap();
     let server = start(&data, config);
     assert_eq!(server.count("v"), 4, "the torn last frame held one request");
-    assert!(server.log().contains("truncated torn tail"), "{}", server.log());
+    assert!(server.logged("truncated torn tail"), "{}", server.log());
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn two_servers_cannot_share_a_data_directory() {
     let status = second.child.wait().unwrap();
     assert!(!status.success());
     std::thread::sleep(Duration::from_millis(100));
-    assert!(second.log().contains("another tally process"), "{}", second.log());
+    assert!(second.logged("another tally process"), "{}", second.log());
 }
 
 #[test]
