@@ -2,7 +2,7 @@
 //! wait for the flusher, and one fsync-ed commit per flush.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -198,54 +198,16 @@ impl CounterStore for RedbStore {
     }
 
     fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
-        let work = FlushWork::build(flushes, cutoffs);
         let txn = self.db.begin_write().map_err(redb_error("begin flush"))?;
         {
-            for (&(granularity, period), upserts) in &work.counters {
-                let name = tables::name(Kind::Counters, granularity, period);
-                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
-                for (key, delta) in upserts.iter() {
-                    let mut counter = match table.get(key).map_err(redb_error("flush counters"))? {
-                        Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
-                        None => Counter::default(),
-                    };
-                    counter.add(*delta);
-                    table.insert(key, &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
-                }
-            }
-            for (&(granularity, period), sketches) in &work.uniques {
-                let name = tables::name(Kind::Uniques, granularity, period);
-                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush uniques"))?;
-                for (key, sketch) in sketches {
-                    let mut merged = match table.get(key.as_slice()).map_err(redb_error("flush uniques"))? {
-                        Some(stored) => Hll::decode(stored.value()).map_err(|detail| corrupt(&name, detail))?,
-                        None => Hll::default(),
-                    };
-                    merged.merge(sketch);
-                    table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush uniques"))?;
-                }
-            }
-            for ((granularity, period), sketches) in work.top {
-                let name = tables::name(Kind::Top, granularity, period);
-                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush top items"))?;
-                for (key, mut merged) in sketches {
-                    if let Some(stored) = table.get(key.as_slice()).map_err(redb_error("flush top items"))? {
-                        merged.merge_encoded(stored.value()).map_err(|detail| corrupt(&name, detail))?;
-                    }
-                    merged.prune(TOP_SKETCH_ITEMS[granularity as usize]);
-                    table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush top items"))?;
-                }
-            }
-            for (&(granularity, period), keys) in &work.videos {
-                let name = tables::name(Kind::Videos, granularity, period);
-                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush video index"))?;
-                for (key, ()) in keys.iter() {
-                    table.insert(key, &[][..]).map_err(redb_error("flush video index"))?;
-                }
+            // One granularity at a time: the sorted rows of a flush are held for one tier,
+            // not all three at once.
+            for granularity in Granularity::ALL {
+                FlushWork::build(flushes, cutoffs, granularity).write(&txn)?;
             }
             let mut types = txn.open_table(TYPES).map_err(redb_error("flush types"))?;
-            for event_type in &work.types {
-                types.insert(event_type.as_str(), &[][..]).map_err(redb_error("flush types"))?;
+            for event_type in flushes.iter().flat_map(|flush| flush.deltas.types()) {
+                types.insert(&**event_type, &[][..]).map_err(redb_error("flush types"))?;
             }
             let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("flush checkpoints"))?;
             let mut dedup = txn.open_table(DEDUP).map_err(redb_error("flush dedup journal"))?;
@@ -309,19 +271,18 @@ fn corrupt(table: &str, detail: String) -> StoreError {
 /// (granularity, period): with a kind, it names a table.
 type TableOf = (Granularity, i64);
 
-/// A flush's writes, grouped by table and sorted by key within each: neighbouring keys
-/// share B-tree pages.
+/// A video's exact count in one bucket: (count, video id).
+type TopItem<'a> = (u64, &'a [u8]);
+
+/// A flush's writes to the tables of one granularity, grouped by table and sorted by key
+/// within each: neighbouring keys share B-tree pages.
 #[derive(Default)]
 struct FlushWork {
     counters: BTreeMap<TableOf, KeyedRows<Counter>>,
     uniques: BTreeMap<TableOf, BTreeMap<Vec<u8>, Hll>>,
     top: BTreeMap<TableOf, BTreeMap<Vec<u8>, TopSketch>>,
     videos: BTreeMap<TableOf, KeyedRows<()>>,
-    types: BTreeSet<String>,
 }
-
-/// One bucket of one event type: (type, granularity, bucket start minute).
-type BucketOf<'a> = (&'a str, Granularity, i64);
 
 /// Rows of one table with distinct keys, the keys back to back in one buffer: one
 /// allocation for all of them instead of one per key.
@@ -355,64 +316,106 @@ impl<V> KeyedRows<V> {
 }
 
 impl FlushWork {
-    fn build(flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> FlushWork {
+    /// The rows of one granularity's tables that `flushes` add.
+    fn build(flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs, granularity: Granularity) -> FlushWork {
         let mut work = FlushWork::default();
-        // The exact count of every video in each (type, granularity, bucket) of this flush,
-        // keyed by borrowed names; each becomes a pruned top-items sketch at the end. A
-        // video lives in one partition and has one counter per bucket, so the items of a
-        // bucket are distinct.
-        let mut top: HashMap<BucketOf<'_>, Vec<(u64, &[u8])>> = HashMap::new();
-        let table = |granularity: Granularity, bucket: i64| (granularity, tables::period_of(granularity, bucket));
+        // The exact count of every video in each (type, bucket) of this flush, keyed by
+        // borrowed names; each becomes a pruned top-items sketch at the end. A video lives
+        // in one partition and has one counter per bucket, so the items of a bucket are
+        // distinct.
+        let mut top: HashMap<(&str, i64), Vec<TopItem<'_>>> = HashMap::new();
+        let table = |bucket: i64| (granularity, tables::period_of(granularity, bucket));
+        let cutoff = cutoffs.of(granularity);
         let (mut merged, mut key) = (Vec::<(i64, Counter)>::new(), Vec::new());
         for flush in flushes {
-            work.types.extend(flush.deltas.types().iter().map(|t| t.to_string()));
             for (event_type, video_id, cells) in flush.deltas.iter() {
-                for granularity in Granularity::ALL {
-                    merged.clear();
-                    for cell in cells {
-                        let bucket = granularity.bucket_of(cell.minute);
-                        if bucket < cutoffs.of(granularity) {
-                            continue;
-                        }
-                        match merged.iter_mut().find(|(b, _)| *b == bucket) {
-                            Some((_, counter)) => counter.add(cell.counter),
-                            None => merged.push((bucket, cell.counter)),
-                        }
+                merged.clear();
+                for cell in cells {
+                    let bucket = granularity.bucket_of(cell.minute);
+                    if bucket < cutoff {
+                        continue;
                     }
-                    for &(bucket, counter) in &merged {
-                        bucket_key(&mut key, event_type, video_id, bucket);
-                        work.counters.entry(table(granularity, bucket)).or_default().push(&key, counter);
-                        top.entry((event_type, granularity, bucket))
-                            .or_default()
-                            .push((counter.count, video_id.as_bytes()));
-                        if granularity == Granularity::Day {
-                            key::videos_key(&mut key, event_type, bucket, video_id);
-                            work.videos.entry(table(granularity, bucket)).or_default().push(&key, ());
-                        }
+                    match merged.iter_mut().find(|(b, _)| *b == bucket) {
+                        Some((_, counter)) => counter.add(cell.counter),
+                        None => merged.push((bucket, cell.counter)),
+                    }
+                }
+                for &(bucket, counter) in &merged {
+                    bucket_key(&mut key, event_type, video_id, bucket);
+                    work.counters.entry(table(bucket)).or_default().push(&key, counter);
+                    top.entry((event_type, bucket)).or_default().push((counter.count, video_id.as_bytes()));
+                    if granularity == Granularity::Day {
+                        key::videos_key(&mut key, event_type, bucket, video_id);
+                        work.videos.entry(table(bucket)).or_default().push(&key, ());
                     }
                 }
             }
             for (event_type, video_id, minute, sketch) in flush.deltas.iter_viewers() {
-                for granularity in Granularity::ALL {
-                    let bucket = granularity.bucket_of(minute);
-                    if bucket < cutoffs.of(granularity) {
-                        continue;
-                    }
-                    let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
-                    bucket_key(&mut key, event_type, video_id, bucket);
-                    work.uniques.entry(table(granularity, bucket)).or_default().entry(key).or_default().merge(sketch);
+                let bucket = granularity.bucket_of(minute);
+                if bucket < cutoff {
+                    continue;
                 }
+                let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
+                bucket_key(&mut key, event_type, video_id, bucket);
+                work.uniques.entry(table(bucket)).or_default().entry(key).or_default().merge(sketch);
             }
         }
-        for ((event_type, granularity, bucket), items) in top {
+        for ((event_type, bucket), items) in top {
             let mut key = Vec::with_capacity(event_type.len() + 9);
             key::top_key(&mut key, event_type, bucket);
             let sketch = TopSketch::from_distinct(items, TOP_SKETCH_ITEMS[granularity as usize]);
-            work.top.entry(table(granularity, bucket)).or_default().insert(key, sketch);
+            work.top.entry(table(bucket)).or_default().insert(key, sketch);
         }
         work.counters.values_mut().for_each(KeyedRows::sort);
         work.videos.values_mut().for_each(KeyedRows::sort);
         work
+    }
+    /// Writes these rows into their tables: counters and sketches merged with what is
+    /// stored, the video index inserted.
+    fn write(self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        for (&(granularity, period), upserts) in &self.counters {
+            let name = tables::name(Kind::Counters, granularity, period);
+            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
+            for (key, delta) in upserts.iter() {
+                let mut counter = match table.get(key).map_err(redb_error("flush counters"))? {
+                    Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
+                    None => Counter::default(),
+                };
+                counter.add(*delta);
+                table.insert(key, &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
+            }
+        }
+        for (&(granularity, period), sketches) in &self.uniques {
+            let name = tables::name(Kind::Uniques, granularity, period);
+            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush uniques"))?;
+            for (key, sketch) in sketches {
+                let mut merged = match table.get(key.as_slice()).map_err(redb_error("flush uniques"))? {
+                    Some(stored) => Hll::decode(stored.value()).map_err(|detail| corrupt(&name, detail))?,
+                    None => Hll::default(),
+                };
+                merged.merge(sketch);
+                table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush uniques"))?;
+            }
+        }
+        for ((granularity, period), sketches) in self.top {
+            let name = tables::name(Kind::Top, granularity, period);
+            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush top items"))?;
+            for (key, mut merged) in sketches {
+                if let Some(stored) = table.get(key.as_slice()).map_err(redb_error("flush top items"))? {
+                    merged.merge_encoded(stored.value()).map_err(|detail| corrupt(&name, detail))?;
+                }
+                merged.prune(TOP_SKETCH_ITEMS[granularity as usize]);
+                table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush top items"))?;
+            }
+        }
+        for (&(granularity, period), keys) in &self.videos {
+            let name = tables::name(Kind::Videos, granularity, period);
+            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush video index"))?;
+            for (key, ()) in keys.iter() {
+                table.insert(key, &[][..]).map_err(redb_error("flush video index"))?;
+            }
+        }
+        Ok(())
     }
 }
 
