@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 
 use hashbrown::{HashMap, HashSet};
 use tally_core::RequestKey;
+use tally_core::event::{EVENT_ID_BYTES_MAX, VIDEO_ID_BYTES_MAX};
 use xxhash_rust::xxh3::xxh3_128;
 
 /// What a request, or its part in one partition, did.
@@ -32,13 +33,24 @@ impl Outcome {
     }
 }
 
-/// The dedup key of an event: its id is scoped to its video.
+/// The dedup key of an event: its id is scoped to its video. Stored in the dedup journal,
+/// so the bytes hashed must never change: `video_id | 0xFF | event_id`.
 pub fn event_key(video_id: &str, event_id: &str) -> u128 {
-    let mut bytes = Vec::with_capacity(video_id.len() + 1 + event_id.len());
-    bytes.extend_from_slice(video_id.as_bytes());
-    bytes.push(0xFF);
-    bytes.extend_from_slice(event_id.as_bytes());
-    xxh3_128(&bytes)
+    // On the stack for every valid event (this runs once per event with an id).
+    const STACK_BYTES: usize = VIDEO_ID_BYTES_MAX + 1 + EVENT_ID_BYTES_MAX;
+    let len = video_id.len() + 1 + event_id.len();
+    let mut stack = [0u8; STACK_BYTES];
+    let mut heap = Vec::new();
+    let bytes = if len <= STACK_BYTES {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap[..]
+    };
+    bytes[..video_id.len()].copy_from_slice(video_id.as_bytes());
+    bytes[video_id.len()] = 0xFF;
+    bytes[video_id.len() + 1..].copy_from_slice(event_id.as_bytes());
+    xxh3_128(bytes)
 }
 
 /// The dedup key of an idempotency key header value.
@@ -91,7 +103,7 @@ impl Dedup {
     /// Rebuilds the memory from a checkpoint: the live generations' starts (oldest first)
     /// and, for each, the journal blobs stored for it.
     pub fn restore(window_ms: i64, generations: &[(i64, Vec<&[u8]>)]) -> Dedup {
-        assert!(window_ms >= SLICES_PER_WINDOW, "dedup window must be positive");
+        assert!(window_ms >= SLICES_PER_WINDOW, "dedup window must be at least {SLICES_PER_WINDOW} ms");
         let mut dedup = Dedup {
             window_ms,
             slice_ms: window_ms / SLICES_PER_WINDOW,
@@ -207,6 +219,15 @@ fn decode_into(mut blob: &[u8], generation: &mut Generation) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Event keys are stored: the bytes hashed are `video | 0xFF | id`, on the stack or not.
+    #[test]
+    fn event_keys_hash_video_separator_and_id() {
+        assert_eq!(event_key("v1", "e-9"), xxh3_128(b"v1\xFFe-9"));
+        let (long_video, long_id) = ("v".repeat(VIDEO_ID_BYTES_MAX + 5), "e".repeat(EVENT_ID_BYTES_MAX));
+        let expected = xxh3_128(&[long_video.as_bytes(), &[0xFF], long_id.as_bytes()].concat());
+        assert_eq!(event_key(&long_video, &long_id), expected);
+    }
 
     fn restored_from(live: &mut Dedup) -> Dedup {
         let journal = live.take_journal();

@@ -1,6 +1,7 @@
 //! Counter deltas: what a partition counted since its last flush, per (type, video, minute).
 
 use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 use tally_core::hll::Hll;
 
 /// A count of events and the sum of their values.
@@ -83,11 +84,11 @@ impl Deltas {
                 }
             }
         }
-        let cells = match self.cells_by_key.get_mut(&self.key_scratch[..]) {
-            Some(cells) => cells,
-            // Most keys see one minute between flushes: room for exactly one cell, where a
-            // plain push would reserve four.
-            None => self.cells_by_key.entry(Box::from(&self.key_scratch[..])).or_insert_with(|| Vec::with_capacity(1)),
+        // One hash lookup; the key is allocated only when new. Most keys see one minute
+        // between flushes: room for exactly one cell, where a plain push would reserve four.
+        let cells = match self.cells_by_key.entry_ref(&self.key_scratch[..]) {
+            EntryRef::Occupied(cells) => cells.into_mut(),
+            EntryRef::Vacant(vacant) => vacant.insert_with_key(Box::from(&self.key_scratch[..]), Vec::with_capacity(1)),
         };
         let one = Counter { count: 1, sum: i128::from(value) };
         match cells.iter_mut().find(|c| c.minute == minute) {
@@ -138,9 +139,5 @@ impl Deltas {
     /// Distinct (type, video, minute) cells held.
     pub fn cells(&self) -> usize {
         self.cells
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.cells == 0
     }
 }

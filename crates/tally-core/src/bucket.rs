@@ -44,10 +44,6 @@ impl Granularity {
     pub fn from_name(name: &str) -> Option<Granularity> {
         Granularity::ALL.into_iter().find(|g| g.name() == name)
     }
-
-    pub fn from_u8(byte: u8) -> Option<Granularity> {
-        Granularity::ALL.into_iter().find(|g| *g as u8 == byte)
-    }
 }
 
 /// The epoch minute holding the instant `ms`.

@@ -85,10 +85,6 @@ impl RecordWriter {
         self.events += 1;
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.events == 0
-    }
-
     pub fn finish(mut self) -> Vec<u8> {
         self.bytes[self.count_at..self.count_at + 4].copy_from_slice(&self.events.to_le_bytes());
         self.bytes
@@ -107,7 +103,7 @@ fn put_str16(bytes: &mut Vec<u8>, s: &str) {
     bytes.extend_from_slice(s.as_bytes());
 }
 
-/// Reads one record: the header eagerly, the events lazily through `events()`.
+/// Reads one record: the header eagerly, the events lazily through `for_each_event`.
 #[derive(Debug, Clone)]
 pub struct RecordReader<'a> {
     pub receive_ms: i64,

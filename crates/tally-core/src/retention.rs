@@ -7,7 +7,7 @@
 //! reaches past a tier is widened outward to the coarser tier's buckets there; a boundary
 //! instant is floored to the finest tier holding it.
 
-use crate::bucket::{DAY_MINUTES, Granularity, MinuteRange};
+use crate::bucket::{DAY_MINUTES, Granularity, HOUR_MINUTES, MinuteRange};
 
 /// Days each granularity is kept; `None` keeps it forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ impl Retention {
         let day = cut(self.day_days, DAY_MINUTES);
         // A coarser tier never starts later than a finer one.
         let hour = cut(self.hour_days, DAY_MINUTES).max(day);
-        let minute = cut(self.minute_days, 60).max(hour);
+        let minute = cut(self.minute_days, HOUR_MINUTES).max(hour);
         Cutoffs { minute, hour, day }
     }
 }

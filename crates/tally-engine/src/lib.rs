@@ -128,7 +128,7 @@ pub(crate) struct Shared {
     /// restart recovers from disk. Never cleared.
     failure: Mutex<Option<String>>,
     flush_signal: checkpoint::FlushSignal,
-    /// Held by `checkpoint::flush_once`.
+    /// Held by `checkpoint::flush_once` and the retention purge: one store write at a time.
     flush_lock: Mutex<()>,
     /// Read-held while a request is sent to its partitions, write-held to close them: a
     /// request is sent to all of its partitions or to none.
@@ -263,10 +263,6 @@ impl Engine {
     /// complete: the engine is then ready.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         recovery::open(config)
-    }
-
-    pub fn config(&self) -> &EngineConfig {
-        &self.shared.config
     }
 
     pub fn recovery(&self) -> RecoveryReport {

@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 use crate::budget::Permit;
 use crate::{EngineError, PartitionStats, Shared};
 
-/// How long an idle writer sleeps before checking for segments to delete.
+/// How long an idle writer sleeps before checking for segments to delete; also how often
+/// a writer waiting for the flusher checks again.
 const WRITER_IDLE_MS: u64 = 100;
 
 pub(crate) struct Append {

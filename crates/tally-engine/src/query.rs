@@ -419,7 +419,6 @@ impl Best {
     }
 }
 
-/// The store's buckets over `spans` plus the cells of `view` the snapshot does not hold.
 /// The store's buckets over `spans` (the decomposition of `range`) plus the cells of
 /// `view` inside `range` that the snapshot does not hold.
 fn total(

@@ -12,7 +12,7 @@ use tally_engine::{
 
 const VIDEOS: [&str; 4] = ["a", "b", "video-c", "d/é"];
 const TYPES: [&str; 2] = ["view", "like"];
-/// Two days and a bit, in minutes, so ranges cross hour and day boundaries.
+/// Three days, in minutes, so ranges cross hour and day boundaries.
 const MINUTES: i64 = 3 * 24 * 60;
 const RECEIVE_MS: i64 = 1_800_000_000_000;
 const BASE_MINUTE: i64 = RECEIVE_MS / 60_000 - MINUTES;

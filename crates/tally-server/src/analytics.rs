@@ -39,20 +39,18 @@ pub(crate) async fn top(
     let engine = state.engine()?;
     let p = params(query_pairs(query)?, &["type", "from", "to", "k", "exact", "tz"])?;
     let event_type = type_param(&p)?.to_string();
-    let k = match p.get("k") {
-        None => TOP_K_DEFAULT,
-        Some(text) => text.parse::<usize>().ok().filter(|k| (1..=TOP_K_MAX).contains(k)).ok_or_else(|| {
-            ApiError::bad_request("invalid_parameter", format!("k must be an integer from 1 to {TOP_K_MAX}"))
-                .with("field", json!("k"))
-        })?,
-    };
+    let k =
+        match p.get("k") {
+            None => TOP_K_DEFAULT,
+            Some(text) => text.parse::<usize>().ok().filter(|k| (1..=TOP_K_MAX).contains(k)).ok_or_else(|| {
+                ApiError::invalid_parameter("k", format!("k must be an integer from 1 to {TOP_K_MAX}"))
+            })?,
+        };
     let exact = match p.get("exact").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
         Some(_) => {
-            return Err(
-                ApiError::bad_request("invalid_parameter", "exact must be true or false").with("field", json!("exact"))
-            );
+            return Err(ApiError::invalid_parameter("exact", "exact must be true or false"));
         }
     };
     let (range, resolution) = asked_range(&state, engine, &p, Some(TOP_DEFAULT_SPAN_MS))?;

@@ -29,6 +29,11 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// 400 `invalid_parameter` naming the query parameter or body field at fault.
+    pub fn invalid_parameter(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::bad_request("invalid_parameter", message).with("field", json!(field))
+    }
+
     pub fn not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /v1/openapi.json")
     }

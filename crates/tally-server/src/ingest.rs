@@ -18,10 +18,12 @@ use crate::{ApiError, AppState};
 /// Bytes; an idempotency key is a client-made token (UUID, hash).
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
+/// The discriminant seeds the body fingerprint, which is stored in the log and the dedup
+/// journal: never renumber.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum BodyFormat {
-    Json,
-    Ndjson,
+    Json = 0,
+    Ndjson = 1,
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
@@ -112,8 +114,7 @@ pub(crate) async fn ingest(
         .with("error_count", json!(errors.len())));
     }
 
-    let fingerprint = xxh3_64_with_seed(&bytes, format as u64);
-    let key = key.map(|key| IdempotencyKey { key, fingerprint });
+    let key = key.map(|key| IdempotencyKey { key, fingerprint: xxh3_64_with_seed(&bytes, format as u64) });
     // The accepted and duplicate counters are kept by the partition writers, which know
     // whether a request was counted now or answered again from dedup memory.
     let outcome = engine.submit(&events, key, receive_ms)?.outcome().await?;

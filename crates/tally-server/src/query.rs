@@ -18,7 +18,7 @@ use jiff::tz::TimeZone;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_core::bucket::MINUTE_MS;
-use tally_core::event::{EVENT_TYPE_DEFAULT, VIDEO_ID_BYTES_MAX, check_id, is_event_type};
+use tally_core::event::{EVENT_TYPE_BYTES_MAX, EVENT_TYPE_DEFAULT, VIDEO_ID_BYTES_MAX, check_id, is_event_type};
 use tally_engine::{Engine, Granularity, MinuteRange};
 
 use crate::{ApiError, AppState};
@@ -28,11 +28,12 @@ use crate::{ApiError, AppState};
 /// is resolved like RFC 5545: the later offset for a gap, the earlier for a fold).
 pub(crate) fn parse_instant(field: &'static str, text: &str, tz: Option<&TimeZone>) -> Result<i64, ApiError> {
     let bad = || {
-        ApiError::bad_request(
-            "invalid_parameter",
-            format!("{field} must be an RFC 3339 timestamp, epoch milliseconds, or a local date (2026-11-01) or date-time (2026-11-01T08:00)"),
+        ApiError::invalid_parameter(
+            field,
+            format!(
+                "{field} must be an RFC 3339 timestamp, epoch milliseconds, or a local date (2026-11-01) or date-time (2026-11-01T08:00)"
+            ),
         )
-        .with("field", json!(field))
     };
     let ms = if !text.is_empty() && text.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
         text.parse::<i64>().map_err(|_| bad())?
@@ -56,8 +57,7 @@ pub(crate) fn time_zone(p: &HashMap<&'static str, String>) -> Result<Option<Time
         .map(|name| {
             TimeZone::get(name).map_err(|_| {
                 let shown: String = name.chars().take(64).collect();
-                ApiError::bad_request("invalid_parameter", format!("tz \"{shown}\" is not an IANA time zone name"))
-                    .with("field", json!("tz"))
+                ApiError::invalid_parameter("tz", format!("tz \"{shown}\" is not an IANA time zone name"))
             })
         })
         .transpose()
@@ -84,8 +84,7 @@ fn in_range(field: &'static str, ms: i64) -> Result<i64, ApiError> {
     // Two days short of the limits, so rounding outward to whole days stays representable.
     let limit = jiff::Timestamp::MAX.as_millisecond() - 2 * 86_400_000;
     if ms.unsigned_abs() > limit as u64 {
-        return Err(ApiError::bad_request("invalid_parameter", format!("{field} is outside the years -9999 to 9999"))
-            .with("field", json!(field)));
+        return Err(ApiError::invalid_parameter(field, format!("{field} is outside the years -9999 to 9999")));
     }
     Ok(ms)
 }
@@ -96,13 +95,9 @@ fn instant_value(field: &'static str, value: &Value) -> Result<Option<i64>, ApiE
         Value::String(text) => parse_instant(field, text, None).map(Some),
         Value::Number(n) => match n.as_i64() {
             Some(ms) => in_range(field, ms).map(Some),
-            None => {
-                Err(ApiError::bad_request("invalid_parameter", format!("{field} must be integer epoch milliseconds"))
-                    .with("field", json!(field)))
-            }
+            None => Err(ApiError::invalid_parameter(field, format!("{field} must be integer epoch milliseconds"))),
         },
-        _ => Err(ApiError::bad_request("invalid_parameter", format!("{field} must be a string or an integer"))
-            .with("field", json!(field))),
+        _ => Err(ApiError::invalid_parameter(field, format!("{field} must be a string or an integer"))),
     }
 }
 
@@ -119,17 +114,15 @@ pub(crate) fn rfc3339(minute: i64) -> String {
 }
 
 pub(crate) fn check_video_id(field: &'static str, video_id: &str) -> Result<(), ApiError> {
-    check_id(video_id, VIDEO_ID_BYTES_MAX).map_err(|reason| {
-        ApiError::bad_request("invalid_parameter", format!("{field} {reason}")).with("field", json!(field))
-    })
+    check_id(video_id, VIDEO_ID_BYTES_MAX)
+        .map_err(|reason| ApiError::invalid_parameter(field, format!("{field} {reason}")))
 }
 
 pub(crate) fn check_type(event_type: &str) -> Result<(), ApiError> {
     if is_event_type(event_type) {
         Ok(())
     } else {
-        Err(ApiError::bad_request("invalid_parameter", "type must match [a-z0-9_.-]{1,32}")
-            .with("field", json!("type")))
+        Err(ApiError::invalid_parameter("type", format!("type must match [a-z0-9_.-]{{1,{EVENT_TYPE_BYTES_MAX}}}")))
     }
 }
 
@@ -162,9 +155,7 @@ pub(crate) fn params(
 
 /// The `video_id` parameter (required), checked.
 pub(crate) fn video_param<'a>(p: &'a HashMap<&'static str, String>) -> Result<&'a str, ApiError> {
-    let video_id = p.get("video_id").ok_or_else(|| {
-        ApiError::bad_request("invalid_parameter", "video_id is required").with("field", json!("video_id"))
-    })?;
+    let video_id = p.get("video_id").ok_or_else(|| ApiError::invalid_parameter("video_id", "video_id is required"))?;
     check_video_id("video_id", video_id)?;
     Ok(video_id)
 }
@@ -283,9 +274,8 @@ pub(crate) async fn series(
     let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "step", "tz"])?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let step_name = p.get("step").map_or("minute", String::as_str);
-    let granularity = Granularity::from_name(step_name).ok_or_else(|| {
-        ApiError::bad_request("invalid_parameter", "step must be minute, hour or day").with("field", json!("step"))
-    })?;
+    let granularity = Granularity::from_name(step_name)
+        .ok_or_else(|| ApiError::invalid_parameter("step", "step must be minute, hour or day"))?;
     let tz = time_zone(&p)?;
     let step_ms = granularity.minutes() * MINUTE_MS;
     let (from, to) = from_to(&p, tz.as_ref())?;

@@ -185,7 +185,8 @@ impl<'de> Deserialize<'de> for OneOrMany<'de> {
                 f.write_str("an event object or an array of event objects")
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                // serde_json gives no length hint for arrays; the Vec grows as it goes.
+                let mut events = Vec::new();
                 while let Some(event) = seq.next_element()? {
                     events.push(event);
                 }

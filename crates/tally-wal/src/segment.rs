@@ -307,19 +307,38 @@ mod tests {
         assert!(message.contains("00000000000000000000.wal") && message.contains("at byte 0"), "{message}");
     }
 
-    #[test]
-    fn gap_between_segments_is_corruption() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Three segments of one frame each.
+    fn three_segments(dir: &Path) -> (WalOptions, Vec<PathBuf>) {
         let options = WalOptions { segment_bytes_max: 40 };
-        let (mut wal, _) = open(dir.path(), 0, options).unwrap();
+        let (mut wal, _) = open(dir, 0, options).unwrap();
         for _ in 0..3 {
             wal.append(&[&[7; 20]]).unwrap();
         }
         drop(wal);
-        let path = segment_path(dir.path(), 0);
-        let len = fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 1).unwrap();
+        let mut paths: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        assert_eq!(paths.len(), 3);
+        (options, paths)
+    }
+
+    #[test]
+    fn a_torn_segment_before_the_last_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (options, paths) = three_segments(dir.path());
+        let len = fs::metadata(&paths[0]).unwrap().len();
+        OpenOptions::new().write(true).open(&paths[0]).unwrap().set_len(len - 1).unwrap();
         assert!(matches!(open(dir.path(), 0, options), Err(WalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn gap_between_segments_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (options, paths) = three_segments(dir.path());
+        fs::remove_file(&paths[1]).unwrap();
+        match open(dir.path(), 0, options) {
+            Err(WalError::Corrupt { detail, .. }) => assert!(detail.contains("but the next begins at"), "{detail}"),
+            other => panic!("a missing middle segment must be corruption, got {:?}", other.map(|_| ())),
+        }
     }
 
     /// Writes three frames, then for every possible cut of the file: recovery keeps exactly

@@ -9,12 +9,15 @@
 //!
 //! Read mode asks `GET /v1/count` for random videos over random ranges of up to
 //! `--range-days` days, and reports requests per second and latency percentiles.
+//!
+//! Top mode asks `GET /v1/top` for the `--top-k` most-viewed videos of the last
+//! `--top-hours` hours, and reports latency percentiles and how many answers were exact.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use bytes::Bytes;
 use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -89,6 +92,8 @@ enum Mode {
 /// Step between the bodies one worker sends in turn: a prime, so each worker cycles through
 /// every body whatever their number, and workers do not send the same body in lockstep.
 const BODY_STRIDE: usize = 7919;
+/// Attempts per write request (429/503 and connection errors are retried with backoff).
+const WRITE_ATTEMPTS: u32 = 50;
 
 /// Samples ranks 0..n with probability proportional to 1/(rank+1)^s.
 struct Zipf {
@@ -216,7 +221,6 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut sequence = 0u64;
-            let mut failures = 0u64;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
                     break;
@@ -227,7 +231,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                 let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
                 let sent_at = Instant::now();
                 match client
-                    .request_retrying(Method::POST, "/v1/events", &headers, bodies[index].bytes.clone(), 50)
+                    .request_retrying(Method::POST, "/v1/events", &headers, bodies[index].bytes.clone(), WRITE_ATTEMPTS)
                     .await
                 {
                     Ok(answer) if answer.status.is_success() => {
@@ -240,9 +244,8 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                         return Err(anyhow::anyhow!("server refused a batch: {}", answer.error_text()));
                     }
                     Err(error) => {
-                        failures += 1;
                         stop.store(true, Ordering::Relaxed);
-                        return Err(error.context(format!("after {failures} failures")));
+                        return Err(error.context(format!("a batch failed {WRITE_ATTEMPTS} attempts")));
                     }
                 }
             }
@@ -409,17 +412,17 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The all-time count of every bench video (`v0`…) of one type, 1,000 per request.
+/// The all-time count of every bench video (`v0`…) of one type, a page of ids per request
+/// (the server's default page limit).
 async fn count_all(client: &Client, videos: u32, event_type: &str) -> anyhow::Result<Vec<u64>> {
+    let page = tally_server::ServerConfig::default().counts_video_ids_max as u32;
     let mut counts = Vec::with_capacity(videos as usize);
-    for chunk_start in (0..videos).step_by(1000) {
-        let ids: Vec<String> = (chunk_start..(chunk_start + 1000).min(videos)).map(|v| format!("v{v}")).collect();
-        let body = json!({ "video_ids": ids, "type": event_type }).to_string();
+    for chunk_start in (0..videos).step_by(page as usize) {
+        let ids: Vec<String> = (chunk_start..(chunk_start + page).min(videos)).map(|v| format!("v{v}")).collect();
         let answer = client
-            .request_retrying(Method::POST, "/v1/counts", &[("content-type", "application/json")], Bytes::from(body), 5)
-            .await?;
-        anyhow::ensure!(answer.status.is_success(), "counts query failed: {}", answer.error_text());
-        let answer = answer.json()?;
+            .post_json("/v1/counts", &json!({ "video_ids": ids, "type": event_type }))
+            .await
+            .context("counts query failed")?;
         counts.extend(ids.iter().map(|id| answer["counts"][id].as_u64().unwrap_or(0)));
     }
     Ok(counts)

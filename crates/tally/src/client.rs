@@ -17,6 +17,8 @@ use rand::Rng;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Attempts for a query (`get_json`, `post_json`).
+const QUERY_ATTEMPTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Client {
@@ -106,8 +108,18 @@ impl Client {
         }
     }
 
+    /// A query, retried: its JSON answer, or the server's error.
     pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let answer = self.request_retrying(Method::GET, path, &[], Bytes::new(), 3).await?;
+        let answer = self.request_retrying(Method::GET, path, &[], Bytes::new(), QUERY_ATTEMPTS).await?;
+        anyhow::ensure!(answer.status.is_success(), "{}", answer.error_text());
+        answer.json()
+    }
+
+    /// A query with a JSON body (`POST /v1/counts`), retried like `get_json`.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let headers = [("content-type", "application/json")];
+        let body = Bytes::from(body.to_string());
+        let answer = self.request_retrying(Method::POST, path, &headers, body, QUERY_ATTEMPTS).await?;
         anyhow::ensure!(answer.status.is_success(), "{}", answer.error_text());
         answer.json()
     }

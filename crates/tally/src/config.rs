@@ -118,14 +118,18 @@ impl FileConfig {
             Ok(())
         };
         const MIB: u64 = 1 << 20;
-        const _: () = assert!(64 * MIB + 2 * 64 * MIB < tally_wal::FRAME_PAYLOAD_BYTES_MAX as u64);
+        const GROUP_BYTES_HIGH: u64 = 64 * MIB;
+        const BODY_BYTES_HIGH: u64 = 64 * MIB;
+        // A frame holds up to a group plus one more request's records, which can take about
+        // twice the request's JSON body.
+        const _: () = assert!(GROUP_BYTES_HIGH + 2 * BODY_BYTES_HIGH < tally_wal::FRAME_PAYLOAD_BYTES_MAX as u64);
         let non_negative = |value: i64| u64::try_from(value).unwrap_or(u64::MAX);
         within("partitions", engine.partitions.into(), 1, 1024)?;
         within("dedup_window_ms", non_negative(engine.dedup_window_ms), 60_000, 30 * 86_400_000)?;
         within("dedup_entries_max", engine.dedup_entries_max as u64, 1, 1 << 32)?;
         within("flush_interval_ms", engine.flush_interval_ms, 10, 86_400_000)?;
         within("segment_bytes_max", engine.segment_bytes_max, 4096, 1 << 30)?;
-        within("group_bytes_max", engine.group_bytes_max as u64, 4096, 64 * MIB)?;
+        within("group_bytes_max", engine.group_bytes_max as u64, 4096, GROUP_BYTES_HIGH)?;
         within("queue_bytes_max", engine.queue_bytes_max as u64, MIB, 64 << 30)?;
         within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
         within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
@@ -141,7 +145,10 @@ impl FileConfig {
             retention.hour_days.unwrap_or(0),
             retention.day_days.unwrap_or(0)
         );
-        within("body_bytes_max", server.body_bytes_max as u64, 1024, 64 * MIB)?;
+        within("body_bytes_max", server.body_bytes_max as u64, 1024, BODY_BYTES_HIGH)?;
+        if let Some(threads) = self.worker_threads {
+            within("worker_threads", threads as u64, 1, 1024)?;
+        }
         within(
             "body_bytes_in_flight_max",
             server.body_bytes_in_flight_max as u64,

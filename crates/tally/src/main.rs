@@ -1,5 +1,5 @@
 //! `tally`: the server (`serve`) and its command-line client (`send`, `count`, `series`,
-//! `top`, `uniques`, `stats`, `bench`). Thin glue: parse arguments, run the chosen command, map errors to exit codes.
+//! `top`, `uniques`, `stats`, `bench`), and `store-stats` (disk use of a stopped server's store). Thin glue: parse arguments, run the chosen command, map errors to exit codes.
 
 mod bench;
 mod client;

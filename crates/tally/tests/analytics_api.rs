@@ -3,17 +3,11 @@
 
 mod common;
 
-use common::{Server, now_ms, start};
+use common::{Server, now_ms, server};
 use serde_json::{Value, json};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
-
-fn server(config: &str) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(&dir.path().join("data"), config);
-    (dir, server)
-}
 
 fn post(server: &Server, events: Value) {
     let answer = server.post_events(&events.to_string(), &[]);

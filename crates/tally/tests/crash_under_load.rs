@@ -166,6 +166,7 @@ fn sigkill_under_load_loses_nothing_acknowledged_and_counts_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut repeated_total = 0;
     let mut server = start(&data, CONFIG);
     for round in 0..ROUNDS {
         let stop = Arc::new(AtomicBool::new(false));
@@ -202,9 +203,11 @@ fn sigkill_under_load_loses_nothing_acknowledged_and_counts_nothing_twice() {
         retry_unanswered(&server, &ledger);
         let repeated = repeat_acknowledged(&server, &ledger, &mut rng);
         eprintln!("round {round}: {repeated} acknowledged requests repeated");
+        repeated_total += repeated;
         check_counts(&server, &ledger.lock().unwrap(), &format!("after {how} {round}"));
     }
     let ledger = ledger.lock().unwrap();
+    assert!(repeated_total > 0, "no acknowledged request was ever repeated after a restart");
     assert!(
         ledger.acknowledged_requests > 50,
         "the load was too light to mean anything: {}",

@@ -32,6 +32,13 @@ pub fn start(data_dir: &Path, config: &str) -> Server {
     server
 }
 
+/// A ready server on a fresh temporary data directory (removed when the guard drops).
+pub fn server(config: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), config);
+    (dir, server)
+}
+
 /// Starts `tally serve` and returns once it listens (it may still be recovering).
 pub fn spawn(data_dir: &Path, config: &str) -> Server {
     let config_path = data_dir.with_extension("toml");
