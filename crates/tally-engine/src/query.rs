@@ -115,7 +115,8 @@ impl Engine {
         }
         let view = self.memory_view(event_type, video_id, range);
         let snapshot = self.shared.store.snapshot()?;
-        total(&*snapshot, range, &range.decompose(), event_type, video_id, &view)
+        let checkpoint = snapshot.checkpoint_offset(view.partition)?;
+        total(&*snapshot, checkpoint, range, &range.decompose(), event_type, video_id, &view)
     }
 
     /// One video's count and sum between consecutive `bounds` (ascending epoch minutes),
@@ -130,11 +131,12 @@ impl Engine {
         debug_assert!(bounds.is_sorted(), "bounds must ascend");
         let view = self.memory_view(event_type, video_id, MinuteRange { start, end });
         let snapshot = self.shared.store.snapshot()?;
+        let checkpoint = snapshot.checkpoint_offset(view.partition)?;
         bounds
             .windows(2)
             .map(|pair| {
                 let range = MinuteRange { start: pair[0], end: pair[1] };
-                total(&*snapshot, range, &range.decompose(), event_type, video_id, &view)
+                total(&*snapshot, checkpoint, range, &range.decompose(), event_type, video_id, &view)
             })
             .collect()
     }
@@ -153,10 +155,18 @@ impl Engine {
             video_ids.iter().map(|video_id| self.memory_view(event_type, video_id, range)).collect();
         let snapshot = self.shared.store.snapshot()?;
         let spans = range.decompose();
+        // Read once per partition, not once per video.
+        let mut checkpoints: Vec<Option<u64>> = vec![None; self.shared.partitions.len()];
         video_ids
             .iter()
             .zip(&views)
-            .map(|(video_id, view)| total(&*snapshot, range, &spans, event_type, video_id, view))
+            .map(|(video_id, view)| {
+                let checkpoint = match checkpoints[view.partition as usize] {
+                    Some(checkpoint) => checkpoint,
+                    None => *checkpoints[view.partition as usize].insert(snapshot.checkpoint_offset(view.partition)?),
+                };
+                total(&*snapshot, checkpoint, range, &spans, event_type, video_id, view)
+            })
             .collect()
     }
 
@@ -212,12 +222,13 @@ impl Engine {
         types.sort_unstable();
         types.dedup();
         let spans = range.decompose();
+        let checkpoint = snapshot.checkpoint_offset(view.partition)?;
         let mut answer = Vec::new();
         for event_type in types {
             let cells_of_type = |copy: &Vec<(String, Cells)>| {
                 copy.iter().find(|(t, _)| *t == event_type).map(|(_, cells)| cells.clone()).unwrap_or_default()
             };
-            let total = total(&*snapshot, range, &spans, &event_type, video_id, &view.map(cells_of_type))?;
+            let total = total(&*snapshot, checkpoint, range, &spans, &event_type, video_id, &view.map(cells_of_type))?;
             if total.count > 0 {
                 answer.push((event_type, total));
             }
@@ -420,9 +431,11 @@ impl Best {
 }
 
 /// The store's buckets over `spans` (the decomposition of `range`) plus the cells of
-/// `view` inside `range` that the snapshot does not hold.
+/// `view` inside `range` that the snapshot does not hold; `checkpoint` is the snapshot's
+/// checkpoint of the view's partition (read once by the caller, however many totals).
 fn total(
     snapshot: &dyn Snapshot,
+    checkpoint: u64,
     range: MinuteRange,
     spans: &[Span],
     event_type: &str,
@@ -433,7 +446,6 @@ fn total(
     for span in spans {
         total.add(snapshot.sum(event_type, video_id, *span)?);
     }
-    let checkpoint = snapshot.checkpoint_offset(view.partition)?;
     for (_, counter) in view.unflushed(checkpoint).flatten().filter(|(minute, _)| range.contains(*minute)) {
         total.add(*counter);
     }

@@ -252,12 +252,7 @@ impl CounterStore for RedbStore {
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
         let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
         let checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("begin read"))?;
-        Ok(Box::new(RedbSnapshot {
-            txn,
-            checkpoints,
-            tables: RefCell::new(HashMap::new()),
-            checkpoint_offsets: RefCell::new(HashMap::new()),
-        }))
+        Ok(Box::new(RedbSnapshot { txn, checkpoints, tables: RefCell::new(HashMap::new()) }))
     }
 }
 
@@ -432,9 +427,6 @@ struct RedbSnapshot {
     checkpoints: redb::ReadOnlyTable<u32, &'static [u8]>,
     /// Tables opened so far; `None` when the table does not exist.
     tables: RefCell<HashMap<(Kind, TableOf), OpenedTable>>,
-    /// Checkpoint offsets read so far: fixed for a snapshot, and asked once per video by
-    /// queries over many videos.
-    checkpoint_offsets: RefCell<HashMap<u32, u64>>,
 }
 
 impl RedbSnapshot {
@@ -483,13 +475,8 @@ impl RedbSnapshot {
 
 impl Snapshot for RedbSnapshot {
     fn checkpoint_offset(&self, partition: u32) -> Result<u64, StoreError> {
-        if let Some(&offset) = self.checkpoint_offsets.borrow().get(&partition) {
-            return Ok(offset);
-        }
         let value = self.checkpoints.get(partition).map_err(redb_error("read checkpoint"))?;
-        let offset = value.map(|v| decode_checkpoint(partition, v.value())).transpose()?.map_or(0, |c| c.offset);
-        self.checkpoint_offsets.borrow_mut().insert(partition, offset);
-        Ok(offset)
+        Ok(value.map(|v| decode_checkpoint(partition, v.value())).transpose()?.map_or(0, |c| c.offset))
     }
 
     fn sum(&self, event_type: &str, video_id: &str, span: Span) -> Result<Counter, StoreError> {
