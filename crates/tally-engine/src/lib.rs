@@ -41,6 +41,12 @@ const RECORD_BYTES_PER_EVENT_ESTIMATE: usize = 48;
 
 /// The store's file inside the data directory.
 pub const STORE_FILE: &str = "store.redb";
+/// Where a new data directory's store is made; renamed to `STORE_FILE` once the whole
+/// directory is (see `recovery::initialize`).
+pub(crate) const STORE_STAGING_FILE: &str = "store.redb.new";
+
+/// What clients are told once a log or store write failed.
+const FAILED_REASON: &str = "a log or store write failed (see the server log); restart the server to recover";
 
 /// How far writes and purges trail the retention cutoffs queries use, minutes.
 const RETENTION_LAG_MINUTES: i64 = 60;
@@ -75,6 +81,13 @@ pub struct EngineConfig {
     pub retention: Retention,
     /// How often expired buckets are dropped, milliseconds.
     pub retention_interval_ms: u64,
+    /// Free disk space a new log segment must leave, bytes: once the log would eat into
+    /// it, writes are refused (`DiskFull`) while the store can still flush and checkpointed
+    /// segments are deleted; they resume by themselves once space is free again.
+    pub disk_free_bytes_min: u64,
+    /// Start even if the newest log segment of a partition was deleted or cut short,
+    /// dropping what was lost (the log says what), instead of refusing to.
+    pub accept_log_loss: bool,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +105,8 @@ impl Default for EngineConfig {
             store_cache_bytes: 1 << 30,
             retention: Retention::default(),
             retention_interval_ms: 60_000,
+            disk_free_bytes_min: 256 << 20,
+            accept_log_loss: false,
         }
     }
 }
@@ -102,6 +117,10 @@ pub enum EngineError {
     Overloaded { reason: &'static str },
     #[error("not accepting writes: {reason}")]
     Unavailable { reason: String },
+    /// The disk holding the log is full (down to the reserve); nothing was written, and
+    /// writes resume by themselves once space is freed.
+    #[error("disk full: {reason}")]
+    DiskFull { reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -153,9 +172,11 @@ impl Shared {
         self.config.retention.cutoffs(now - RETENTION_LAG_MINUTES)
     }
 
-    pub(crate) fn fail(&self, reason: String) {
-        tracing::error!(%reason, "engine stops acknowledging writes");
-        self.failure.lock().get_or_insert(reason);
+    /// Stops acknowledging writes for good (until a restart). `detail` goes to the log
+    /// only: clients are told the kind of failure, never file names.
+    pub(crate) fn fail(&self, detail: String) {
+        tracing::error!(%detail, "engine stops acknowledging writes");
+        self.failure.lock().get_or_insert_with(|| FAILED_REASON.into());
     }
 }
 
@@ -225,13 +246,26 @@ pub(crate) fn now_ms() -> i64 {
 fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> {
     let mut total = ready;
     let mut reused = false;
+    let mut written = false;
+    let mut refused = None;
     for part in parts {
         match part {
-            Ok(Ok(outcome)) => total.add(outcome),
+            Ok(Ok(outcome)) => {
+                written = true;
+                total.add(outcome);
+            }
             Ok(Err(EngineError::IdempotencyConflict)) => reused = true,
+            // Nothing of this part was written: the request counted nothing only if no
+            // other part was.
+            Ok(Err(error @ EngineError::DiskFull { .. })) => refused = Some(error),
             Ok(Err(error)) => return Err(EngineError::OutcomeUnknown { reason: error.to_string() }),
             Err(_) => return Err(EngineError::OutcomeUnknown { reason: "partition writer stopped".into() }),
         }
+    }
+    match refused {
+        Some(error) if !written && !reused => return Err(error),
+        Some(error) => return Err(EngineError::OutcomeUnknown { reason: error.to_string() }),
+        None => {}
     }
     // Keyed requests reach every partition in one order, so a reused key is refused by
     // all of them alike.
@@ -334,6 +368,9 @@ impl Engine {
                 return Err(EngineError::Overloaded {
                     reason: "a partition is writing its backlog of pending cells to the store",
                 });
+            }
+            if let Some(reason) = partition.disk_full() {
+                return Err(EngineError::DiskFull { reason });
             }
             let record = record.finish();
             total_bytes += record.len();

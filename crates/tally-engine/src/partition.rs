@@ -18,6 +18,9 @@ use crate::{EngineError, PartitionStats, Shared};
 /// How long an idle writer sleeps before checking for segments to delete; also how often
 /// a writer waiting for the flusher checks again.
 const WRITER_IDLE_MS: u64 = 100;
+/// After a write found the disk full, how long requests are refused at admission before a
+/// write tries again, milliseconds.
+const DISK_FULL_REFUSE_MS: i64 = 1_000;
 
 pub(crate) struct Append {
     pub(crate) record: Vec<u8>,
@@ -48,6 +51,10 @@ pub(crate) struct Partition {
     /// The writer waits for the flusher (its deltas are at `pending_cells_max`): new
     /// requests for this partition are refused rather than queued behind a long flush.
     stalled: AtomicBool,
+    /// Why the last write found the disk full, and when (ms since the epoch): requests for
+    /// this partition are refused at admission for `DISK_FULL_REFUSE_MS` after it, then one
+    /// write tries again.
+    disk_full: Mutex<Option<(i64, String)>>,
     pub(crate) checkpoint_offset: AtomicU64,
     wal_segments: AtomicU64,
     wal_bytes: AtomicU64,
@@ -65,6 +72,7 @@ impl Partition {
             queued: AtomicU64::new(0),
             dedup_entries: AtomicUsize::new(dedup_entries),
             stalled: AtomicBool::new(false),
+            disk_full: Mutex::new(None),
             checkpoint_offset: AtomicU64::new(checkpoint),
             wal_segments: AtomicU64::new(0),
             wal_bytes: AtomicU64::new(0),
@@ -98,6 +106,13 @@ impl Partition {
             applied_offset: memory.applied_offset,
             checkpoint_offset: self.checkpoint_offset.load(Ordering::Relaxed),
         }
+    }
+
+    /// Why writes to this partition are refused now, if its disk was full a moment ago.
+    pub(crate) fn disk_full(&self) -> Option<String> {
+        let disk_full = self.disk_full.lock();
+        let (since, reason) = disk_full.as_ref()?;
+        (crate::now_ms() - since < DISK_FULL_REFUSE_MS).then(|| reason.clone())
     }
 
     pub(crate) fn stalled(&self) -> bool {
@@ -157,7 +172,14 @@ pub(crate) fn run_writer(
         }
         let records: Vec<&[u8]> = group.iter().map(|a| a.record.as_slice()).collect();
         let (end_offset, sync) = match wal.append(&records) {
-            Ok(appended) => appended,
+            Ok(appended) => {
+                partition.disk_full.lock().take();
+                appended
+            }
+            Err(error) if error.is_transient() => {
+                refuse_unwritten(&partition, &mut group, &error);
+                continue;
+            }
             Err(error) => {
                 // Never retried: after a failed fsync the kernel may have dropped the dirty
                 // pages, and only recovery from what is on disk is trustworthy.
@@ -239,6 +261,29 @@ fn wait_for_room(shared: &Shared, partition: &Partition) {
         partition.stalled.store(false, Ordering::Relaxed);
         metrics::counter!("tally_writer_stalls_total").increment(1);
     }
+}
+
+/// Answers a group whose frame was not written (the log is as it was): a full disk is
+/// remembered for admission, and every request learns that its part counted nothing.
+fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &tally_wal::WalError) {
+    tracing::warn!(partition = partition.index, %error, "log write refused; nothing was written");
+    metrics::counter!("tally_wal_writes_refused_total").increment(1);
+    let reason = match error {
+        tally_wal::WalError::NoSpace { free_bytes, needed_bytes, .. } => format!(
+            "the disk holding the log has {free_bytes} bytes free, below the {needed_bytes} a new log segment \
+             needs with the reserve; writes resume once space is freed"
+        ),
+        tally_wal::WalError::Unwritten { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            "the disk holding the log is full; writes resume once space is freed".into()
+        }
+        _ => {
+            let reason = "writing the log failed and was undone (see the server log); retry";
+            answer_all(partition, group, || Err(EngineError::Unavailable { reason: reason.into() }));
+            return;
+        }
+    };
+    *partition.disk_full.lock() = Some((crate::now_ms(), reason.clone()));
+    answer_all(partition, group, || Err(EngineError::DiskFull { reason: reason.clone() }));
 }
 
 fn remove_checkpointed_segments(shared: &Shared, partition: &Partition, wal: &mut Wal, removed_before: &mut u64) {

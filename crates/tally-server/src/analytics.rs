@@ -7,8 +7,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
 use tally_core::hll::Hll;
 use tally_engine::Engine;
@@ -34,10 +33,10 @@ async fn blocking<T: Send + 'static>(
 
 pub(crate) async fn top(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["type", "from", "to", "k", "exact", "tz"])?;
+    let p = params(query_pairs(query.as_deref())?, &["type", "from", "to", "k", "exact", "tz"])?;
     let event_type = type_param(&p)?.to_string();
     let k =
         match p.get("k") {
@@ -79,10 +78,10 @@ pub(crate) async fn top(
 
 pub(crate) async fn uniques(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
+    let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let sketch: Hll = {
@@ -103,10 +102,10 @@ pub(crate) async fn uniques(
 
 pub(crate) async fn stats(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["video_id", "from", "to", "tz"])?;
+    let p = params(query_pairs(query.as_deref())?, &["video_id", "from", "to", "tz"])?;
     let video_id = video_param(&p)?;
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let by_type = {

@@ -38,6 +38,14 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /v1/openapi.json")
     }
 
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method; see /v1/openapi.json",
+        )
+    }
+
     pub fn unavailable(code: &'static str, message: String) -> ApiError {
         ApiError {
             retry_after_s: Some(UNAVAILABLE_RETRY_AFTER_S),
@@ -65,6 +73,10 @@ impl From<EngineError> for ApiError {
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", reason)
             },
             EngineError::Unavailable { reason } => ApiError::unavailable("unavailable", reason),
+            EngineError::DiskFull { reason } => ApiError {
+                retry_after_s: Some(UNAVAILABLE_RETRY_AFTER_S),
+                ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", reason)
+            },
             EngineError::OutcomeUnknown { reason } => ApiError::unavailable(
                 "outcome_unknown",
                 format!(
@@ -84,11 +96,18 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body: `{"error", "message", …details}`.
+    pub(crate) fn body(&self) -> Value {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        body.as_object_mut().expect("object").extend(self.details.clone());
+        body
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.code, "message": self.message });
-        body.as_object_mut().expect("object").extend(self.details);
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after_s {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

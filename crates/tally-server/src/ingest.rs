@@ -1,18 +1,22 @@
 //! `POST /v1/events`: read the body under its limits, decode and validate every event,
 //! submit the whole batch, answer once it is durable.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::json;
-use tally_core::event::EVENT_TYPE_DEFAULT;
-use tally_core::{EventRef, FieldError};
+use tally_core::EventRef;
 use tally_engine::IdempotencyKey;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::wire::{OneOrMany, WireEvent, WireTs};
+use serde::de::DeserializeSeed;
+
+use crate::body;
+use crate::wire::{BodySeed, Decoding, EventSeed, Problems, WireEvent};
 use crate::{ApiError, AppState};
 
 /// Bytes; an idempotency key is a client-made token (UUID, hash).
@@ -54,15 +58,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     Ok(Some(key))
 }
 
-fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("request body is over the limit of {limit} bytes"),
-    )
-    .with("limit_bytes", json!(limit))
-}
-
 pub(crate) async fn ingest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -75,53 +70,54 @@ pub(crate) async fn ingest(
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(too_large(limit));
+        return Err(body::too_large(limit));
     }
-    let reserve = declared.unwrap_or(limit).max(1);
-    let _budget = Arc::clone(&state.body_budget)
-        .try_acquire_many_owned(reserve as u32)
-        .map_err(|_| ApiError::unavailable("overloaded", "too many request bodies in flight".into()))?;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let over_limit =
-            std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-        if over_limit {
-            too_large(limit)
-        } else {
-            ApiError::bad_request("body_unreadable", format!("could not read the request body: {error}"))
-        }
-    })?;
+    let deadline = Duration::from_millis(state.config.body_read_timeout_ms);
+    let body = body::read(body, limit, deadline, &state.body_budget).await?;
 
     let receive_ms = (state.clock)();
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
+    let text = std::str::from_utf8(&body.bytes).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("request body is not valid UTF-8 at byte {}", e.valid_up_to()))
     })?;
-    let wire_events = decode(format, text, state.config.events_per_request_max)?;
-    let mut errors = Vec::new();
-    let events = to_events(&wire_events, receive_ms, &state, &mut errors);
-    if !errors.is_empty() {
+    let decoding = Decoding {
+        limits: &state.config.limits,
+        receive_ms,
+        problems: RefCell::new(Problems::new(state.config.field_errors_max)),
+    };
+    let wire_events = decode(format, text, state.config.events_per_request_max, &decoding)?;
+    let problems = decoding.problems.into_inner();
+    if problems.total > 0 {
         metrics::counter!("tally_events_rejected_total").increment(wire_events.len() as u64);
-        let shown: Vec<_> = errors
-            .iter()
-            .take(state.config.field_errors_max)
-            .map(|e| json!({ "index": e.index, "field": e.field, "reason": e.reason }))
-            .collect();
-        let bad_events = errors.iter().map(|e| e.index).collect::<std::collections::BTreeSet<_>>().len();
+        let shown: Vec<_> =
+            problems.shown.iter().map(|e| json!({ "index": e.index, "field": e.field, "reason": e.reason })).collect();
         return Err(ApiError::bad_request(
             "invalid_events",
-            format!("{bad_events} of {} events are invalid; nothing was counted", wire_events.len()),
+            format!("{} of {} events are invalid; nothing was counted", problems.bad_events, wire_events.len()),
         )
         .with("errors", json!(shown))
-        .with("error_count", json!(errors.len())));
+        .with("error_count", json!(problems.total)));
     }
 
-    let key = key.map(|key| IdempotencyKey { key, fingerprint: xxh3_64_with_seed(&bytes, format as u64) });
+    let events: Vec<EventRef<'_>> = wire_events.iter().map(WireEvent::resolved).collect();
+    let key = key.map(|key| IdempotencyKey { key, fingerprint: xxh3_64_with_seed(&body.bytes, format as u64) });
     // The accepted and duplicate counters are kept by the partition writers, which know
     // whether a request was counted now or answered again from dedup memory.
-    let outcome = engine.submit(&events, key, receive_ms)?.outcome().await?;
+    let submitted = engine.submit(&events, key, receive_ms)?;
+    // The records are encoded and charged to the queue budget: the body and its decoded
+    // events are not needed while the request waits to be written.
+    drop(events);
+    drop(wire_events);
+    drop(body);
+    let outcome = submitted.outcome().await?;
     Ok(axum::Json(json!({ "accepted": outcome.accepted, "duplicates": outcome.duplicates })))
 }
 
-fn decode(format: BodyFormat, text: &str, events_max: usize) -> Result<Vec<WireEvent<'_>>, ApiError> {
+fn decode<'a>(
+    format: BodyFormat,
+    text: &'a str,
+    events_max: usize,
+    decoding: &Decoding<'_>,
+) -> Result<Vec<WireEvent<'a>>, ApiError> {
     let too_many = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -130,17 +126,19 @@ fn decode(format: BodyFormat, text: &str, events_max: usize) -> Result<Vec<WireE
         )
         .with("limit_events", json!(events_max))
     };
-    let events = match format {
-        BodyFormat::Json => match serde_json::from_str::<OneOrMany<'_>>(text) {
-            Ok(OneOrMany::One(event)) => vec![event],
-            Ok(OneOrMany::Many(events)) => events,
-            Err(error) => {
-                return Err(ApiError::bad_request(
-                    "malformed_json",
-                    format!("request body is not valid JSON: {error}"),
-                ));
+    match format {
+        BodyFormat::Json => {
+            let too_many_seen = Cell::new(false);
+            let seed = BodySeed { events_max, decoding, too_many: &too_many_seen };
+            let mut deserializer = serde_json::Deserializer::from_str(text);
+            match seed.deserialize(&mut deserializer).and_then(|events| deserializer.end().map(|()| events)) {
+                Ok(events) => Ok(events),
+                Err(_) if too_many_seen.get() => Err(too_many()),
+                Err(error) => {
+                    Err(ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {error}")))
+                }
             }
-        },
+        }
         BodyFormat::Ndjson => {
             let mut events = Vec::new();
             for (line_index, line) in text.split('\n').enumerate() {
@@ -151,7 +149,10 @@ fn decode(format: BodyFormat, text: &str, events_max: usize) -> Result<Vec<WireE
                 if events.len() == events_max {
                     return Err(too_many());
                 }
-                let event = serde_json::from_str::<WireEvent<'_>>(line).map_err(|error| {
+                let seed = EventSeed { index: events.len(), decoding };
+                let mut deserializer = serde_json::Deserializer::from_str(line);
+                let event = seed.deserialize(&mut deserializer).and_then(|event| deserializer.end().map(|()| event));
+                let event = event.map_err(|error| {
                     ApiError::bad_request(
                         "malformed_json",
                         format!("line {} is not a JSON event object: {error}", line_index + 1),
@@ -160,58 +161,7 @@ fn decode(format: BodyFormat, text: &str, events_max: usize) -> Result<Vec<WireE
                 })?;
                 events.push(event);
             }
-            events
+            Ok(events)
         }
-    };
-    if events.len() > events_max {
-        return Err(too_many());
     }
-    Ok(events)
-}
-
-/// Resolves defaults and checks every rule; fills `errors` and returns the events that
-/// would be submitted (meaningless when `errors` is not empty).
-fn to_events<'a>(
-    wire: &'a [WireEvent<'a>],
-    receive_ms: i64,
-    state: &AppState,
-    errors: &mut Vec<FieldError>,
-) -> Vec<EventRef<'a>> {
-    let mut events = Vec::with_capacity(wire.len());
-    for (index, event) in wire.iter().enumerate() {
-        let errors_before = errors.len();
-        for (field, reason) in &event.problems {
-            errors.push(FieldError { index, field: field.clone(), reason: reason.clone() });
-        }
-        let ts_ms = match &event.ts {
-            WireTs::Absent => receive_ms,
-            WireTs::Millis(ms) => *ms,
-            WireTs::Text(text) => match text.parse::<jiff::Timestamp>() {
-                Ok(ts) => ts.as_millisecond(),
-                Err(_) => {
-                    errors.push(FieldError {
-                        index,
-                        field: "ts".into(),
-                        reason: "is not an RFC 3339 timestamp".into(),
-                    });
-                    receive_ms
-                }
-            },
-        };
-        let resolved = EventRef {
-            video_id: event.video_id.as_deref().unwrap_or(""),
-            event_type: event.event_type.as_deref().unwrap_or(EVENT_TYPE_DEFAULT),
-            ts_ms,
-            value: event.value,
-            event_id: event.event_id.as_deref(),
-            viewer_id: event.viewer_id.as_deref(),
-        };
-        let mut rule_errors = Vec::new();
-        state.config.limits.check(index, &resolved, receive_ms, &mut rule_errors);
-        // One reason per field: a field that failed to decode is not also checked.
-        rule_errors.retain(|e| !errors[errors_before..].iter().any(|d| d.field == e.field));
-        errors.extend(rule_errors);
-        events.push(resolved);
-    }
-    events
 }

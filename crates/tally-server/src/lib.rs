@@ -6,8 +6,10 @@
 //! response does not say it counted.
 
 mod analytics;
+mod body;
 mod error;
 mod ingest;
+mod listen;
 mod monitoring;
 mod query;
 mod wire;
@@ -21,6 +23,7 @@ use tally_engine::Engine;
 use tokio::sync::Semaphore;
 
 pub use error::ApiError;
+pub use listen::{SHED_CONNECTIONS_MAX, serve};
 pub use monitoring::install_metrics;
 
 /// Every HTTP-level limit. Defaults are documented where they are set.
@@ -28,9 +31,19 @@ pub use monitoring::install_metrics;
 pub struct ServerConfig {
     /// Largest request body, bytes; larger ones get 413 without being buffered.
     pub body_bytes_max: usize,
-    /// Body bytes held by all requests being read or parsed at once; past it new ingest
-    /// requests get 503, so many large concurrent bodies cannot exhaust memory.
+    /// Body bytes held by all requests being read or parsed at once, charged as the bytes
+    /// arrive; past it requests get 503, so many large concurrent bodies cannot exhaust
+    /// memory and a client that declares a large body but trickles it holds only what it sent.
     pub body_bytes_in_flight_max: usize,
+    /// Milliseconds a request body may take to arrive whole; slower ones get 408.
+    pub body_read_timeout_ms: u64,
+    /// Milliseconds from a request's first byte until its head must be complete.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a connection may stay idle between requests before it is closed.
+    pub keep_alive_idle_ms: u64,
+    /// Connections served at once; past it a connection gets a fast 503 (health checks
+    /// still answer).
+    pub connections_max: usize,
     /// Events one request may carry.
     pub events_per_request_max: usize,
     /// Bad events a 400 lists at most (the total is always given).
@@ -47,6 +60,10 @@ impl Default for ServerConfig {
         ServerConfig {
             body_bytes_max: 16 << 20,
             body_bytes_in_flight_max: 512 << 20,
+            body_read_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            keep_alive_idle_ms: 60_000,
+            connections_max: 10_000,
             events_per_request_max: 100_000,
             field_errors_max: 100,
             counts_video_ids_max: 1_000,
@@ -129,6 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .into_iter()
         .fold(Router::new(), |router, (_, path, handler)| router.route(path, handler))
         .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn(monitoring::track_request))
         .with_state(state)
 }

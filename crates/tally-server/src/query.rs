@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
 use jiff::tz::TimeZone;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,7 +21,7 @@ use tally_core::bucket::MINUTE_MS;
 use tally_core::event::{EVENT_TYPE_BYTES_MAX, EVENT_TYPE_DEFAULT, VIDEO_ID_BYTES_MAX, check_id, is_event_type};
 use tally_engine::{Engine, Granularity, MinuteRange};
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, body};
 
 /// An instant: epoch milliseconds, an RFC 3339 timestamp, or a local date or date-time
 /// read in `tz` (UTC when absent; a time that a daylight-saving change skips or repeats
@@ -126,10 +126,44 @@ pub(crate) fn check_type(event_type: &str) -> Result<(), ApiError> {
     }
 }
 
-pub(crate) fn query_pairs(
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Vec<(String, String)>, ApiError> {
-    query.map(|Query(pairs)| pairs).map_err(|e| ApiError::bad_request("invalid_parameter", e.body_text()))
+/// The query string's pairs, decoded strictly: `+` is a space, `%` must start two hex
+/// digits, and every name and value must be UTF-8, so two different byte strings never
+/// name the same video.
+pub(crate) fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let Some(raw) = raw else { return Ok(Vec::new()) };
+    raw.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode_component(name)?, decode_component(value)?))
+        })
+        .collect()
+}
+
+fn decode_component(text: &str) -> Result<String, ApiError> {
+    let invalid = |reason: &str| {
+        let shown: String = text.chars().take(64).collect();
+        ApiError::bad_request("invalid_parameter", format!("query string component \"{shown}\" {reason}"))
+    };
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b'+' => decoded.push(b' '),
+            b'%' => {
+                let hex = |i: usize| bytes.get(i).and_then(|b| (*b as char).to_digit(16));
+                let (Some(high), Some(low)) = (hex(at + 1), hex(at + 2)) else {
+                    return Err(invalid("has a % not followed by two hex digits"));
+                };
+                decoded.push((high * 16 + low) as u8);
+                at += 2;
+            }
+            byte => decoded.push(byte),
+        }
+        at += 1;
+    }
+    String::from_utf8(decoded).map_err(|_| invalid("does not decode to UTF-8"))
 }
 
 /// Query string parameters, each at most once, none unknown.
@@ -209,10 +243,10 @@ pub(crate) fn ranged(range: MinuteRange, resolution: Granularity, mut body: Valu
 
 pub(crate) async fn count(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "tz"])?;
+    let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let counter = engine.count(event_type, video_id, range)?;
@@ -235,13 +269,14 @@ struct CountsRequest {
     to: Value,
 }
 
-pub(crate) async fn counts(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+/// Bytes of a `POST /v1/counts` body: room for the most ids allowed at their longest.
+const COUNTS_BODY_BYTES_MAX: usize = 2 << 20;
+
+pub(crate) async fn counts(State(state): State<Arc<AppState>>, body: Body) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let body = body.map_err(|e| ApiError::new(e.status(), "body_unreadable", e.body_text()))?;
-    let request: CountsRequest = serde_json::from_slice(&body).map_err(|e| {
+    let deadline = Duration::from_millis(state.config.body_read_timeout_ms);
+    let body = body::read(body, COUNTS_BODY_BYTES_MAX, deadline, &state.body_budget).await?;
+    let request: CountsRequest = serde_json::from_slice(&body.bytes).map_err(|e| {
         ApiError::bad_request("malformed_json", format!("request body is not a valid counts request: {e}"))
     })?;
     let ids_max = state.config.counts_video_ids_max;
@@ -268,10 +303,10 @@ const SERIES_DEFAULT_POINTS: i64 = 60;
 
 pub(crate) async fn series(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    let p = params(query_pairs(query)?, &["video_id", "type", "from", "to", "step", "tz"])?;
+    let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "step", "tz"])?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let step_name = p.get("step").map_or("minute", String::as_str);
     let granularity = Granularity::from_name(step_name)

@@ -1,12 +1,20 @@
-//! Events as they arrive on the wire (JSON objects), decoded leniently: every problem of
-//! every field is recorded against the event instead of aborting the whole body, so a 400
-//! can name each bad event and field.
+//! Events as they arrive on the wire (JSON objects), decoded leniently and checked as they
+//! are decoded: every problem of every field is counted against its event instead of
+//! aborting the whole body, so a 400 can name each bad event and field, in order. Strict where leniency would be ambiguous: a field
+//! given twice is a problem, not "last one wins".
+//!
+//! Memory stays proportional to the events, not to the problems: every problem is counted
+//! but only the first `shown_max` are kept, and a body is refused as soon as it holds one
+//! event more than allowed, before the rest is decoded.
 
 use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use tally_core::event::EVENT_TYPE_DEFAULT;
+use tally_core::{EventRef, FieldError, Limits};
 
 /// A JSON value of a field, kept only as far as validation needs it.
 #[derive(Debug)]
@@ -61,141 +69,229 @@ impl<'de> Deserialize<'de> for Loose<'de> {
     }
 }
 
-/// The timestamp as sent: an RFC 3339 string or integer epoch milliseconds.
-#[derive(Debug)]
-pub(crate) enum WireTs<'a> {
-    Absent,
-    Text(Cow<'a, str>),
-    Millis(i64),
-}
-
-/// One event object, fields still unvalidated; `problems` holds what decoding found wrong.
+/// One event object, decoded and checked: its problems went to the request's `Problems`
+/// (and then it is never submitted). `ts_ms` is resolved: the receive time when absent.
 #[derive(Debug)]
 pub(crate) struct WireEvent<'a> {
     pub(crate) video_id: Option<Cow<'a, str>>,
     pub(crate) event_type: Option<Cow<'a, str>>,
-    pub(crate) ts: WireTs<'a>,
+    pub(crate) ts_ms: i64,
     pub(crate) value: i64,
     pub(crate) event_id: Option<Cow<'a, str>>,
     pub(crate) viewer_id: Option<Cow<'a, str>>,
-    pub(crate) problems: Vec<(Cow<'static, str>, String)>,
+}
+
+impl WireEvent<'_> {
+    /// The event with defaults filled in.
+    pub(crate) fn resolved(&self) -> EventRef<'_> {
+        EventRef {
+            video_id: self.video_id.as_deref().unwrap_or(""),
+            event_type: self.event_type.as_deref().unwrap_or(EVENT_TYPE_DEFAULT),
+            ts_ms: self.ts_ms,
+            value: self.value,
+            event_id: self.event_id.as_deref(),
+            viewer_id: self.viewer_id.as_deref(),
+        }
+    }
+}
+
+/// A known field's bit in a mask of fields (bit `i` for `EVENT_FIELDS[i]`).
+fn field_bit(field: &str) -> Option<u8> {
+    EVENT_FIELDS.iter().position(|f| *f == field).map(|i| 1u8 << i)
 }
 
 /// Field names an event may have; anything else is rejected.
 pub(crate) const EVENT_FIELDS: [&str; 6] = ["video_id", "type", "ts", "value", "event_id", "viewer_id"];
+const UNKNOWN_FIELD: &str = "unknown field; allowed: video_id, type, ts, value, event_id, viewer_id";
+/// Characters of an unknown field's name repeated in an error.
+const FIELD_NAME_SHOWN_MAX: usize = 64;
 
-fn expect_string<'a>(
-    field: &'static str,
-    value: Loose<'a>,
-    problems: &mut Vec<(Cow<'static, str>, String)>,
-) -> Option<Cow<'a, str>> {
+/// Every problem of a request's events, counted; the first `shown_max` kept to be shown.
+pub(crate) struct Problems {
+    pub(crate) shown: Vec<FieldError>,
+    pub(crate) total: usize,
+    /// Events with at least one problem.
+    pub(crate) bad_events: usize,
+    last_bad: Option<usize>,
+    shown_max: usize,
+}
+
+impl Problems {
+    pub(crate) fn new(shown_max: usize) -> Problems {
+        Problems { shown: Vec::new(), total: 0, bad_events: 0, last_bad: None, shown_max }
+    }
+
+    /// Counts one problem of event `index` (events are visited in order).
+    pub(crate) fn push(&mut self, index: usize, field: &str, reason: impl fmt::Display) {
+        self.total += 1;
+        if self.last_bad != Some(index) {
+            self.last_bad = Some(index);
+            self.bad_events += 1;
+        }
+        if self.shown.len() < self.shown_max {
+            let field: String = field.chars().take(FIELD_NAME_SHOWN_MAX).collect();
+            self.shown.push(FieldError { index, field: field.into(), reason: reason.to_string() });
+        }
+    }
+}
+
+/// What decoding a request's events needs besides its bytes.
+pub(crate) struct Decoding<'c> {
+    pub(crate) limits: &'c Limits,
+    /// When the request arrived: the time of events without `ts`, and the rules' "now".
+    pub(crate) receive_ms: i64,
+    pub(crate) problems: RefCell<Problems>,
+}
+
+/// Decodes and checks one event object as event `index` of its request.
+pub(crate) struct EventSeed<'d, 'c> {
+    pub(crate) index: usize,
+    pub(crate) decoding: &'d Decoding<'c>,
+}
+
+impl<'de> DeserializeSeed<'de> for EventSeed<'_, '_> {
+    type Value = WireEvent<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventSeed<'_, '_> {
+    type Value = WireEvent<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut event = WireEvent {
+            video_id: None,
+            event_type: None,
+            ts_ms: self.decoding.receive_ms,
+            value: 0,
+            event_id: None,
+            viewer_id: None,
+        };
+        // Fields given, and fields with a problem (which are then not checked again).
+        let (mut seen, mut broken) = (0u8, 0u8);
+        let mut problems = self.decoding.problems.borrow_mut();
+        // Keys go through `Loose` too: serde's own `Cow<str>` always copies.
+        while let Some(key) = map.next_key::<Loose<'de>>()? {
+            let key = match key {
+                Loose::Str(key) => key,
+                _ => Cow::Borrowed(""),
+            };
+            let value: Loose<'de> = map.next_value()?;
+            let Some(bit) = field_bit(&key) else {
+                problems.push(self.index, &key, UNKNOWN_FIELD);
+                continue;
+            };
+            let mut problem = |reason: &dyn fmt::Display| {
+                broken |= bit;
+                problems.push(self.index, &key, reason);
+            };
+            if seen & bit != 0 {
+                problem(&"is given more than once");
+                continue;
+            }
+            seen |= bit;
+            match key.as_ref() {
+                "video_id" => event.video_id = expect_string(value, &mut problem),
+                "type" => event.event_type = expect_string(value, &mut problem),
+                "event_id" => event.event_id = expect_string(value, &mut problem),
+                "viewer_id" => event.viewer_id = expect_string(value, &mut problem),
+                "ts" => match value {
+                    Loose::Str(text) => match text.parse::<jiff::Timestamp>() {
+                        Ok(ts) => event.ts_ms = ts.as_millisecond(),
+                        Err(_) => problem(&"is not an RFC 3339 timestamp"),
+                    },
+                    Loose::Int(ms) => event.ts_ms = ms,
+                    Loose::Other(kind) => {
+                        problem(&format_args!("must be an RFC 3339 string or epoch milliseconds, not {kind}"))
+                    }
+                },
+                _ => match value {
+                    Loose::Int(v) => event.value = v,
+                    Loose::Str(_) => problem(&"must be an integer, not a string"),
+                    Loose::Other(kind) => problem(&format_args!("must be an integer, not {kind}")),
+                },
+            }
+        }
+        if seen & 1 == 0 {
+            broken |= 1;
+            problems.push(self.index, "video_id", "is required");
+        }
+        let mut rule_errors = Vec::new();
+        self.decoding.limits.check(self.index, &event.resolved(), self.decoding.receive_ms, &mut rule_errors);
+        // One reason per field: a field that failed to decode is not also checked.
+        for error in rule_errors {
+            if field_bit(&error.field).is_none_or(|bit| broken & bit == 0) {
+                problems.push(self.index, &error.field, &error.reason);
+            }
+        }
+        Ok(event)
+    }
+}
+
+fn expect_string<'a>(value: Loose<'a>, problem: &mut impl FnMut(&dyn fmt::Display)) -> Option<Cow<'a, str>> {
     match value {
         Loose::Str(s) => Some(s),
         Loose::Int(_) => {
-            problems.push((field.into(), "must be a string, not a number".into()));
+            problem(&"must be a string, not a number");
             None
         }
         Loose::Other(kind) => {
-            problems.push((field.into(), format!("must be a string, not {kind}")));
+            problem(&format_args!("must be a string, not {kind}"));
             None
         }
     }
 }
 
-impl<'de> Deserialize<'de> for WireEvent<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EventVisitor;
-        impl<'de> Visitor<'de> for EventVisitor {
-            type Value = WireEvent<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an event object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut event = WireEvent {
-                    video_id: None,
-                    event_type: None,
-                    ts: WireTs::Absent,
-                    value: 0,
-                    event_id: None,
-                    viewer_id: None,
-                    problems: Vec::new(),
-                };
-                // Keys go through `Loose` too: serde's own `Cow<str>` always copies.
-                while let Some(key) = map.next_key::<Loose<'de>>()? {
-                    let key = match key {
-                        Loose::Str(key) => key,
-                        _ => Cow::Borrowed(""),
-                    };
-                    let value: Loose<'de> = map.next_value()?;
-                    let problems = &mut event.problems;
-                    match key.as_ref() {
-                        "video_id" => event.video_id = expect_string("video_id", value, problems),
-                        "type" => event.event_type = expect_string("type", value, problems),
-                        "event_id" => event.event_id = expect_string("event_id", value, problems),
-                        "viewer_id" => event.viewer_id = expect_string("viewer_id", value, problems),
-                        "ts" => {
-                            event.ts = match value {
-                                Loose::Str(s) => WireTs::Text(s),
-                                Loose::Int(ms) => WireTs::Millis(ms),
-                                Loose::Other(kind) => {
-                                    problems.push((
-                                        "ts".into(),
-                                        format!("must be an RFC 3339 string or epoch milliseconds, not {kind}"),
-                                    ));
-                                    WireTs::Absent
-                                }
-                            }
-                        }
-                        "value" => match value {
-                            Loose::Int(v) => event.value = v,
-                            Loose::Str(_) => problems.push(("value".into(), "must be an integer, not a string".into())),
-                            Loose::Other(kind) => {
-                                problems.push(("value".into(), format!("must be an integer, not {kind}")))
-                            }
-                        },
-                        other => {
-                            let shown: String = other.chars().take(64).collect();
-                            problems
-                                .push((shown.into(), format!("unknown field; allowed: {}", EVENT_FIELDS.join(", "))));
-                        }
-                    }
-                }
-                if event.video_id.is_none() && !event.problems.iter().any(|(f, _)| f == "video_id") {
-                    event.problems.push(("video_id".into(), "is required".into()));
-                }
-                Ok(event)
-            }
-        }
-        deserializer.deserialize_map(EventVisitor)
+/// Decodes a JSON body that is one event object or an array of them, refusing it (with
+/// `too_many` set) as soon as it holds more than `events_max` events.
+pub(crate) struct BodySeed<'d, 'c> {
+    pub(crate) events_max: usize,
+    pub(crate) decoding: &'d Decoding<'c>,
+    pub(crate) too_many: &'d Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for BodySeed<'_, '_> {
+    type Value = Vec<WireEvent<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-/// A body that is one event or an array of events.
-pub(crate) enum OneOrMany<'a> {
-    One(WireEvent<'a>),
-    Many(Vec<WireEvent<'a>>),
-}
+impl<'de> Visitor<'de> for BodySeed<'_, '_> {
+    type Value = Vec<WireEvent<'de>>;
 
-impl<'de> Deserialize<'de> for OneOrMany<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct BodyVisitor;
-        impl<'de> Visitor<'de> for BodyVisitor {
-            type Value = OneOrMany<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an event object or an array of event objects")
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                // serde_json gives no length hint for arrays; the Vec grows as it goes.
-                let mut events = Vec::new();
-                while let Some(event) = seq.next_element()? {
-                    events.push(event);
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event object or an array of event objects")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // serde_json gives no length hint for arrays; the Vec grows as it goes.
+        let mut events = Vec::new();
+        loop {
+            if events.len() == self.events_max {
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    self.too_many.set(true);
+                    return Err(de::Error::custom("too many events"));
                 }
-                Ok(OneOrMany::Many(events))
+                return Ok(events);
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                WireEvent::deserialize(de::value::MapAccessDeserializer::new(map)).map(OneOrMany::One)
+            let seed = EventSeed { index: events.len(), decoding: self.decoding };
+            match seq.next_element_seed(seed)? {
+                Some(event) => events.push(event),
+                None => return Ok(events),
             }
         }
-        deserializer.deserialize_any(BodyVisitor)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let seed = EventSeed { index: 0, decoding: self.decoding };
+        seed.visit_map(map).map(|event| vec![event])
     }
 }

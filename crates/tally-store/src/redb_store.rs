@@ -22,8 +22,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TYPES: TableDefinition<&str, &[u8]> = TableDefinition::new("types");
 const META_PARTITIONS: &str = "partitions";
 const META_FORMAT: &str = "format";
-/// Version of the table layout (`tables`, `key`). Format 1 kept every bucket in one table.
-const FORMAT: u32 = 2;
+/// Version of the data directory's layout (`tables`, `key`, and the log's segments).
+/// Format 1 kept every bucket in one table; format 2 had log segments without trailers
+/// and roll markers, and no per-video type index.
+const FORMAT: u32 = 3;
 /// Compaction at open runs when at least this share of the file is free pages.
 const COMPACT_FREE_SHARE: f64 = 0.5;
 
@@ -40,7 +42,9 @@ impl RedbStore {
     /// Opens (or creates) the store, with a page cache of at most `cache_bytes`. When
     /// retention has freed at least half of the file, it is compacted first, which returns
     /// the space to the file system.
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
+    /// Opens (or creates) the store at `path`; compacts it when much of it is free and
+    /// `may_compact` (compaction needs free disk about the size of the file).
+    pub fn open(path: &Path, cache_bytes: usize, may_compact: bool) -> Result<RedbStore, StoreError> {
         let mut db = redb::Builder::new().set_cache_size(cache_bytes).create(path).map_err(redb_error("open"))?;
         let txn = db.begin_write().map_err(redb_error("open"))?;
         {
@@ -62,7 +66,7 @@ impl RedbStore {
         let stats = txn.stats().map_err(redb_error("read stats"))?;
         txn.commit().map_err(redb_error("create tables"))?;
         let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if file_bytes > 0 && stats.fragmented_bytes() as f64 >= COMPACT_FREE_SHARE * file_bytes as f64 {
+        if may_compact && file_bytes > 0 && stats.fragmented_bytes() as f64 >= COMPACT_FREE_SHARE * file_bytes as f64 {
             tracing::info!(file_bytes, free_bytes = stats.fragmented_bytes(), "compacting the store");
             db.compact().map_err(redb_error("compact"))?;
         }
@@ -549,7 +553,7 @@ mod tests {
     #[test]
     fn flush_rolls_minutes_into_hours_and_days_and_moves_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES).unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
         store.claim_partitions(2).unwrap();
         let mut deltas = Deltas::default();
         deltas.add("view", "v", 59, 1, None);
@@ -592,7 +596,7 @@ mod sketch_and_retention_tests {
     #[test]
     fn sketches_types_and_the_video_index_follow_the_flushed_events() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES).unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
         let day = 20_000 * DAY_MINUTES;
         let mut deltas = Deltas::default();
         for (minute, viewer) in [(day, "ann"), (day + 1, "bob"), (day + 61, "ann")] {
@@ -633,7 +637,7 @@ mod sketch_and_retention_tests {
     #[test]
     fn retention_skips_expired_tiers_at_flush_and_purge_drops_whole_tables() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES).unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
         let old_day = 100 * DAY_MINUTES;
         let mut deltas = Deltas::default();
         deltas.add("view", "v", old_day + 5, 1, None);
@@ -657,7 +661,7 @@ mod sketch_and_retention_tests {
     fn purged_space_is_reused_and_returned_to_the_file_system() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let store = RedbStore::open(&path, TEST_CACHE_BYTES).unwrap();
+        let store = RedbStore::open(&path, TEST_CACHE_BYTES, true).unwrap();
         let write_day = |store: &RedbStore, day: i64, offset: u64| {
             let mut deltas = Deltas::default();
             for video in 0..20_000 {
@@ -681,7 +685,7 @@ mod sketch_and_retention_tests {
         let all = Cutoffs { minute: i64::MAX, hour: i64::MAX, day: i64::MAX };
         store.purge(&all).unwrap();
         drop(store);
-        let reopened = RedbStore::open(&path, TEST_CACHE_BYTES).unwrap();
+        let reopened = RedbStore::open(&path, TEST_CACHE_BYTES, true).unwrap();
         let compacted = reopened.disk_bytes().unwrap();
         assert!(compacted < after / 4, "{after} bytes before compaction, {compacted} after");
     }

@@ -64,8 +64,9 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
             Scan::Corrupt { detail: format!("{reason} in a segment that is not the last") }
         }
     };
+    // Segments are preallocated: after the last frame they hold zeros.
     if rest.iter().all(|&b| b == 0) {
-        return torn("zero-filled tail");
+        return Scan::End;
     }
     if rest.len() < FRAME_HEADER_BYTES {
         return torn("partial frame header");
@@ -199,12 +200,14 @@ mod tests {
     }
 
     #[test]
-    fn zero_filled_tail_is_torn() {
+    fn zero_filled_tail_is_the_end_of_the_frames() {
         let (mut bytes, _) = frames(&[&[b"first"]]);
         bytes.extend_from_slice(&[0; 4096]);
-        let (found, end) = scan_all(&bytes, true);
-        assert_eq!(found.len(), 1);
-        assert!(matches!(end, Scan::TornTail { .. }));
+        for is_last in [true, false] {
+            let (found, end) = scan_all(&bytes, is_last);
+            assert_eq!(found.len(), 1);
+            assert_eq!(end, Scan::End);
+        }
     }
 
     #[test]

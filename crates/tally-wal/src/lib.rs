@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! <dir>/<base offset, 20 digits>.wal     one segment; holds the offsets [base, next base)
+//! segment:= frame* roll_marker? zeros trailer        preallocated; see `segment`
 //! frame  := header payload
 //! header := u32 magic "TLWF" | u32 payload_len | u32 crc32c(payload) | u32 crc32c(first 12 header bytes)
 //! payload:= (u32 record_len, record bytes)*      records are opaque to this crate
@@ -12,7 +13,8 @@
 //!
 //! One `append` writes one frame (a group of records, possibly from many requests) and
 //! calls `fdatasync` once before returning: that is the group commit. A frame is the unit
-//! of atomicity; a crash leaves at most the last frame torn.
+//! of atomicity; a crash leaves at most the last frame torn. Anything else missing (a
+//! segment cut short, a deleted one, a deleted log) is damage and is refused by name.
 //!
 //! What we assume of the disk: after `fdatasync` returns, the bytes written before it
 //! survive power loss; bytes written after the last successful `fdatasync` may be lost,
@@ -23,7 +25,7 @@ mod frame;
 mod segment;
 
 pub use frame::{FRAME_HEADER_BYTES, FRAME_PAYLOAD_BYTES_MAX, FrameRecords};
-pub use segment::{Wal, WalOptions, WalStats};
+pub use segment::{Wal, WalOptions, WalStats, free_bytes};
 
 use std::path::PathBuf;
 
@@ -35,9 +37,20 @@ pub enum WalError {
     Corrupt { path: PathBuf, position: u64, offset: u64, detail: String },
     #[error("write-ahead log in {dir} does not reach offset {offset}: {detail}")]
     Missing { dir: PathBuf, offset: u64, detail: String },
+    /// A new segment would leave less free disk than the reserve; nothing was written.
+    #[error("no room for a new log segment in {dir}: {free_bytes} bytes free, {needed_bytes} needed")]
+    NoSpace { dir: PathBuf, free_bytes: u64, needed_bytes: u64 },
+    /// A frame write failed and was undone; nothing of it can become durable.
+    #[error("writing to {path} failed, undone: {source}")]
+    Unwritten { path: PathBuf, source: std::io::Error },
 }
 
 impl WalError {
+    /// Whether the log is as it was before the failed call, so a later append may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, WalError::NoSpace { .. } | WalError::Unwritten { .. })
+    }
+
     fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WalError {
         let path = path.into();
         move |source| WalError::Io { path, source }

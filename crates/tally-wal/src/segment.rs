@@ -1,23 +1,45 @@
-//! Segment files: opening and replaying them, appending frames, rolling to a new segment,
-//! and deleting the segments a checkpoint has made unnecessary.
+//! Segment files: created whole (preallocated, ending in a trailer that records their
+//! length), replayed from an offset, appended to in place, rolled over with a marker that
+//! names the next segment, and deleted behind a checkpoint.
+//!
+//! ```text
+//! segment := frame* roll_marker? zero bytes… trailer
+//! roll_marker := a frame with an empty payload; the next segment begins right after it
+//! trailer := "TLWS" | u64le file length | u32le crc32c(first 12 bytes)       (16 bytes)
+//! ```
+//!
+//! So damage at rest is never silent: a segment cut short has lost its trailer, a newest
+//! segment deleted after a roll is named by the previous one's marker, and a log with no
+//! segment at all is refused (the first segment is made when the data directory is).
+//! Preallocation also means a frame write never needs new disk blocks: a full disk is met
+//! only when a segment is created, which fails cleanly and is retried with the next write.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::WalError;
-use crate::frame::{self, FrameRecords, Scan};
+use crate::frame::{self, FRAME_HEADER_BYTES, FrameRecords, Scan};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WalOptions {
-    /// A segment is closed and a new one started once it holds this many bytes. Segments
-    /// are the unit of deletion, so smaller ones free disk sooner after a checkpoint.
+    /// Bytes of a new segment file (more when one frame needs more). Segments are the unit
+    /// of deletion, so smaller ones free disk sooner after a checkpoint.
     pub segment_bytes_max: u64,
+    /// Free disk space a new segment must leave, so that the store can still flush (and
+    /// the flush free segments) when the log has filled the disk.
+    pub free_bytes_min: u64,
+    /// Open a log whose newest segment was deleted or cut short, dropping what was lost
+    /// (and saying what), instead of refusing to.
+    pub accept_damage: bool,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions { segment_bytes_max: 64 << 20 }
+        WalOptions { segment_bytes_max: 64 << 20, free_bytes_min: 0, accept_damage: false }
     }
 }
 
@@ -25,7 +47,7 @@ impl Default for WalOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WalStats {
     pub segments: u64,
-    /// Bytes on disk over all segments.
+    /// Log bytes written over all segments (their files are preallocated, so larger).
     pub bytes: u64,
 }
 
@@ -36,42 +58,182 @@ pub struct Wal {
     /// Base offsets of the segments on disk, ascending; the last is the active one.
     bases: Vec<u64>,
     active: File,
+    /// Bytes of the active segment that frames may fill (its length less the trailer).
+    active_capacity: u64,
     end_offset: u64,
     frame_buffer: Vec<u8>,
 }
 
+const TRAILER_BYTES: u64 = 16;
+const TRAILER_MAGIC: &[u8; 4] = b"TLWS";
+
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.wal"))
+}
+
+/// Where a segment is built before it is published under its name.
+fn staging_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.wal.new"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(WalError::io(dir))
 }
 
+fn trailer(len: u64) -> [u8; TRAILER_BYTES as usize] {
+    let mut trailer = [0u8; TRAILER_BYTES as usize];
+    trailer[0..4].copy_from_slice(TRAILER_MAGIC);
+    trailer[4..12].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&trailer[0..12]);
+    trailer[12..16].copy_from_slice(&crc.to_le_bytes());
+    trailer
+}
+
+/// The frames' room in a segment file, if its trailer is intact and matches its length.
+fn frames_capacity(bytes: &[u8]) -> Result<usize, String> {
+    let len = bytes.len() as u64;
+    if len < TRAILER_BYTES {
+        return Err(format!("the file holds {len} bytes, too few for its trailer"));
+    }
+    let tail = &bytes[bytes.len() - TRAILER_BYTES as usize..];
+    let crc = u32::from_le_bytes(tail[12..16].try_into().expect("4 bytes"));
+    if &tail[0..4] != TRAILER_MAGIC || crc32c::crc32c(&tail[0..12]) != crc {
+        return Err(format!("the file ({len} bytes) does not end in its trailer"));
+    }
+    let recorded = u64::from_le_bytes(tail[4..12].try_into().expect("8 bytes"));
+    if recorded != len {
+        return Err(format!("the file holds {len} bytes but was made with {recorded}"));
+    }
+    Ok((len - TRAILER_BYTES) as usize)
+}
+
+/// Bytes a new segment takes: the configured size, or enough for one frame of
+/// `frame_bytes` plus a roll marker and the trailer.
+fn segment_len(options: &WalOptions, frame_bytes: u64) -> u64 {
+    let needed = frame_bytes + FRAME_HEADER_BYTES as u64 + TRAILER_BYTES;
+    options.segment_bytes_max.max(needed)
+}
+
+/// Free bytes for unprivileged writers on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    fail::fail_point!("wal::free_bytes", |free| Ok(free.map_or(0, |f| f.parse().expect("a byte count"))));
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs writes only into the struct it is given; the path is NUL-terminated.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+/// Reserves `len` bytes of disk for `file` (so writes into it never need new blocks).
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    fail::fail_point!("wal::allocate", |_| Err(io::Error::from_raw_os_error(libc::ENOSPC)));
+    let len_arg = libc::off_t::try_from(len).map_err(io::Error::other)?;
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_arg) } == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // A file system without preallocation: the file is sparse, and a full disk can
+        // then also be met by a frame write (which is undone, see `Wal::append`).
+        return file.set_len(len);
+    }
+    Err(error)
+}
+
+fn write_at(file: &File, bytes: &[u8], position: u64) -> io::Result<()> {
+    fail::fail_point!("wal::write", |_| Err(io::Error::from_raw_os_error(libc::ENOSPC)));
+    file.write_all_at(bytes, position)
+}
+
+fn sync_data(file: &File) -> io::Result<()> {
+    fail::fail_point!("wal::sync", |_| Err(io::Error::from_raw_os_error(libc::EIO)));
+    file.sync_data()
+}
+
+/// Builds segment `base` of `len` bytes under its staging name, durable, not yet
+/// published. Fails with `NoSpace`, leaving nothing behind, if the disk cannot hold it and
+/// still keep `free_bytes_min` free.
+fn stage_segment(dir: &Path, base: u64, len: u64, free_bytes_min: u64) -> Result<File, WalError> {
+    let staging = staging_path(dir, base);
+    let free = free_bytes(dir).map_err(WalError::io(dir))?;
+    let needed = len + free_bytes_min;
+    if free < needed {
+        return Err(WalError::NoSpace { dir: dir.into(), free_bytes: free, needed_bytes: needed });
+    }
+    let _ = fs::remove_file(&staging);
+    let built = OpenOptions::new().read(true).write(true).create_new(true).open(&staging).and_then(|file| {
+        allocate(&file, len)?;
+        file.write_all_at(&trailer(len), len - TRAILER_BYTES)?;
+        file.sync_all()?;
+        Ok(file)
+    });
+    built.map_err(|source| {
+        let _ = fs::remove_file(&staging);
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            WalError::NoSpace { dir: dir.into(), free_bytes: free, needed_bytes: needed }
+        } else {
+            WalError::Io { path: staging.clone(), source }
+        }
+    })
+}
+
+/// Gives a staged segment its name, durably.
+fn publish_segment(dir: &Path, base: u64) -> Result<(), WalError> {
+    let path = segment_path(dir, base);
+    fs::rename(staging_path(dir, base), &path).map_err(WalError::io(&path))?;
+    sync_dir(dir)
+}
+
+fn create_segment(dir: &Path, base: u64, len: u64) -> Result<File, WalError> {
+    let file = stage_segment(dir, base, len, 0)?;
+    publish_segment(dir, base)?;
+    Ok(file)
+}
+
+fn open_segment(path: &Path) -> Result<File, WalError> {
+    OpenOptions::new().read(true).write(true).open(path).map_err(WalError::io(path))
+}
+
+/// Overwrites `[from, to)` of a segment with zeros and makes that durable.
+fn zero_range(path: &Path, from: usize, to: usize) -> Result<(), WalError> {
+    let file = open_segment(path)?;
+    file.write_all_at(&vec![0u8; to - from], from as u64).and_then(|()| file.sync_data()).map_err(WalError::io(path))
+}
+
 impl Wal {
-    /// Opens the log in `dir` (created if absent) and replays every frame from
-    /// `start_offset` to the end: `visit(end_offset_of_frame, records)`. A torn tail is
-    /// truncated away (and that truncation made durable); corruption anywhere else is an
-    /// error naming the file and byte.
+    /// Makes a new, empty log in `dir`: its first segment, durable. Done once, when the
+    /// data directory is made; `open` never creates a log, so a deleted one is noticed.
+    pub fn create(dir: &Path, options: WalOptions) -> Result<(), WalError> {
+        fs::create_dir_all(dir).map_err(WalError::io(dir))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        create_segment(dir, 0, segment_len(&options, 0))?;
+        Ok(())
+    }
+
+    /// Opens the log in `dir` and replays every frame from `start_offset` to the end:
+    /// `visit(end_offset_of_frame, records)`. A torn last frame is zeroed (and that made
+    /// durable); corruption, a segment cut short, and a missing segment are errors naming
+    /// the file, unless `accept_damage` allows dropping a damaged newest segment's loss.
     pub fn open<E>(
         dir: &Path,
         options: WalOptions,
         start_offset: u64,
         mut visit: impl FnMut(u64, FrameRecords<'_>) -> Result<(), E>,
     ) -> Result<Result<Wal, E>, WalError> {
-        fs::create_dir_all(dir).map_err(WalError::io(dir))?;
         let mut bases = list_segments(dir)?;
         if bases.is_empty() {
-            if start_offset != 0 {
-                return Err(WalError::Missing {
-                    dir: dir.into(),
-                    offset: start_offset,
-                    detail: "no segment files, but the checkpoint says data was logged".into(),
-                });
+            let detail = "no segment files: the log was deleted";
+            if !options.accept_damage {
+                return Err(WalError::Missing { dir: dir.into(), offset: start_offset, detail: detail.into() });
             }
-            File::create(segment_path(dir, 0)).map_err(WalError::io(segment_path(dir, 0)))?;
-            sync_dir(dir)?;
-            bases.push(0);
+            tracing::warn!(dir = %dir.display(), start_offset, "{detail}; starting a new one (accepted loss)");
+            create_segment(dir, start_offset, segment_len(&options, 0))?;
+            bases.push(start_offset);
         }
         let first = bases.partition_point(|&base| base <= start_offset);
         if first == 0 {
@@ -82,62 +244,54 @@ impl Wal {
             });
         }
         let mut end_offset = start_offset;
-        for index in first - 1..bases.len() {
+        let mut index = first - 1;
+        loop {
             let base = bases[index];
-            let path = segment_path(dir, base);
             let is_last = index == bases.len() - 1;
-            let bytes = fs::read(&path).map_err(WalError::io(&path))?;
-            let mut at = usize::try_from(end_offset - base).expect("segment offset fits in memory");
-            if at > bytes.len() {
-                return Err(WalError::Missing {
-                    dir: dir.into(),
-                    offset: end_offset,
-                    detail: format!("{} holds only {} bytes", path.display(), bytes.len()),
-                });
-            }
-            loop {
-                match frame::scan(&bytes, at, is_last) {
-                    Scan::Frame { payload, next } => {
-                        end_offset = base + next as u64;
-                        if let Err(e) = visit(end_offset, FrameRecords::new(payload)) {
-                            return Ok(Err(e));
-                        }
-                        at = next;
-                    }
-                    Scan::End => break,
-                    Scan::TornTail { reason } => {
-                        let file = OpenOptions::new().write(true).open(&path).map_err(WalError::io(&path))?;
-                        file.set_len(at as u64).and_then(|()| file.sync_all()).map_err(WalError::io(&path))?;
-                        eprintln!(
-                            "tally-wal: truncated torn tail of {} at byte {at}: {reason} ({} bytes dropped, never acknowledged)",
-                            path.display(),
-                            bytes.len() - at
-                        );
-                        break;
-                    }
-                    Scan::Corrupt { detail } => {
-                        return Err(WalError::Corrupt { path, position: at as u64, offset: base + at as u64, detail });
-                    }
+            let path = segment_path(dir, base);
+            let (capacity, rolled_to) = replay_segment(&path, base, is_last, &options, &mut end_offset, &mut visit)?;
+            let rolled_to = match rolled_to {
+                Ok(rolled_to) => rolled_to,
+                Err(visit_error) => return Ok(Err(visit_error)),
+            };
+            let next = bases.get(index + 1).copied();
+            match (rolled_to, next) {
+                (None, None) => {
+                    remove_staged(dir)?;
+                    let active = open_segment(&path)?;
+                    let active_capacity = capacity as u64;
+                    let wal = Wal {
+                        dir: dir.into(),
+                        options,
+                        bases,
+                        active,
+                        active_capacity,
+                        end_offset,
+                        frame_buffer: Vec::new(),
+                    };
+                    return Ok(Ok(wal));
+                }
+                (Some(rolled), Some(next)) if rolled == next => {}
+                (Some(rolled), None) => {
+                    find_rolled_segment(dir, rolled, base, &options)?;
+                    bases.push(rolled);
+                }
+                (rolled, Some(next)) => {
+                    let found = match rolled {
+                        Some(rolled) => format!("rolled over to offset {rolled}"),
+                        None => "ends without rolling over".into(),
+                    };
+                    return Err(WalError::Corrupt {
+                        path,
+                        position: (end_offset - base),
+                        offset: end_offset,
+                        detail: format!("the segment {found}, but the next segment begins at {next}"),
+                    });
                 }
             }
-            if let Some(&next_base) = bases.get(index + 1)
-                && base + bytes.len() as u64 != next_base
-            {
-                return Err(WalError::Corrupt {
-                    path,
-                    position: bytes.len() as u64,
-                    offset: base + bytes.len() as u64,
-                    detail: format!(
-                        "segment ends at offset {} but the next begins at {next_base}",
-                        base + bytes.len() as u64
-                    ),
-                });
-            }
-            end_offset = end_offset.max(base + at as u64);
+            end_offset = bases[index + 1];
+            index += 1;
         }
-        let active_path = segment_path(dir, *bases.last().expect("at least one segment"));
-        let active = OpenOptions::new().append(true).open(&active_path).map_err(WalError::io(&active_path))?;
-        Ok(Ok(Wal { dir: dir.into(), options, bases, active, end_offset, frame_buffer: Vec::new() }))
     }
 
     /// The offset the next frame will start at; every offset below it is durable.
@@ -145,33 +299,72 @@ impl Wal {
         self.end_offset
     }
 
+    fn active_base(&self) -> u64 {
+        *self.bases.last().expect("an active segment")
+    }
+
     /// Writes one frame holding `records` and makes it durable with one `fdatasync`.
-    /// Returns the new end offset and how long the fdatasync took. On error the log must not be used again: a failed
-    /// fsync leaves the page cache in an unknown state, and the process recovers from disk.
+    /// Returns the new end offset and how long the fdatasync took.
+    ///
+    /// `NoSpace` and `Unwritten` errors leave the log as it was (nothing of the frame can
+    /// become durable) and the next append may succeed. Any other error means the log must
+    /// not be used again: after a failed fsync the page cache is in an unknown state, and
+    /// only recovery from disk is trustworthy.
     pub fn append(&mut self, records: &[&[u8]]) -> Result<(u64, std::time::Duration), WalError> {
+        assert!(!records.is_empty(), "a frame without records is the roll marker");
         self.frame_buffer.clear();
         frame::encode(records, &mut self.frame_buffer);
-        let active_base = *self.bases.last().expect("active segment");
-        if self.end_offset > active_base
-            && self.end_offset - active_base + self.frame_buffer.len() as u64 > self.options.segment_bytes_max
-        {
-            self.roll()?;
+        let frame_bytes = self.frame_buffer.len() as u64;
+        // Room for this frame and, after it, the marker that rolls over to the next segment.
+        if self.end_offset - self.active_base() + frame_bytes + FRAME_HEADER_BYTES as u64 > self.active_capacity {
+            self.roll(frame_bytes)?;
         }
-        let path = segment_path(&self.dir, *self.bases.last().expect("active segment"));
-        self.active.write_all(&self.frame_buffer).map_err(WalError::io(&path))?;
+        let position = self.end_offset - self.active_base();
+        let frame = std::mem::take(&mut self.frame_buffer);
+        let written = self.write_or_undo(&frame, position);
+        self.frame_buffer = frame;
+        written?;
+        let path = segment_path(&self.dir, self.active_base());
         let sync_started = std::time::Instant::now();
-        self.active.sync_data().map_err(WalError::io(&path))?;
+        sync_data(&self.active).map_err(WalError::io(&path))?;
         let sync = sync_started.elapsed();
-        self.end_offset += self.frame_buffer.len() as u64;
+        self.end_offset += frame_bytes;
         Ok((self.end_offset, sync))
     }
 
-    fn roll(&mut self) -> Result<(), WalError> {
-        let path = segment_path(&self.dir, self.end_offset);
-        let file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(WalError::io(&path))?;
-        sync_dir(&self.dir)?;
+    /// Writes `bytes` at `position` of the active segment. If that fails, part of them
+    /// may sit in the page cache: they are overwritten with zeros, so no later fsync can
+    /// make them durable (`Unwritten`), or, if even that fails, the log is unusable (`Io`).
+    fn write_or_undo(&self, bytes: &[u8], position: u64) -> Result<(), WalError> {
+        let Err(source) = write_at(&self.active, bytes, position) else { return Ok(()) };
+        let path = segment_path(&self.dir, self.active_base());
+        Err(match self.active.write_all_at(&vec![0u8; bytes.len()], position) {
+            Ok(()) => WalError::Unwritten { path, source },
+            Err(_) => WalError::Io { path, source },
+        })
+    }
+
+    /// Starts the next segment: built whole and durable under a staging name, then the
+    /// marker that names it is written and synced, then it is published. A crash between
+    /// the marker and the rename leaves the staged file, which `open` publishes.
+    fn roll(&mut self, frame_bytes: u64) -> Result<(), WalError> {
+        let next_base = self.end_offset + FRAME_HEADER_BYTES as u64;
+        let len = segment_len(&self.options, frame_bytes);
+        let file = stage_segment(&self.dir, next_base, len, self.options.free_bytes_min)?;
+        let mut marker = Vec::with_capacity(FRAME_HEADER_BYTES);
+        frame::encode(&[], &mut marker);
+        let position = self.end_offset - self.active_base();
+        if let Err(error) = self.write_or_undo(&marker, position) {
+            let _ = fs::remove_file(staging_path(&self.dir, next_base));
+            return Err(error);
+        }
+        let path = segment_path(&self.dir, self.active_base());
+        sync_data(&self.active).map_err(WalError::io(&path))?;
+        publish_segment(&self.dir, next_base)?;
         self.active = file;
-        self.bases.push(self.end_offset);
+        self.active_capacity = len - TRAILER_BYTES;
+        self.bases.push(next_base);
+        self.end_offset = next_base;
         Ok(())
     }
 
@@ -195,9 +388,146 @@ impl Wal {
     }
 }
 
+/// What replaying one segment found: its frames' capacity, and the offset its roll marker
+/// names (if it rolled over), or the visitor's error.
+type Replayed<E> = (usize, Result<Option<u64>, E>);
+
+/// Replays the frames of one segment from `end_offset`, advancing it.
+fn replay_segment<E>(
+    path: &Path,
+    base: u64,
+    is_last: bool,
+    options: &WalOptions,
+    end_offset: &mut u64,
+    visit: &mut impl FnMut(u64, FrameRecords<'_>) -> Result<(), E>,
+) -> Result<Replayed<E>, WalError> {
+    let mut bytes = fs::read(path).map_err(WalError::io(path))?;
+    let capacity = match frames_capacity(&bytes) {
+        Ok(capacity) => capacity,
+        Err(detail) if is_last && options.accept_damage => {
+            bytes = repair_cut_segment(path, bytes, options, &detail)?;
+            frames_capacity(&bytes).expect("a repaired segment has its trailer")
+        }
+        Err(detail) => {
+            let hint = if is_last { " (start with --accept-log-loss to go on without its lost frames)" } else { "" };
+            return Err(WalError::Corrupt {
+                path: path.into(),
+                position: bytes.len() as u64,
+                offset: base + bytes.len() as u64,
+                detail: format!("the segment is cut short or its end is damaged: {detail}{hint}"),
+            });
+        }
+    };
+    let region = &bytes[..capacity];
+    let mut at = usize::try_from(*end_offset - base).expect("segment offset fits in memory");
+    if at > capacity {
+        return Err(WalError::Missing {
+            dir: path.parent().unwrap_or(path).into(),
+            offset: *end_offset,
+            detail: format!("{} holds only {capacity} bytes of frames", path.display()),
+        });
+    }
+    loop {
+        match frame::scan(region, at, is_last) {
+            Scan::Frame { payload: [], next } => return Ok((capacity, Ok(Some(base + next as u64)))),
+            Scan::Frame { payload, next } => {
+                *end_offset = base + next as u64;
+                if let Err(e) = visit(*end_offset, FrameRecords::new(payload)) {
+                    return Ok((capacity, Err(e)));
+                }
+                at = next;
+            }
+            Scan::End => return Ok((capacity, Ok(None))),
+            Scan::TornTail { reason } => {
+                let to = region.iter().rposition(|&b| b != 0).map_or(at, |last| last + 1);
+                zero_range(path, at, to)?;
+                tracing::warn!(
+                    segment = %path.display(), position = at, bytes = to - at,
+                    "zeroed the torn last frame: {reason} (never acknowledged)"
+                );
+                return Ok((capacity, Ok(None)));
+            }
+            Scan::Corrupt { detail } => {
+                return Err(WalError::Corrupt {
+                    path: path.into(),
+                    position: at as u64,
+                    offset: base + at as u64,
+                    detail,
+                });
+            }
+        }
+    }
+}
+
+/// With the loss accepted: keeps the whole frames of a newest segment that was cut short,
+/// restores its length and trailer, and says what was dropped. Returns its new bytes.
+fn repair_cut_segment(path: &Path, bytes: Vec<u8>, options: &WalOptions, detail: &str) -> Result<Vec<u8>, WalError> {
+    let mut kept = 0;
+    let mut frames = 0;
+    while let Scan::Frame { next, .. } = frame::scan(&bytes, kept, true) {
+        kept = next;
+        frames += 1;
+    }
+    let len = segment_len(options, kept as u64);
+    let file = open_segment(path)?;
+    file.set_len(kept as u64)
+        .and_then(|()| allocate(&file, len))
+        .and_then(|()| file.write_all_at(&trailer(len), len - TRAILER_BYTES))
+        .and_then(|()| file.sync_all())
+        .map_err(WalError::io(path))?;
+    tracing::warn!(
+        segment = %path.display(), kept_frames = frames, dropped_bytes = bytes.len() - kept,
+        "{detail}: kept its {frames} whole frames, dropped the {} bytes after them; the frames that \
+         were in the missing part are lost and cannot be counted (accepted loss)",
+        bytes.len() - kept
+    );
+    fs::read(path).map_err(WalError::io(path))
+}
+
+/// The newest segment rolled over to `rolled`, which has no file: publish it if a crash
+/// left it staged, make a new one if the loss is accepted, or refuse.
+fn find_rolled_segment(dir: &Path, rolled: u64, from: u64, options: &WalOptions) -> Result<(), WalError> {
+    let staged = staging_path(dir, rolled);
+    if fs::read(&staged).is_ok_and(|bytes| frames_capacity(&bytes).is_ok()) {
+        return publish_segment(dir, rolled);
+    }
+    let detail = format!(
+        "segment {} is missing: {} rolled over to it, so its frames are lost unless the file is restored",
+        segment_path(dir, rolled).display(),
+        segment_path(dir, from).display()
+    );
+    if !options.accept_damage {
+        return Err(WalError::Missing {
+            dir: dir.into(),
+            offset: rolled,
+            detail: format!("{detail} (start with --accept-log-loss to go on without them)"),
+        });
+    }
+    tracing::warn!("{detail}; starting it anew (accepted loss; how many frames it held cannot be known)");
+    create_segment(dir, rolled, segment_len(options, 0)).map(drop)
+}
+
+/// Removes staged segments no marker names (a roll interrupted before its marker).
+fn remove_staged(dir: &Path) -> Result<(), WalError> {
+    for entry in fs::read_dir(dir).map_err(WalError::io(dir))? {
+        let path = entry.map_err(WalError::io(dir))?.path();
+        if path.extension().is_some_and(|e| e == "new") {
+            fs::remove_file(&path).map_err(WalError::io(&path))?;
+        }
+    }
+    Ok(())
+}
+
 fn list_segments(dir: &Path) -> Result<Vec<u64>, WalError> {
     let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(WalError::io(dir))? {
+    let entries = fs::read_dir(dir).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            WalError::Missing { dir: dir.into(), offset: 0, detail: "the log directory is missing".into() }
+        } else {
+            WalError::Io { path: dir.into(), source }
+        }
+    })?;
+    for entry in entries {
         let entry = entry.map_err(WalError::io(dir))?;
         let name = entry.file_name();
         let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".wal")) else {
@@ -231,12 +561,37 @@ mod tests {
         Ok((wal, replayed))
     }
 
+    /// A new log in `dir`, opened.
+    fn fresh(dir: &Path, options: WalOptions) -> Wal {
+        Wal::create(dir, options).unwrap();
+        let (wal, replayed) = open(dir, 0, options).unwrap();
+        assert!(replayed.is_empty());
+        wal
+    }
+
+    fn small(segment_bytes_max: u64) -> WalOptions {
+        WalOptions { segment_bytes_max, ..WalOptions::default() }
+    }
+
+    fn accepting(options: WalOptions) -> WalOptions {
+        WalOptions { accept_damage: true, ..options }
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+            .collect();
+        paths.sort();
+        paths
+    }
+
     #[test]
     fn appended_frames_replay_from_any_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WalOptions { segment_bytes_max: 64 };
-        let (mut wal, replayed) = open(dir.path(), 0, options).unwrap();
-        assert!(replayed.is_empty());
+        let options = small(64);
+        let mut wal = fresh(dir.path(), options);
         let mut ends = vec![0];
         for i in 0..20u8 {
             ends.push(wal.append(&[&[i; 10], &[i]]).unwrap().0);
@@ -252,10 +607,20 @@ mod tests {
     }
 
     #[test]
+    fn segments_are_preallocated_and_end_in_their_trailer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = fresh(dir.path(), small(8192));
+        wal.append(&[b"one"]).unwrap();
+        let bytes = fs::read(segment_path(dir.path(), 0)).unwrap();
+        assert_eq!(bytes.len(), 8192);
+        assert_eq!(frames_capacity(&bytes), Ok(8192 - TRAILER_BYTES as usize));
+    }
+
+    #[test]
     fn removed_segments_are_gone_and_replay_still_works_past_them() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WalOptions { segment_bytes_max: 64 };
-        let (mut wal, _) = open(dir.path(), 0, options).unwrap();
+        let options = small(64);
+        let mut wal = fresh(dir.path(), options);
         let mut ends = Vec::new();
         for i in 0..10u8 {
             ends.push(wal.append(&[&[i; 30]]).unwrap().0);
@@ -264,6 +629,7 @@ mod tests {
         let removed = wal.remove_segments_before(ends[6]).unwrap();
         assert!(removed > 0);
         assert_eq!(wal.stats().segments, before - removed as u64);
+        assert!(!segment_path(dir.path(), 0).exists(), "the first segment was deleted");
         drop(wal);
         let (_, replayed) = open(dir.path(), ends[6], options).unwrap();
         assert_eq!(replayed.len(), 3);
@@ -272,28 +638,29 @@ mod tests {
     }
 
     #[test]
-    fn torn_tail_is_truncated_and_appends_continue() {
+    fn torn_last_frame_is_zeroed_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = open(dir.path(), 0, WalOptions::default()).unwrap();
+        let mut wal = fresh(dir.path(), small(4096));
         let first = wal.append(&[b"kept"]).unwrap().0;
-        wal.append(&[b"torn away"]).unwrap();
+        let torn_end = wal.append(&[b"torn away"]).unwrap().0;
         drop(wal);
         let path = segment_path(dir.path(), 0);
-        let len = fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
-        let (mut wal, replayed) = open(dir.path(), 0, WalOptions::default()).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[torn_end as usize - 3..torn_end as usize].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let (mut wal, replayed) = open(dir.path(), 0, small(4096)).unwrap();
         assert_eq!(replayed, vec![(first, vec![b"kept".to_vec()])]);
-        assert_eq!(fs::metadata(&path).unwrap().len(), first);
-        wal.append(&[b"after"]).unwrap();
+        assert!(fs::read(&path).unwrap()[first as usize..torn_end as usize].iter().all(|&b| b == 0));
+        assert_eq!(wal.append(&[b"after"]).unwrap().0, first + frame_len(b"after"));
         drop(wal);
-        let (_, replayed) = open(dir.path(), 0, WalOptions::default()).unwrap();
+        let (_, replayed) = open(dir.path(), 0, small(4096)).unwrap();
         assert_eq!(replayed.len(), 2);
     }
 
     #[test]
     fn mid_log_damage_refuses_to_open_and_names_file_and_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = open(dir.path(), 0, WalOptions::default()).unwrap();
+        let mut wal = fresh(dir.path(), small(4096));
         let first = wal.append(&[b"one"]).unwrap().0;
         wal.append(&[b"two"]).unwrap();
         drop(wal);
@@ -302,51 +669,86 @@ mod tests {
         bytes[first as usize + 20] ^= 0x40;
         bytes[5] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
-        let err = open(dir.path(), 0, WalOptions::default()).err().expect("must refuse");
+        let err = open(dir.path(), 0, small(4096)).err().expect("must refuse");
         let message = err.to_string();
         assert!(message.contains("00000000000000000000.wal") && message.contains("at byte 0"), "{message}");
     }
 
-    /// Three segments of one frame each.
-    fn three_segments(dir: &Path) -> (WalOptions, Vec<PathBuf>) {
-        let options = WalOptions { segment_bytes_max: 40 };
-        let (mut wal, _) = open(dir, 0, options).unwrap();
-        for _ in 0..3 {
-            wal.append(&[&[7; 20]]).unwrap();
-        }
+    /// Several segments of one frame each (a segment's room fits one frame and its marker).
+    fn one_frame_per_segment(dir: &Path) -> (WalOptions, Vec<PathBuf>, Vec<u64>) {
+        let options = small(72);
+        let mut wal = fresh(dir, options);
+        let ends: Vec<u64> = (0..3).map(|_| wal.append(&[&[7; 20]]).unwrap().0).collect();
         drop(wal);
-        let mut paths: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-        paths.sort();
-        assert_eq!(paths.len(), 3);
-        (options, paths)
+        let paths = segment_files(dir);
+        assert!(paths.len() >= 3, "{paths:?}");
+        (options, paths, ends)
     }
 
     #[test]
-    fn a_torn_segment_before_the_last_is_corruption() {
+    fn a_cut_segment_before_the_last_is_corruption_even_when_loss_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let (options, paths) = three_segments(dir.path());
+        let (options, paths, _) = one_frame_per_segment(dir.path());
         let len = fs::metadata(&paths[0]).unwrap().len();
         OpenOptions::new().write(true).open(&paths[0]).unwrap().set_len(len - 1).unwrap();
         assert!(matches!(open(dir.path(), 0, options), Err(WalError::Corrupt { .. })));
+        assert!(matches!(open(dir.path(), 0, accepting(options)), Err(WalError::Corrupt { .. })));
     }
 
     #[test]
     fn gap_between_segments_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let (options, paths) = three_segments(dir.path());
+        let (options, paths, _) = one_frame_per_segment(dir.path());
         fs::remove_file(&paths[1]).unwrap();
-        match open(dir.path(), 0, options) {
-            Err(WalError::Corrupt { detail, .. }) => assert!(detail.contains("but the next begins at"), "{detail}"),
+        match open(dir.path(), 0, accepting(options)) {
+            Err(WalError::Corrupt { detail, .. }) => {
+                assert!(detail.contains("but the next segment begins at"), "{detail}")
+            }
             other => panic!("a missing middle segment must be corruption, got {:?}", other.map(|_| ())),
         }
     }
 
-    /// Writes three frames, then for every possible cut of the file: recovery keeps exactly
-    /// the whole frames before the cut, truncates the rest, and accepts appends again.
     #[test]
-    fn recovery_after_a_cut_at_every_byte_keeps_exactly_the_whole_frames() {
+    fn a_deleted_newest_segment_is_refused_by_name_unless_the_loss_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = open(dir.path(), 0, WalOptions::default()).unwrap();
+        let (options, paths, ends) = one_frame_per_segment(dir.path());
+        let newest = paths.last().unwrap();
+        fs::remove_file(newest).unwrap();
+        match open(dir.path(), 0, options) {
+            Err(error @ WalError::Missing { .. }) => {
+                let name = newest.file_name().unwrap().to_str().unwrap();
+                assert!(error.to_string().contains(name), "{error}");
+            }
+            other => panic!("a deleted newest segment must be refused, got {:?}", other.map(|_| ())),
+        }
+        let (mut wal, replayed) = open(dir.path(), 0, accepting(options)).unwrap();
+        assert_eq!(replayed.len(), 2, "the frames before the lost segment");
+        let after = wal.append(&[b"after"]).unwrap().0;
+        assert!(after > ends[1]);
+        drop(wal);
+        let (_, replayed) = open(dir.path(), 0, options).unwrap();
+        assert_eq!(replayed.len(), 3, "repaired for good");
+    }
+
+    #[test]
+    fn a_deleted_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = fresh(dir.path(), small(4096));
+        wal.append(&[b"one"]).unwrap();
+        drop(wal);
+        fs::remove_file(segment_path(dir.path(), 0)).unwrap();
+        assert!(matches!(open(dir.path(), 0, small(4096)), Err(WalError::Missing { .. })));
+        let (_, replayed) = open(dir.path(), 0, accepting(small(4096))).unwrap();
+        assert!(replayed.is_empty());
+    }
+
+    /// The newest segment cut at every byte of its frames: refused, naming the cut; with the
+    /// loss accepted, the whole frames before the cut are kept and the log goes on.
+    #[test]
+    fn a_cut_short_newest_segment_is_refused_unless_the_loss_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = small(4096);
+        let mut wal = fresh(dir.path(), options);
         let ends: Vec<u64> = [&b"alpha"[..], b"bravo-bravo", b"c"]
             .iter()
             .map(|r| wal.append(&[r, b"second record"]).unwrap().0)
@@ -354,15 +756,59 @@ mod tests {
         drop(wal);
         let path = segment_path(dir.path(), 0);
         let full = fs::read(&path).unwrap();
-        for cut in 0..=full.len() {
+        for cut in (0..=*ends.last().unwrap() as usize).step_by(7).chain([full.len() - 1]) {
             fs::write(&path, &full[..cut]).unwrap();
-            let (mut wal, replayed) = open(dir.path(), 0, WalOptions::default()).unwrap();
+            match open(dir.path(), 0, options) {
+                Err(WalError::Corrupt { detail, .. }) => assert!(detail.contains("cut short"), "{detail}"),
+                other => panic!("cut at {cut}: must be refused, got {:?}", other.map(|_| ())),
+            }
+            let (mut wal, replayed) = open(dir.path(), 0, accepting(options)).unwrap();
             let whole = ends.iter().take_while(|&&end| end as usize <= cut).count();
             assert_eq!(replayed.len(), whole, "cut at {cut}");
             let kept = if whole == 0 { 0 } else { ends[whole - 1] };
-            assert_eq!(fs::metadata(&path).unwrap().len(), kept, "cut at {cut}: truncated to the last whole frame");
-            assert_eq!(wal.append(&[b"after"]).unwrap().0, kept + frame_len(b"after"));
+            assert_eq!(wal.append(&[b"after"]).unwrap().0, kept + frame_len(b"after"), "cut at {cut}");
+            drop(wal);
+            assert_eq!(open(dir.path(), 0, options).unwrap().1.len(), whole + 1, "cut at {cut}: repaired");
         }
+    }
+
+    /// A torn last frame, zero-filled from every byte on (what a crash leaves in a
+    /// preallocated segment): recovery keeps exactly the whole frames before it.
+    #[test]
+    fn recovery_after_a_torn_write_at_every_byte_keeps_exactly_the_whole_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = small(4096);
+        let mut wal = fresh(dir.path(), options);
+        let ends: Vec<u64> = [&b"alpha"[..], b"bravo-bravo", b"c"]
+            .iter()
+            .map(|r| wal.append(&[r, b"second record"]).unwrap().0)
+            .collect();
+        drop(wal);
+        let path = segment_path(dir.path(), 0);
+        let full = fs::read(&path).unwrap();
+        let last_start = ends[1] as usize;
+        for cut in last_start..ends[2] as usize {
+            let mut torn = full.clone();
+            torn[cut..ends[2] as usize].fill(0);
+            fs::write(&path, &torn).unwrap();
+            let (mut wal, replayed) = open(dir.path(), 0, options).unwrap();
+            assert_eq!(replayed.len(), 2, "torn at {cut}");
+            assert_eq!(wal.append(&[b"after"]).unwrap().0, ends[1] + frame_len(b"after"));
+        }
+    }
+
+    #[test]
+    fn a_roll_interrupted_after_its_marker_is_finished_and_one_before_it_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (options, paths, _) = one_frame_per_segment(dir.path());
+        let newest = paths.last().unwrap();
+        let base: u64 = newest.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        fs::rename(newest, staging_path(dir.path(), base)).unwrap();
+        let stray = staging_path(dir.path(), 999_999);
+        fs::write(&stray, b"left by a roll that never wrote its marker").unwrap();
+        let (_, replayed) = open(dir.path(), 0, options).unwrap();
+        assert_eq!(replayed.len(), 3);
+        assert!(newest.exists() && !stray.exists());
     }
 
     fn frame_len(record: &[u8]) -> u64 {
@@ -373,7 +819,8 @@ mod tests {
     #[test]
     fn a_flipped_bit_anywhere_before_the_last_frame_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = open(dir.path(), 0, WalOptions::default()).unwrap();
+        let options = small(4096);
+        let mut wal = fresh(dir.path(), options);
         let first_two_end = [b"one", b"two"].iter().map(|r| wal.append(&[&r[..]]).unwrap().0).last().unwrap();
         wal.append(&[b"three"]).unwrap();
         drop(wal);
@@ -384,11 +831,46 @@ mod tests {
                 let mut damaged = full.clone();
                 damaged[byte] ^= 1 << bit;
                 fs::write(&path, &damaged).unwrap();
-                assert!(
-                    matches!(open(dir.path(), 0, WalOptions::default()), Err(WalError::Corrupt { .. })),
-                    "byte {byte} bit {bit}"
-                );
+                assert!(matches!(open(dir.path(), 0, options), Err(WalError::Corrupt { .. })), "byte {byte} bit {bit}");
             }
         }
+    }
+
+    /// A disk too full for the next segment refuses the write, leaves the log as it was,
+    /// and the write succeeds once there is room; a failed frame write is undone.
+    #[test]
+    fn a_full_disk_and_a_failed_write_leave_the_log_as_it_was() {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let options = WalOptions { segment_bytes_max: 72, free_bytes_min: 1 << 20, accept_damage: false };
+        let mut wal = fresh(dir.path(), options);
+        let mut ends = vec![wal.append(&[&[1; 20]]).unwrap().0];
+        fail::cfg("wal::free_bytes", "return(1000)").unwrap();
+        let refused = wal.append(&[&[2; 20]]).unwrap_err();
+        assert!(matches!(refused, WalError::NoSpace { free_bytes: 1000, .. }) && refused.is_transient(), "{refused}");
+        fail::remove("wal::free_bytes");
+        fail::cfg("wal::allocate", "return").unwrap();
+        assert!(matches!(wal.append(&[&[3; 20]]), Err(WalError::NoSpace { .. })));
+        fail::remove("wal::allocate");
+        let staged = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "new"));
+        assert_eq!(staged.count(), 0, "a failed segment leaves nothing behind");
+        ends.push(wal.append(&[&[4; 20]]).unwrap().0);
+        fail::cfg("wal::write", "return").unwrap();
+        let undone = wal.append(&[&[5; 20]]).unwrap_err();
+        assert!(matches!(undone, WalError::Unwritten { .. }) && undone.is_transient(), "{undone}");
+        fail::remove("wal::write");
+        ends.push(wal.append(&[&[6; 20]]).unwrap().0);
+        fail::cfg("wal::sync", "return").unwrap();
+        assert!(!wal.append(&[&[7; 20]]).unwrap_err().is_transient(), "a failed fsync is final");
+        fail::remove("wal::sync");
+        drop(wal);
+        scenario.teardown();
+        let (_, replayed) = open(dir.path(), 0, options).unwrap();
+        let firsts: Vec<u8> = replayed.iter().map(|(_, records)| records[0][0]).collect();
+        // The frame whose fsync failed may or may not have reached the disk.
+        assert!(firsts == [1, 4, 6] || firsts == [1, 4, 6, 7], "{firsts:?}");
+        assert_eq!(replayed.iter().map(|r| r.0).take(3).collect::<Vec<_>>(), ends);
     }
 }

@@ -39,8 +39,14 @@ pub struct FileConfig {
     /// Days day buckets are kept; 0 (the default) keeps them forever.
     pub day_retention_days: Option<u32>,
     pub retention_interval_ms: Option<u64>,
+    /// Free disk the log leaves for the store, bytes.
+    pub disk_free_bytes_min: Option<u64>,
     pub body_bytes_max: Option<usize>,
     pub body_bytes_in_flight_max: Option<usize>,
+    pub body_read_timeout_ms: Option<u64>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub keep_alive_idle_ms: Option<u64>,
+    pub connections_max: Option<usize>,
     pub events_per_request_max: Option<usize>,
     pub field_errors_max: Option<usize>,
     pub counts_video_ids_max: Option<usize>,
@@ -97,10 +103,16 @@ impl FileConfig {
                 day_days: days(self.day_retention_days, engine_default.retention.day_days),
             },
             retention_interval_ms: self.retention_interval_ms.unwrap_or(engine_default.retention_interval_ms),
+            disk_free_bytes_min: self.disk_free_bytes_min.unwrap_or(engine_default.disk_free_bytes_min),
+            accept_log_loss: false,
         };
         let server = ServerConfig {
             body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),
             body_bytes_in_flight_max: self.body_bytes_in_flight_max.unwrap_or(server_default.body_bytes_in_flight_max),
+            body_read_timeout_ms: self.body_read_timeout_ms.unwrap_or(server_default.body_read_timeout_ms),
+            header_read_timeout_ms: self.header_read_timeout_ms.unwrap_or(server_default.header_read_timeout_ms),
+            keep_alive_idle_ms: self.keep_alive_idle_ms.unwrap_or(server_default.keep_alive_idle_ms),
+            connections_max: self.connections_max.unwrap_or(server_default.connections_max),
             events_per_request_max: self.events_per_request_max.unwrap_or(server_default.events_per_request_max),
             field_errors_max: self.field_errors_max.unwrap_or(server_default.field_errors_max),
             counts_video_ids_max: self.counts_video_ids_max.unwrap_or(server_default.counts_video_ids_max),
@@ -134,6 +146,7 @@ impl FileConfig {
         within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
         within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
         within("retention_interval_ms", engine.retention_interval_ms, 1000, 86_400_000)?;
+        within("disk_free_bytes_min", engine.disk_free_bytes_min, 0, 1 << 50)?;
         // A coarser tier answers for a finer one past its retention, so it must last as long.
         let forever = |days: Option<u32>| days.unwrap_or(u32::MAX);
         let retention = engine.retention;
@@ -155,6 +168,10 @@ impl FileConfig {
             server.body_bytes_max as u64,
             64 << 30,
         )?;
+        within("body_read_timeout_ms", server.body_read_timeout_ms, 100, 3_600_000)?;
+        within("header_read_timeout_ms", server.header_read_timeout_ms, 100, 600_000)?;
+        within("keep_alive_idle_ms", server.keep_alive_idle_ms, 100, 3_600_000)?;
+        within("connections_max", server.connections_max as u64, 1, 1_000_000)?;
         within("events_per_request_max", server.events_per_request_max as u64, 1, 1_000_000)?;
         within("field_errors_max", server.field_errors_max as u64, 1, 100_000)?;
         within("counts_video_ids_max", server.counts_video_ids_max as u64, 1, 100_000)?;
@@ -214,8 +231,13 @@ mod tests {
             hour_retention_days = 90
             day_retention_days = 0
             retention_interval_ms = 5000
+            disk_free_bytes_min = 0
             body_bytes_max = 1048576
             body_bytes_in_flight_max = 2097152
+            body_read_timeout_ms = 5000
+            header_read_timeout_ms = 5000
+            keep_alive_idle_ms = 5000
+            connections_max = 100
             events_per_request_max = 10
             field_errors_max = 5
             counts_video_ids_max = 10

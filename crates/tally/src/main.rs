@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// TOML file with any setting (see README); flags override it
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Start even if a partition's newest log segment was deleted or cut short: its lost
+    /// events are dropped, and the log says what was dropped. Without it such a start is
+    /// refused, naming the damage
+    #[arg(long)]
+    accept_log_loss: bool,
 }
 
 #[derive(clap::Args)]
@@ -72,7 +77,7 @@ fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
     let path = args.data_dir.join(tally_engine::STORE_FILE);
     anyhow::ensure!(path.exists(), "no store at {}", path.display());
     // A small cache: this reads each table once.
-    let store = tally_store::RedbStore::open(&path, 64 << 20)?;
+    let store = tally_store::RedbStore::open(&path, 64 << 20, false)?;
     let usage = store.usage()?;
     if args.json {
         let rows: Vec<serde_json::Value> = usage

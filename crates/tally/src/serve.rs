@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tally_engine::Engine;
-use tally_server::{AppState, router, system_clock};
+use tally_server::{AppState, system_clock};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -33,7 +33,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.listen.is_some() {
         file.listen = args.listen;
     }
-    let config = file.resolve()?;
+    let mut config = file.resolve()?;
+    config.engine.accept_log_loss = args.accept_log_loss;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
         runtime.worker_threads(threads);
@@ -46,24 +47,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
+async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
     // Before anything slow, so that a stop during recovery is a clean exit, not a kill.
     let mut stop_signal = StopSignal::install()?;
+    config.server.connections_max =
+        connections_within_file_limit(config.server.connections_max, config.engine.partitions)?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     let data_dir = std::path::absolute(&config.engine.data_dir)?;
     tracing::info!(address = %format!("http://{address}"), data_dir = %data_dir.display(), "tally listening; recovering");
     let state = AppState::new(config.server, system_clock());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = router(Arc::clone(&state));
-    let mut stop_server = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_server.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let server = tokio::spawn(tally_server::serve(listener, Arc::clone(&state), stop_rx.clone()));
 
     let engine_config = config.engine;
     let opening = tokio::task::spawn_blocking(move || Engine::open(engine_config));
@@ -90,7 +85,7 @@ async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
     state.set_stopping();
     let _ = stop_tx.send(true);
     match tokio::time::timeout(Duration::from_millis(config.shutdown_drain_ms), server).await {
-        Ok(result) => result??,
+        Ok(result) => result?,
         // New requests are refused with 503 from here on; requests already admitted are
         // still answered once the engine has written them, and cut off at exit otherwise.
         Err(_) => tracing::warn!("drain timed out; stopping with requests still open"),
@@ -98,6 +93,48 @@ async fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || engine.shutdown()).await??;
     tracing::info!("stopped: everything flushed and checkpointed");
     Ok(())
+}
+
+/// File descriptors kept for everything but client connections: the store, each
+/// partition's log segments and directory, the listener, logs, and headroom.
+const FDS_RESERVED_BASE: u64 = 64;
+const FDS_RESERVED_PER_PARTITION: u64 = 4;
+
+/// Raises the soft open-file limit to the hard one, and lowers `connections_max` if even
+/// that cannot hold every connection (with the over-limit ones that still get their 503
+/// and the descriptors the engine needs), so the process never runs out of descriptors
+/// and stops accepting anyone.
+fn connections_within_file_limit(connections_max: usize, partitions: u32) -> anyhow::Result<usize> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        anyhow::bail!("reading the open-file limit: {}", std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let reserved = FDS_RESERVED_BASE
+        + FDS_RESERVED_PER_PARTITION * u64::from(partitions)
+        + tally_server::SHED_CONNECTIONS_MAX as u64;
+    let available = usize::try_from(limit.rlim_cur.saturating_sub(reserved)).unwrap_or(usize::MAX);
+    anyhow::ensure!(
+        available > 0,
+        "the open-file limit ({}) leaves no descriptor for connections; raise it (ulimit -n)",
+        limit.rlim_cur
+    );
+    if available < connections_max {
+        tracing::warn!(
+            connections_max,
+            open_file_limit = limit.rlim_cur,
+            connections_max_used = available,
+            "connections_max lowered to fit the open-file limit"
+        );
+    }
+    Ok(connections_max.min(available))
 }
 
 /// SIGTERM or SIGINT, whichever comes first.

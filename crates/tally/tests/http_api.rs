@@ -463,33 +463,32 @@ fn full_write_queue_answers_429_with_retry_after_and_counts_only_what_was_acknow
     assert_eq!(counted, accepted, "{} requests refused", refused.len());
 }
 
-/// The body budget is reserved from `Content-Length` before reading: while one large body
-/// is still arriving, another request that does not fit is refused at once with 503.
+/// The body budget is charged by the bytes received: while one large body is still
+/// arriving, another request whose bytes do not fit in what is left is refused with 503.
 #[test]
 fn too_many_bodies_in_flight_answers_503_with_retry_after_and_counts_nothing() {
     use std::io::{Read, Write};
     let (_dir, server) = server("body_bytes_max = 65536\nbody_bytes_in_flight_max = 65536");
     let mut body = br#"[{"video_id":"slow"}]"#.to_vec();
-    body.resize(65_530, b' '); // leaves 6 bytes of the budget: less than any other body
+    body.resize(65_530, b' ');
     let mut slow = std::net::TcpStream::connect(server.address).unwrap();
     let head = format!(
         "POST /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\ncontent-type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     slow.write_all(head.as_bytes()).unwrap();
-    slow.write_all(&body[..1000]).unwrap();
-    // The slow body's reservation is taken once its head is read; wait until it is (a
-    // request sent earlier could take the budget first and make the slow one the refused).
+    // All but 10 bytes: 16 bytes of the budget are left, less than any other body.
+    slow.write_all(&body[..65_520]).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !server.get("/metrics").text().lines().any(|l| l == "tally_body_bytes_in_flight 65530") {
-        assert!(std::time::Instant::now() < deadline, "the slow body never held its reservation");
+    while !server.get("/metrics").text().lines().any(|l| l == "tally_body_bytes_in_flight 65520") {
+        assert!(std::time::Instant::now() < deadline, "the slow body's bytes were never charged");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let refused = server.post_events(r#"[{"video_id":"fast"}]"#, &[]);
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.header("retry-after"), Some("5"));
     assert_eq!(refused.json()["error"], "overloaded");
-    slow.write_all(&body[1000..]).unwrap();
+    slow.write_all(&body[65_520..]).unwrap();
     let mut raw = String::new();
     slow.read_to_string(&mut raw).unwrap();
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");

@@ -39,8 +39,20 @@ pub fn server(config: &str) -> (tempfile::TempDir, Server) {
     (dir, server)
 }
 
+/// `start` with more command-line arguments.
+pub fn start_with(data_dir: &Path, config: &str, args: &[&str]) -> Server {
+    let server = spawn_with(data_dir, config, args);
+    server.wait_ready();
+    server
+}
+
 /// Starts `tally serve` and returns once it listens (it may still be recovering).
 pub fn spawn(data_dir: &Path, config: &str) -> Server {
+    spawn_with(data_dir, config, &[])
+}
+
+/// `spawn` with more command-line arguments.
+pub fn spawn_with(data_dir: &Path, config: &str, args: &[&str]) -> Server {
     let config_path = data_dir.with_extension("toml");
     std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(tally_binary())
@@ -48,6 +60,7 @@ pub fn spawn(data_dir: &Path, config: &str) -> Server {
         .arg(data_dir)
         .arg("--config")
         .arg(&config_path)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
