@@ -105,6 +105,11 @@ fn purge(shared: &Shared) {
         Ok(dropped) => {
             metrics::counter!("tally_retention_tables_dropped_total").increment(dropped as u64);
             metrics::histogram!("tally_retention_purge_seconds").record(started.elapsed().as_secs_f64());
+            // Types whose events all expired no longer count against the limit.
+            match crate::recovery::known_types(&*shared.store, &shared.partitions) {
+                Ok(known) => shared.event_types.reset(known),
+                Err(error) => tracing::warn!(%error, "reading the event types after a purge failed"),
+            }
         }
         Err(error) => tracing::warn!(%error, "retention purge failed; retrying at the next interval"),
     }

@@ -16,6 +16,7 @@ mod checkpoint;
 mod partition;
 mod query;
 mod recovery;
+mod types;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -85,6 +86,8 @@ pub struct EngineConfig {
     /// it, writes are refused (`DiskFull`) while the store can still flush and checkpointed
     /// segments are deleted; they resume by themselves once space is free again.
     pub disk_free_bytes_min: u64,
+    /// Distinct event types counted at most; a request bringing one more is refused.
+    pub event_types_max: usize,
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
@@ -106,6 +109,7 @@ impl Default for EngineConfig {
             retention: Retention::default(),
             retention_interval_ms: 60_000,
             disk_free_bytes_min: 256 << 20,
+            event_types_max: 1_000,
             accept_log_loss: false,
         }
     }
@@ -135,6 +139,8 @@ pub enum EngineError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("query too expensive: {reason}")]
     TooExpensive { reason: String },
+    #[error("event type {event_type:?} would be new, and this server counts at most {max} event types")]
+    TooManyTypes { event_type: String, max: usize },
 }
 
 /// State shared by the engine handle, the writers and the flusher.
@@ -156,6 +162,7 @@ pub(crate) struct Shared {
     /// receives keyed requests in the same order, and two requests reusing one key are
     /// seen in the same order everywhere.
     keyed_order: Mutex<()>,
+    event_types: types::EventTypes,
 }
 
 impl Shared {
@@ -289,6 +296,8 @@ pub struct EngineStats {
     pub partitions: Vec<PartitionStats>,
     pub queue_bytes: u64,
     pub failed: bool,
+    /// Distinct event types known (stored, in memory, or just admitted).
+    pub event_types: u64,
 }
 
 impl Engine {
@@ -327,6 +336,7 @@ impl Engine {
         if !*shared.admission.read() {
             return Err(EngineError::Unavailable { reason: "shutting down".into() });
         }
+        shared.event_types.admit(events)?;
         let partitions = shared.config.partitions;
         let key = idempotency_key.map(|k| RequestKey { key: request_key(k.key), fingerprint: k.fingerprint });
         if let Some(request) = key {
@@ -401,6 +411,7 @@ impl Engine {
             partitions: self.shared.partitions.iter().map(|p| p.stats()).collect(),
             queue_bytes: self.shared.budget.used() as u64,
             failed: self.shared.failure.lock().is_some(),
+            event_types: self.shared.event_types.count() as u64,
         }
     }
 

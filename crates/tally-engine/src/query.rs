@@ -16,6 +16,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use tally_aggregate::{Counter, Deltas};
+use tally_core::bucket::DAY_MINUTES;
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
 use tally_core::{Granularity, MinuteRange, Span, partition_of};
@@ -205,16 +206,23 @@ impl Engine {
             return Ok(Vec::new());
         }
         let partition = partition_of(video_id, self.shared.config.partitions);
-        // Every type in memory, with its cells of this video.
+        // The types in memory that have cells of this video, with those cells.
         let view = MemoryView::of(self, partition, |deltas| {
             deltas
                 .types()
                 .iter()
-                .map(|event_type| (event_type.to_string(), cells_in(deltas, event_type, video_id, range)))
+                .filter_map(|event_type| {
+                    let cells = cells_in(deltas, event_type, video_id, range);
+                    (!cells.is_empty()).then(|| (event_type.to_string(), cells))
+                })
                 .collect::<Vec<_>>()
         });
         let snapshot = self.shared.store.snapshot()?;
-        let mut types: Vec<String> = snapshot.types()?;
+        // The video's own types in the store, from its type index over the range's days.
+        let mut types = Vec::new();
+        let first_day = Granularity::Day.bucket_of(range.start);
+        let end_day = Granularity::Day.bucket_of(range.end - 1) + DAY_MINUTES;
+        snapshot.video_types(video_id, first_day, end_day, &mut |t| types.push(t.to_owned()))?;
         types.extend(view.pending.iter().map(|(t, _)| t.clone()));
         if let Some((_, flushing)) = &view.flushing {
             types.extend(flushing.iter().map(|(t, _)| t.clone()));

@@ -23,7 +23,7 @@ use tally_wal::{Wal, WalOptions};
 use crate::budget::QueueBudget;
 use crate::checkpoint::{FlushSignal, FlusherHandle};
 use crate::partition::{Memory, Partition, run_writer};
-use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared};
+use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared, types};
 
 pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
     let started = Instant::now();
@@ -92,6 +92,7 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         wals.push((wal, receiver));
     }
 
+    let event_types = types::EventTypes::new(known_types(&*store, &partitions)?, config.event_types_max);
     let shared = Arc::new(Shared {
         budget: QueueBudget::new(config.queue_bytes_max),
         config,
@@ -102,6 +103,7 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         flush_lock: Mutex::new(()),
         admission: parking_lot::RwLock::new(true),
         keyed_order: Mutex::new(()),
+        event_types,
     });
     let mut writers = Vec::new();
     for (partition, (wal, receiver)) in shared.partitions.iter().zip(wals) {
@@ -175,4 +177,17 @@ fn refuse_logged_frames(wal_root: &Path) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+/// The event types with events: stored, or in a partition's memory.
+pub(crate) fn known_types(store: &dyn CounterStore, partitions: &[Arc<Partition>]) -> Result<Vec<String>, EngineError> {
+    let mut known = store.snapshot()?.types()?;
+    for partition in partitions {
+        let memory = partition.memory.lock();
+        let flushing = memory.flushing.iter().flat_map(|(_, deltas)| deltas.types());
+        known.extend(memory.state.deltas.types().iter().chain(flushing).map(|t| t.to_string()));
+    }
+    known.sort_unstable();
+    known.dedup();
+    Ok(known)
 }

@@ -83,6 +83,15 @@ impl From<EngineError> for ApiError {
                     "the server failed after accepting the request ({reason}); some events may be counted: retry with the same Idempotency-Key"
                 ),
             ),
+            EngineError::TooManyTypes { event_type, max } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_many_event_types",
+                format!(
+                    "event type \"{event_type}\" would be new, and this server counts at most {max} event types \
+                     (event_types_max); nothing was counted"
+                ),
+            )
+            .with("limit", json!(max)),
             EngineError::TooExpensive { reason } => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_expensive", reason)
             }

@@ -7,6 +7,8 @@
 //! uniques      := bucket key → distinct-viewer sketch            (tables uniques.*)
 //! top key      := u8 type_len | type | i64be(bucket ^ sign bit) → top-items sketch (tables top.*)
 //! videos key   := u8 type_len | type | i64be(day ^ sign bit) | video → empty  (tables videos.day.*)
+//! video types  := u16be video_len | video | type → empty          (tables videotypes.day.*)
+//! types        := type → i64le last day with events (table types)
 //! checkpoint   := u64le offset | u32le n | n × i64le dedup generation start (oldest first)
 //! dedup key    := u32be partition | i64be(generation_start ^ sign bit) | u64be checkpoint offset
 //! ```
@@ -55,6 +57,18 @@ pub(crate) fn top_key(out: &mut Vec<u8>, event_type: &str, bucket: i64) {
 pub(crate) fn videos_key(out: &mut Vec<u8>, event_type: &str, day: i64, video_id: &str) {
     top_key(out, event_type, day);
     out.extend_from_slice(video_id.as_bytes());
+}
+
+/// The key prefix of one video's types in a `videotypes` table.
+pub(crate) fn video_prefix(out: &mut Vec<u8>, video_id: &str) {
+    out.clear();
+    out.extend_from_slice(&u16::try_from(video_id.len()).expect("video id fits u16").to_be_bytes());
+    out.extend_from_slice(video_id.as_bytes());
+}
+
+pub(crate) fn video_types_key(out: &mut Vec<u8>, video_id: &str, event_type: &str) {
+    video_prefix(out, video_id);
+    out.extend_from_slice(event_type.as_bytes());
 }
 
 pub(crate) fn encode_counter(counter: Counter) -> [u8; 24] {

@@ -95,6 +95,9 @@ pub trait Snapshot {
     /// Each video with an event of `event_type` in the days `[start, end)` (epoch minutes,
     /// day-aligned), at least once, in no particular order.
     fn videos(&self, event_type: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError>;
-    /// Every event type ever flushed.
+    /// Each event type `video_id` has in the days `[start, end)` (epoch minutes,
+    /// day-aligned; a retention period of days, 360 of them, is the unit), at least once.
+    fn video_types(&self, video_id: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError>;
+    /// Every event type with stored events: flushed, and not wholly past day retention.
     fn types(&self) -> Result<Vec<String>, StoreError>;
 }

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use tally_aggregate::Counter;
+use tally_core::bucket::DAY_MINUTES;
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
 use tally_core::{Cutoffs, Granularity, Span};
@@ -209,10 +210,6 @@ impl CounterStore for RedbStore {
             for granularity in Granularity::ALL {
                 FlushWork::build(flushes, cutoffs, granularity).write(&txn)?;
             }
-            let mut types = txn.open_table(TYPES).map_err(redb_error("flush types"))?;
-            for event_type in flushes.iter().flat_map(|flush| flush.deltas.types()) {
-                types.insert(&**event_type, &[][..]).map_err(redb_error("flush types"))?;
-            }
             let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("flush checkpoints"))?;
             let mut dedup = txn.open_table(DEDUP).map_err(redb_error("flush dedup journal"))?;
             for flush in flushes {
@@ -249,6 +246,23 @@ impl CounterStore for RedbStore {
         for name in &expired {
             txn.delete_table(blob_table(name)).map_err(redb_error("drop expired table"))?;
         }
+        // A type whose last day is past day retention has no stored events left.
+        let day_cutoff = cutoffs.of(Granularity::Day);
+        let mut types = txn.open_table(TYPES).map_err(redb_error("purge types"))?;
+        let mut malformed = None;
+        types
+            .retain(|event_type, last_day| match decode_last_day(last_day) {
+                Ok(day) => day.saturating_add(DAY_MINUTES) > day_cutoff,
+                Err(detail) => {
+                    malformed.get_or_insert_with(|| corrupt("types", format!("type {event_type}: {detail}")));
+                    true
+                }
+            })
+            .map_err(redb_error("purge types"))?;
+        drop(types);
+        if let Some(error) = malformed {
+            return Err(error);
+        }
         txn.commit().map_err(redb_error("commit purge"))?;
         Ok(expired.len())
     }
@@ -266,6 +280,11 @@ type OpenedTable = Option<Rc<BlobTable>>;
 
 fn blob_table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
+}
+
+/// The value of a `types` row: the last day bucket with events.
+fn decode_last_day(value: &[u8]) -> Result<i64, String> {
+    value.try_into().map(i64::from_le_bytes).map_err(|_| format!("last day is {} bytes, not 8", value.len()))
 }
 
 fn corrupt(table: &str, detail: String) -> StoreError {
@@ -286,6 +305,9 @@ struct FlushWork {
     uniques: BTreeMap<TableOf, BTreeMap<Vec<u8>, Hll>>,
     top: BTreeMap<TableOf, BTreeMap<Vec<u8>, TopSketch>>,
     videos: BTreeMap<TableOf, KeyedRows<()>>,
+    video_types: BTreeMap<TableOf, KeyedRows<()>>,
+    /// The last day bucket each type has events in (day tier only).
+    last_days: HashMap<String, i64>,
 }
 
 /// Rows of one table with distinct keys, the keys back to back in one buffer: one
@@ -351,6 +373,12 @@ impl FlushWork {
                     if granularity == Granularity::Day {
                         key::videos_key(&mut key, event_type, bucket, video_id);
                         work.videos.entry(table(bucket)).or_default().push(&key, ());
+                        key::video_types_key(&mut key, video_id, event_type);
+                        work.video_types.entry(table(bucket)).or_default().push(&key, ());
+                        match work.last_days.get_mut(event_type) {
+                            Some(last) => *last = (*last).max(bucket),
+                            None => drop(work.last_days.insert(event_type.to_owned(), bucket)),
+                        }
                     }
                 }
             }
@@ -372,6 +400,7 @@ impl FlushWork {
         }
         work.counters.values_mut().for_each(KeyedRows::sort);
         work.videos.values_mut().for_each(KeyedRows::sort);
+        work.video_types.values_mut().for_each(KeyedRows::sort);
         work
     }
     /// Writes these rows into their tables: counters and sketches merged with what is
@@ -412,11 +441,27 @@ impl FlushWork {
                 table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush top items"))?;
             }
         }
-        for (&(granularity, period), keys) in &self.videos {
-            let name = tables::name(Kind::Videos, granularity, period);
-            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush video index"))?;
-            for (key, ()) in keys.iter() {
-                table.insert(key, &[][..]).map_err(redb_error("flush video index"))?;
+        for (kind, index) in [(Kind::Videos, &self.videos), (Kind::VideoTypes, &self.video_types)] {
+            for (&(granularity, period), keys) in index {
+                let name = tables::name(kind, granularity, period);
+                let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush video index"))?;
+                let mut previous: Option<&[u8]> = None;
+                for (key, ()) in keys.iter() {
+                    if previous != Some(key) {
+                        table.insert(key, &[][..]).map_err(redb_error("flush video index"))?;
+                    }
+                    previous = Some(key);
+                }
+            }
+        }
+        let mut types = txn.open_table(TYPES).map_err(redb_error("flush types"))?;
+        for (event_type, day) in &self.last_days {
+            let stored = match types.get(event_type.as_str()).map_err(redb_error("flush types"))? {
+                Some(stored) => Some(decode_last_day(stored.value()).map_err(|d| corrupt("types", d))?),
+                None => None,
+            };
+            if stored.is_none_or(|stored| stored < *day) {
+                types.insert(event_type.as_str(), &day.to_le_bytes()[..]).map_err(redb_error("flush types"))?;
             }
         }
         Ok(())
@@ -533,6 +578,23 @@ impl Snapshot for RedbSnapshot {
         })
     }
 
+    fn video_types(&self, video_id: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
+        let mut prefix = Vec::with_capacity(video_id.len() + 2);
+        key::video_prefix(&mut prefix, video_id);
+        for (period, _, _) in tables::periods(Granularity::Day, start, end) {
+            let Some(table) = self.table(Kind::VideoTypes, Granularity::Day, period)? else { continue };
+            for entry in table.range(prefix.as_slice()..).map_err(redb_error("scan video types"))? {
+                let (key, _) = entry.map_err(redb_error("scan video types"))?;
+                let Some(event_type) = key.value().strip_prefix(prefix.as_slice()) else { break };
+                let event_type = std::str::from_utf8(event_type).map_err(|_| {
+                    corrupt(&tables::name(Kind::VideoTypes, Granularity::Day, period), "type is not UTF-8".into())
+                })?;
+                visit(event_type);
+            }
+        }
+        Ok(())
+    }
+
     fn types(&self) -> Result<Vec<String>, StoreError> {
         let table = self.txn.open_table(TYPES).map_err(redb_error("read types"))?;
         let mut types = Vec::new();
@@ -585,7 +647,6 @@ mod sketch_and_retention_tests {
     use super::tests::TEST_CACHE_BYTES;
     use super::*;
     use tally_aggregate::{DedupJournal, Deltas};
-    use tally_core::bucket::DAY_MINUTES;
 
     fn flush(store: &RedbStore, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
         let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: vec![] };
@@ -632,6 +693,31 @@ mod sketch_and_retention_tests {
         videos.sort();
         assert_eq!(videos, ["v", "w"]);
         assert_eq!(snapshot.types().unwrap(), ["like", "view"]);
+        let video_types = |video: &str, start: i64, end: i64| {
+            let mut types = Vec::new();
+            snapshot.video_types(video, start, end, &mut |t| types.push(t.to_string())).unwrap();
+            types
+        };
+        assert_eq!(video_types("v", day, day + DAY_MINUTES), ["like", "view"]);
+        assert_eq!(video_types("w", 0, day + DAY_MINUTES), ["view"]);
+        assert!(video_types("v", day + 360 * DAY_MINUTES, day + 361 * DAY_MINUTES).is_empty(), "another period");
+        assert!(video_types("unseen", 0, day + DAY_MINUTES).is_empty());
+    }
+
+    /// The type list shrinks when day retention drops every day of a type.
+    #[test]
+    fn a_type_whose_days_all_expired_leaves_the_type_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
+        let (old, recent) = (100 * DAY_MINUTES, 500 * DAY_MINUTES);
+        let mut deltas = Deltas::default();
+        deltas.add("gone", "v", old, 1, None);
+        deltas.add("kept", "v", old, 1, None);
+        deltas.add("kept", "v", recent, 1, None);
+        flush(&store, &deltas, 1, &Cutoffs::NONE);
+        assert_eq!(store.snapshot().unwrap().types().unwrap(), ["gone", "kept"]);
+        store.purge(&Cutoffs { minute: recent, hour: recent, day: recent }).unwrap();
+        assert_eq!(store.snapshot().unwrap().types().unwrap(), ["kept"]);
     }
 
     #[test]

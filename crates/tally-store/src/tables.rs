@@ -15,10 +15,12 @@ pub(crate) enum Kind {
     Uniques,
     Top,
     Videos,
+    /// The event types each video has in a period of days (`videotypes.day.*`).
+    VideoTypes,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Counters, Kind::Uniques, Kind::Top, Kind::Videos];
+    const ALL: [Kind; 5] = [Kind::Counters, Kind::Uniques, Kind::Top, Kind::Videos, Kind::VideoTypes];
 
     fn name(self) -> &'static str {
         match self {
@@ -26,6 +28,7 @@ impl Kind {
             Kind::Uniques => "uniques",
             Kind::Top => "top",
             Kind::Videos => "videos",
+            Kind::VideoTypes => "videotypes",
         }
     }
 }

@@ -41,6 +41,7 @@ pub struct FileConfig {
     pub retention_interval_ms: Option<u64>,
     /// Free disk the log leaves for the store, bytes.
     pub disk_free_bytes_min: Option<u64>,
+    pub event_types_max: Option<usize>,
     pub body_bytes_max: Option<usize>,
     pub body_bytes_in_flight_max: Option<usize>,
     pub body_read_timeout_ms: Option<u64>,
@@ -104,6 +105,7 @@ impl FileConfig {
             },
             retention_interval_ms: self.retention_interval_ms.unwrap_or(engine_default.retention_interval_ms),
             disk_free_bytes_min: self.disk_free_bytes_min.unwrap_or(engine_default.disk_free_bytes_min),
+            event_types_max: self.event_types_max.unwrap_or(engine_default.event_types_max),
             accept_log_loss: false,
         };
         let server = ServerConfig {
@@ -147,6 +149,7 @@ impl FileConfig {
         within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
         within("retention_interval_ms", engine.retention_interval_ms, 1000, 86_400_000)?;
         within("disk_free_bytes_min", engine.disk_free_bytes_min, 0, 1 << 50)?;
+        within("event_types_max", engine.event_types_max as u64, 1, 1_000_000)?;
         // A coarser tier answers for a finer one past its retention, so it must last as long.
         let forever = |days: Option<u32>| days.unwrap_or(u32::MAX);
         let retention = engine.retention;
@@ -232,6 +235,7 @@ mod tests {
             day_retention_days = 0
             retention_interval_ms = 5000
             disk_free_bytes_min = 0
+            event_types_max = 50
             body_bytes_max = 1048576
             body_bytes_in_flight_max = 2097152
             body_read_timeout_ms = 5000

@@ -275,3 +275,33 @@ fn hostile_bodies_keep_memory_within_the_documented_bound() {
     );
     eprintln!("baseline {} MiB, peak {} MiB, after {} MiB", baseline / MIB, peak / MIB, after / MIB);
 }
+
+/// Defect 7: distinct event types were unbounded. Past `event_types_max` a new type is
+/// refused (422) and counts nothing; known types still pass, also after a restart.
+#[test]
+fn event_types_past_the_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "event_types_max = 3\nflush_interval_ms = 50";
+    let mut server = common::start(&data, config);
+    for event_type in ["view", "like", "share"] {
+        let answer = server.post_events(&format!(r#"{{"video_id":"v","type":"{event_type}"}}"#), &[]);
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let refused = server.post_events(r#"[{"video_id":"v","type":"view"},{"video_id":"v","type":"save"}]"#, &[]);
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "too_many_event_types");
+    assert!(refused.json()["message"].as_str().unwrap().contains("\"save\""), "{}", refused.text());
+    assert_eq!(server.count("v"), 1, "a refused request counts nothing");
+    let metrics = server.get("/metrics").text();
+    assert_eq!(metric(&metrics, "tally_event_types"), 3.0);
+    server.terminate(Duration::from_secs(30));
+    let server = common::start(&data, config);
+    assert_eq!(server.post_events(r#"{"video_id":"w","type":"like"}"#, &[]).status, 200);
+    assert_eq!(server.post_events(r#"{"video_id":"w","type":"save"}"#, &[]).status, 422);
+    let stats = server.get("/v1/stats?video_id=v").json();
+    let types: Vec<&String> = stats["types"].as_object().unwrap().keys().collect();
+    assert_eq!(types, ["like", "share", "view"], "{stats}");
+    let unseen = server.get("/v1/stats?video_id=never-seen").json();
+    assert_eq!(unseen["types"], serde_json::json!({}), "{unseen}");
+}
