@@ -39,7 +39,8 @@ impl TopSketch {
     /// Adds `weight` to `item`; call `prune` to bound the size.
     pub fn add(&mut self, item: &[u8], weight: u64) {
         match self.counts.get_mut(item) {
-            Some(count) => *count += weight,
+            // Saturating: a damaged stored sketch must not overflow (true counts never near it).
+            Some(count) => *count = count.saturating_add(weight),
             None => {
                 self.counts.insert(Box::from(item), weight);
             }
@@ -51,7 +52,7 @@ impl TopSketch {
         for (item, &count) in &other.counts {
             self.add(item, count);
         }
-        self.offset += other.offset;
+        self.offset = self.offset.saturating_add(other.offset);
     }
 
     /// The sketch of exact counts of *distinct* items, pruned to `capacity`: the same as
@@ -88,7 +89,7 @@ impl TopSketch {
             *count = count.saturating_sub(threshold);
             *count > 0
         });
-        self.offset += threshold;
+        self.offset = self.offset.saturating_add(threshold);
     }
 
     /// Every kept (item, lower-bound count).
@@ -114,23 +115,12 @@ impl TopSketch {
         out
     }
 
-    /// Adds a stored sketch into `self` without building it first.
+    /// Adds a stored sketch into `self` without building it first. The whole sketch is
+    /// checked before any of it is added: a refused one changes nothing.
     pub fn merge_encoded(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let corrupt = || format!("not a top-items sketch ({} bytes)", bytes.len());
-        let (offset, rest) = bytes.split_first_chunk::<8>().ok_or_else(corrupt)?;
-        let (n, mut rest) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
-        for _ in 0..u32::from_le_bytes(*n) {
-            let (count, after) = rest.split_first_chunk::<8>().ok_or_else(corrupt)?;
-            let (len, after) = after.split_first_chunk::<2>().ok_or_else(corrupt)?;
-            let len = usize::from(u16::from_le_bytes(*len));
-            let (item, after) = after.split_at_checked(len).ok_or_else(corrupt)?;
-            self.add(item, u64::from_le_bytes(*count));
-            rest = after;
-        }
-        if !rest.is_empty() {
-            return Err(corrupt());
-        }
-        self.offset += u64::from_le_bytes(*offset);
+        let offset = visit_encoded(bytes, |_, _| {})?;
+        visit_encoded(bytes, |item, count| self.add(item, count))?;
+        self.offset = self.offset.saturating_add(offset);
         Ok(())
     }
 
@@ -139,6 +129,31 @@ impl TopSketch {
         sketch.merge_encoded(bytes)?;
         Ok(sketch)
     }
+}
+
+/// Visits each (item, count) of an encoded sketch; returns its offset. Refuses a sketch
+/// that is cut short, has bytes left over, or whose ids are not sorted and distinct.
+fn visit_encoded<'a>(bytes: &'a [u8], mut visit: impl FnMut(&'a [u8], u64)) -> Result<u64, String> {
+    let corrupt = || format!("not a top-items sketch ({} bytes)", bytes.len());
+    let (offset, rest) = bytes.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    let (n, mut rest) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let mut previous: Option<&[u8]> = None;
+    for _ in 0..u32::from_le_bytes(*n) {
+        let (count, after) = rest.split_first_chunk::<8>().ok_or_else(corrupt)?;
+        let (len, after) = after.split_first_chunk::<2>().ok_or_else(corrupt)?;
+        let len = usize::from(u16::from_le_bytes(*len));
+        let (item, after) = after.split_at_checked(len).ok_or_else(corrupt)?;
+        if previous.is_some_and(|previous| previous >= item) {
+            return Err(corrupt());
+        }
+        previous = Some(item);
+        visit(item, u64::from_le_bytes(*count));
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(corrupt());
+    }
+    Ok(u64::from_le_bytes(*offset))
 }
 
 #[cfg(test)]

@@ -336,7 +336,6 @@ impl Engine {
         if !*shared.admission.read() {
             return Err(EngineError::Unavailable { reason: "shutting down".into() });
         }
-        shared.event_types.admit(events)?;
         let partitions = shared.config.partitions;
         let key = idempotency_key.map(|k| RequestKey { key: request_key(k.key), fingerprint: k.fingerprint });
         if let Some(request) = key {
@@ -369,19 +368,7 @@ impl Engine {
         for (index, record) in records.into_iter().enumerate() {
             let Some(record) = record else { continue };
             let partition = &shared.partitions[index];
-            if needs_dedup_entry[index] && partition.dedup_entries() >= shared.config.dedup_entries_max {
-                return Err(EngineError::Overloaded {
-                    reason: "dedup memory is full; retry once the window has passed",
-                });
-            }
-            if partition.stalled() {
-                return Err(EngineError::Overloaded {
-                    reason: "a partition is writing its backlog of pending cells to the store",
-                });
-            }
-            if let Some(reason) = partition.disk_full() {
-                return Err(EngineError::DiskFull { reason });
-            }
+            partition.admit(needs_dedup_entry[index], shared.config.dedup_entries_max)?;
             let record = record.finish();
             total_bytes += record.len();
             appends.push((partition, record));
@@ -389,6 +376,8 @@ impl Engine {
         let permit =
             shared.budget.try_take(total_bytes).ok_or(EngineError::Overloaded { reason: "write queue is full" })?;
         let permit = Arc::new(permit);
+        // Last of the checks, so a request refused for another reason adds no type.
+        shared.event_types.admit(events)?;
         let _keyed_order = key.map(|_| shared.keyed_order.lock());
         let open = shared.admission.read();
         if !*open {

@@ -108,8 +108,26 @@ impl Partition {
         }
     }
 
-    /// Why writes to this partition are refused now, if its disk was full a moment ago.
-    pub(crate) fn disk_full(&self) -> Option<String> {
+    /// Whether a request's part may be sent here now: refused while dedup memory is full
+    /// (for a part that needs an entry), while the writer waits for the flusher, and for a
+    /// moment after the disk was found full.
+    pub(crate) fn admit(&self, needs_dedup_entry: bool, dedup_entries_max: usize) -> Result<(), EngineError> {
+        if needs_dedup_entry && self.dedup_entries() >= dedup_entries_max {
+            return Err(EngineError::Overloaded { reason: "dedup memory is full; retry once the window has passed" });
+        }
+        if self.stalled() {
+            return Err(EngineError::Overloaded {
+                reason: "a partition is writing its backlog of pending cells to the store",
+            });
+        }
+        match self.disk_full() {
+            Some(reason) => Err(EngineError::DiskFull { reason }),
+            None => Ok(()),
+        }
+    }
+
+    /// Why writes to this partition are refused now, if its disk was found full a moment ago.
+    fn disk_full(&self) -> Option<String> {
         let disk_full = self.disk_full.lock();
         let (since, reason) = disk_full.as_ref()?;
         (crate::now_ms() - since < DISK_FULL_REFUSE_MS).then(|| reason.clone())
@@ -170,26 +188,7 @@ pub(crate) fn run_writer(
             answer_all(&partition, &mut group, || Err(EngineError::Unavailable { reason: reason.clone() }));
             continue;
         }
-        let records: Vec<&[u8]> = group.iter().map(|a| a.record.as_slice()).collect();
-        let (end_offset, sync) = match wal.append(&records) {
-            Ok(appended) => {
-                partition.disk_full.lock().take();
-                appended
-            }
-            Err(error) if error.is_transient() => {
-                refuse_unwritten(&partition, &mut group, &error);
-                continue;
-            }
-            Err(error) => {
-                // Never retried: after a failed fsync the kernel may have dropped the dirty
-                // pages, and only recovery from what is on disk is trustworthy.
-                shared.fail(format!("partition {}: {error}", partition.index));
-                answer_all(&partition, &mut group, || {
-                    Err(EngineError::Unavailable { reason: "log write failed".into() })
-                });
-                continue;
-            }
-        };
+        let Some((end_offset, sync)) = append_group(&shared, &partition, &mut wal, &mut group) else { continue };
         fsync_seconds.record(sync.as_secs_f64());
         group_records.record(group.len() as f64);
 
@@ -260,6 +259,33 @@ fn wait_for_room(shared: &Shared, partition: &Partition) {
     if stalled {
         partition.stalled.store(false, Ordering::Relaxed);
         metrics::counter!("tally_writer_stalls_total").increment(1);
+    }
+}
+
+/// Writes a group's records as one frame. `None` when that failed; the group is answered.
+fn append_group(
+    shared: &Shared,
+    partition: &Partition,
+    wal: &mut Wal,
+    group: &mut Vec<Append>,
+) -> Option<(u64, Duration)> {
+    let records: Vec<&[u8]> = group.iter().map(|a| a.record.as_slice()).collect();
+    match wal.append(&records) {
+        Ok(appended) => {
+            partition.disk_full.lock().take();
+            Some(appended)
+        }
+        Err(error) if error.is_transient() => {
+            refuse_unwritten(partition, group, &error);
+            None
+        }
+        Err(error) => {
+            // Never retried: after a failed fsync the kernel may have dropped the dirty
+            // pages, and only recovery from what is on disk is trustworthy.
+            shared.fail(format!("partition {}: {error}", partition.index));
+            answer_all(partition, group, || Err(EngineError::Unavailable { reason: "log write failed".into() }));
+            None
+        }
     }
 }
 

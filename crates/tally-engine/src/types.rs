@@ -20,28 +20,37 @@ impl EventTypes {
         EventTypes { known: RwLock::new(known.into_iter().map(String::into_boxed_str).collect()), max }
     }
 
-    /// Admits the types of `events`, learning new ones while there is room. Events of one
-    /// request mostly share a type, so each run of one type is looked up once.
+    /// Admits the types of `events`, all or nothing: the new ones are learned only if all
+    /// of them fit. Events of one request mostly share a type, so each run of one type is
+    /// looked up once.
     pub(crate) fn admit(&self, events: &[EventRef<'_>]) -> Result<(), EngineError> {
+        let mut new: Vec<&str> = Vec::new();
         let mut previous = None;
-        for event in events {
-            if previous == Some(event.event_type) {
-                continue;
+        {
+            let known = self.known.read();
+            for event in events {
+                if previous == Some(event.event_type) {
+                    continue;
+                }
+                previous = Some(event.event_type);
+                if !known.contains(event.event_type) {
+                    new.push(event.event_type);
+                }
             }
-            previous = Some(event.event_type);
-            if self.known.read().contains(event.event_type) {
-                continue;
-            }
-            let mut known = self.known.write();
-            if known.contains(event.event_type) {
-                continue;
-            }
-            if known.len() >= self.max {
-                metrics::counter!("tally_event_types_refused_total").increment(1);
-                return Err(EngineError::TooManyTypes { event_type: event.event_type.to_owned(), max: self.max });
-            }
-            known.insert(event.event_type.into());
         }
+        if new.is_empty() {
+            return Ok(());
+        }
+        new.sort_unstable();
+        new.dedup();
+        let mut known = self.known.write();
+        new.retain(|event_type| !known.contains(*event_type));
+        let room = self.max.saturating_sub(known.len());
+        if let Some(beyond) = new.get(room) {
+            metrics::counter!("tally_event_types_refused_total").increment(1);
+            return Err(EngineError::TooManyTypes { event_type: (*beyond).to_owned(), max: self.max });
+        }
+        known.extend(new.into_iter().map(Box::from));
         Ok(())
     }
 
@@ -70,7 +79,11 @@ mod tests {
         assert_eq!(types.count(), 2);
         let refused = types.admit(&[event("like"), event("share")]).unwrap_err();
         assert!(matches!(refused, EngineError::TooManyTypes { ref event_type, max: 2 } if event_type == "share"));
-        types.admit(&[event("like"), event("view")]).unwrap();
+        let types = EventTypes::new(["view".to_string()], 3);
+        assert!(types.admit(&[event("a"), event("b"), event("c")]).is_err());
+        assert_eq!(types.count(), 1, "all or nothing: a refused request adds no type");
+        types.admit(&[event("a"), event("b")]).unwrap();
+        assert!(types.admit(&[event("c")]).is_err());
         types.reset(["view".to_string()]);
         types.admit(&[event("share")]).unwrap();
     }

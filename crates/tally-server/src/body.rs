@@ -1,7 +1,9 @@
-//! Reading a request body under three limits: its size (413 as soon as it is exceeded,
-//! whatever was declared), a deadline for the whole body (408), and the server-wide budget
-//! of body bytes held at once, charged by bytes actually received (503 once exhausted), so
-//! a client that declares a large body and trickles it holds only what it sent.
+//! Reading a request body under four limits: its size (413 as soon as it is exceeded,
+//! whatever was declared), a deadline for the whole body and a shorter one for each chunk
+//! (408), and the server-wide budget of body bytes held at once, charged by bytes actually
+//! received (503 once exhausted), so a client that declares a large body and trickles it
+//! holds only what it sent. Each chunk is copied out of hyper's read buffer at once: a
+//! chunk of one byte must not keep a whole buffer alive while the budget counts one byte.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,10 @@ pub(crate) struct ReadBody {
     pub(crate) bytes: Bytes,
     _budget: Option<OwnedSemaphorePermit>,
 }
+
+/// Longest wait for the next chunk of a body, so a body sent fast and then stalled does not
+/// hold its bytes of the budget for the whole body deadline.
+const BODY_STALL_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) fn too_large(limit: usize) -> ApiError {
     ApiError::new(
@@ -42,20 +48,22 @@ pub(crate) async fn read(
     budget: &Arc<Semaphore>,
 ) -> Result<ReadBody, ApiError> {
     let mut body = body;
-    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut bytes: Vec<u8> = Vec::new();
     let mut permit: Option<OwnedSemaphorePermit> = None;
-    let mut received = 0usize;
-    let timed_out = || {
+    let timed_out = |what: &str, after: Duration| {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
-            format!("the request body was not received within {} ms", deadline.as_millis()),
+            format!("the request body {what} within {} ms", after.as_millis()),
         )
     };
     let until = tokio::time::Instant::now() + deadline;
+    let stall = deadline.min(BODY_STALL_MAX);
     loop {
-        let frame = match tokio::time::timeout_at(until, body.frame()).await {
-            Err(_) => return Err(timed_out()),
+        let next = tokio::time::Instant::now() + stall;
+        let frame = match tokio::time::timeout_at(until.min(next), body.frame()).await {
+            Err(_) if next < until => return Err(timed_out("made no progress", stall)),
+            Err(_) => return Err(timed_out("was not received whole", deadline)),
             Ok(None) => break,
             Ok(Some(Err(error))) => {
                 return Err(ApiError::bad_request(
@@ -69,8 +77,7 @@ pub(crate) async fn read(
         if chunk.is_empty() {
             continue;
         }
-        received += chunk.len();
-        if received > limit {
+        if bytes.len() + chunk.len() > limit {
             return Err(too_large(limit));
         }
         let charge = u32::try_from(chunk.len()).map_err(|_| too_large(limit))?;
@@ -79,18 +86,8 @@ pub(crate) async fn read(
             Some(permit) => permit.merge(more),
             None => permit = Some(more),
         }
-        chunks.push(chunk);
+        bytes.extend_from_slice(&chunk);
     }
-    let bytes = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().expect("one chunk"),
-        _ => {
-            let mut whole = Vec::with_capacity(received);
-            for chunk in &chunks {
-                whole.extend_from_slice(chunk);
-            }
-            Bytes::from(whole)
-        }
-    };
+    let bytes = Bytes::from(bytes);
     Ok(ReadBody { bytes, _budget: permit })
 }

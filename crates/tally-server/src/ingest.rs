@@ -165,3 +165,28 @@ fn decode<'a>(
         }
     }
 }
+
+/// See `crate::fuzz_ingest_body`.
+pub(crate) fn fuzz(ndjson: bool, bytes: &[u8]) -> Result<usize, &'static str> {
+    const EVENTS_MAX: usize = 100;
+    const SHOWN_MAX: usize = 10;
+    let text = std::str::from_utf8(bytes).map_err(|_| "invalid_utf8")?;
+    let limits = tally_core::Limits::default();
+    let decoding =
+        Decoding { limits: &limits, receive_ms: 1_800_000_000_000, problems: RefCell::new(Problems::new(SHOWN_MAX)) };
+    let format = if ndjson { BodyFormat::Ndjson } else { BodyFormat::Json };
+    let events = decode(format, text, EVENTS_MAX, &decoding).map_err(|error| error.code)?;
+    assert!(events.len() <= EVENTS_MAX, "decoded past the event limit");
+    let problems = decoding.problems.into_inner();
+    assert!(problems.shown.len() <= SHOWN_MAX && problems.shown.len() <= problems.total);
+    assert!(problems.bad_events <= events.len());
+    if problems.total > 0 {
+        return Err("invalid_events");
+    }
+    for event in &events {
+        let mut errors = Vec::new();
+        limits.check(0, &event.resolved(), 1_800_000_000_000, &mut errors);
+        assert!(errors.is_empty(), "an event without problems breaks a rule: {errors:?}");
+    }
+    Ok(events.len())
+}

@@ -118,6 +118,14 @@ impl AppState {
     }
 }
 
+/// Fuzzing entry point: decodes and checks `bytes` as a `POST /v1/events` body (NDJSON or
+/// JSON) with the default limits, at most 100 events. Returns the events, or the error
+/// code of the 4xx the server would answer; must never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_ingest_body(ndjson: bool, bytes: &[u8]) -> Result<usize, &'static str> {
+    ingest::fuzz(ndjson, bytes)
+}
+
 /// Every route: method, path and handler. The router is built from this table alone, and
 /// the OpenAPI document is checked against it (`routes`), so neither can drift.
 fn table() -> [(&'static str, &'static str, MethodRouter<Arc<AppState>>); 11] {

@@ -33,8 +33,12 @@ use crate::{AppState, monitoring};
 
 /// Connections over the limit that are still read (for health checks) before being closed.
 pub const SHED_CONNECTIONS_MAX: usize = 256;
-/// How long an over-limit connection may take to send its request head.
-const SHED_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an over-limit connection may take to send its request head: short, so that
+/// idle connections cannot hold the slots that health checks need.
+const SHED_HEADER_TIMEOUT: Duration = Duration::from_millis(250);
+/// Bytes hyper buffers for one connection's reads, and so the largest request head: a
+/// connection's head costs at most this much memory.
+pub const HEAD_BYTES_MAX: usize = 64 << 10;
 /// Pause after an accept error (out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// At most one warning a second about shed connections or accept errors.
@@ -150,12 +154,12 @@ async fn serve_connection(
     let io = TokioIo::new(Guarded { inner: stream, activity: Arc::clone(&activity), rewrite: None });
     let service = Tracked { app, activity: Arc::clone(&activity) };
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.keep_alive(keep_alive);
+    builder.keep_alive(keep_alive).max_buf_size(HEAD_BYTES_MAX);
     let connection = builder.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
     tokio::pin!(connection);
     let mut stopping = false;
     loop {
-        let deadline = activity.deadline(timeouts);
+        let deadline = activity.next_check(timeouts);
         tokio::select! {
             _ = connection.as_mut() => return,
             () = stopped(&mut stop), if !stopping => {
@@ -202,6 +206,12 @@ impl Activity {
             HEAD => since + timeouts.head,
             _ => Instant::now() + timeouts.idle,
         }
+    }
+
+    /// When to look again: the deadline, or sooner, since a phase that begins meanwhile
+    /// (a head starting on an idle connection) may have an earlier one.
+    fn next_check(&self, timeouts: Timeouts) -> Instant {
+        self.deadline(timeouts).min(Instant::now() + timeouts.head)
     }
 
     fn expired(&self, timeouts: Timeouts) -> bool {

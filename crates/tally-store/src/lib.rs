@@ -101,3 +101,11 @@ pub trait Snapshot {
     /// Every event type with stored events: flushed, and not wholly past day retention.
     fn types(&self) -> Result<Vec<String>, StoreError>;
 }
+
+/// Fuzzing entry point: decodes `bytes` as every stored value and table name the store
+/// reads back (counter, checkpoint, a type's last day, a table name). Must never panic,
+/// whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_values(bytes: &[u8]) {
+    redb_store::fuzz_values(bytes);
+}

@@ -282,6 +282,22 @@ fn blob_table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
 }
 
+/// See `crate::fuzz_values`.
+pub(crate) fn fuzz_values(bytes: &[u8]) {
+    if let Ok(counter) = decode_counter(bytes) {
+        assert_eq!(decode_counter(&encode_counter(counter)), Ok(counter));
+    }
+    if let Ok(checkpoint) = decode_checkpoint(7, bytes) {
+        assert_eq!(decode_checkpoint(7, &encode_checkpoint(&checkpoint)).ok(), Some(checkpoint));
+    }
+    let _ = decode_last_day(bytes);
+    if let Ok(name) = std::str::from_utf8(bytes)
+        && let Some((kind, granularity, period)) = tables::parse(name)
+    {
+        assert_eq!(tables::parse(&tables::name(kind, granularity, period)), Some((kind, granularity, period)));
+    }
+}
+
 /// The value of a `types` row: the last day bucket with events.
 fn decode_last_day(value: &[u8]) -> Result<i64, String> {
     value.try_into().map(i64::from_le_bytes).map_err(|_| format!("last day is {} bytes, not 8", value.len()))

@@ -27,6 +27,14 @@ mod segment;
 pub use frame::{FRAME_HEADER_BYTES, FRAME_PAYLOAD_BYTES_MAX, FrameRecords};
 pub use segment::{Wal, WalOptions, WalStats, free_bytes};
 
+/// Fuzzing entry point: reads `bytes` as a segment file the way recovery does (trailer,
+/// then frames as the last segment and as an earlier one) and iterates every frame's
+/// records. Returns the records found; must never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_segment(bytes: &[u8]) -> usize {
+    segment::fuzz(bytes)
+}
+
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]

@@ -227,13 +227,7 @@ impl Wal {
     ) -> Result<Result<Wal, E>, WalError> {
         let mut bases = list_segments(dir)?;
         if bases.is_empty() {
-            let detail = "no segment files: the log was deleted";
-            if !options.accept_damage {
-                return Err(WalError::Missing { dir: dir.into(), offset: start_offset, detail: detail.into() });
-            }
-            tracing::warn!(dir = %dir.display(), start_offset, "{detail}; starting a new one (accepted loss)");
-            create_segment(dir, start_offset, segment_len(&options, 0))?;
-            bases.push(start_offset);
+            bases.push(restart_deleted_log(dir, &options, start_offset)?);
         }
         let first = bases.partition_point(|&base| base <= start_offset);
         if first == 0 {
@@ -484,6 +478,18 @@ fn repair_cut_segment(path: &Path, bytes: Vec<u8>, options: &WalOptions, detail:
     fs::read(path).map_err(WalError::io(path))
 }
 
+/// A log without segments was deleted: refused, or (the loss accepted) started anew at
+/// `start_offset`, whose base is returned.
+fn restart_deleted_log(dir: &Path, options: &WalOptions, start_offset: u64) -> Result<u64, WalError> {
+    let detail = "no segment files: the log was deleted";
+    if !options.accept_damage {
+        return Err(WalError::Missing { dir: dir.into(), offset: start_offset, detail: detail.into() });
+    }
+    tracing::warn!(dir = %dir.display(), start_offset, "{detail}; starting a new one (accepted loss)");
+    create_segment(dir, start_offset, segment_len(options, 0))?;
+    Ok(start_offset)
+}
+
 /// The newest segment rolled over to `rolled`, which has no file: publish it if a crash
 /// left it staged, make a new one if the loss is accepted, or refuse.
 fn find_rolled_segment(dir: &Path, rolled: u64, from: u64, options: &WalOptions) -> Result<(), WalError> {
@@ -516,6 +522,21 @@ fn remove_staged(dir: &Path) -> Result<(), WalError> {
         }
     }
     Ok(())
+}
+
+/// See `crate::fuzz_segment`.
+pub(crate) fn fuzz(bytes: &[u8]) -> usize {
+    let region = frames_capacity(bytes).map_or(bytes, |capacity| &bytes[..capacity]);
+    let mut records = 0;
+    for is_last in [true, false] {
+        let mut at = 0;
+        while let Scan::Frame { payload, next } = frame::scan(region, at, is_last) {
+            assert!(next > at && next <= region.len(), "a frame ends after it starts, inside the segment");
+            records += FrameRecords::new(payload).count();
+            at = next;
+        }
+    }
+    records
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<u64>, WalError> {
@@ -742,20 +763,26 @@ mod tests {
         assert!(replayed.is_empty());
     }
 
+    /// A new log of three frames: their end offsets, the segment's path and bytes.
+    fn three_frames(dir: &Path, options: WalOptions) -> (Vec<u64>, PathBuf, Vec<u8>) {
+        let mut wal = fresh(dir, options);
+        let ends: Vec<u64> = [&b"alpha"[..], b"bravo-bravo", b"c"]
+            .iter()
+            .map(|r| wal.append(&[r, b"second record"]).unwrap().0)
+            .collect();
+        drop(wal);
+        let path = segment_path(dir, 0);
+        let full = fs::read(&path).unwrap();
+        (ends, path, full)
+    }
+
     /// The newest segment cut at every byte of its frames: refused, naming the cut; with the
     /// loss accepted, the whole frames before the cut are kept and the log goes on.
     #[test]
     fn a_cut_short_newest_segment_is_refused_unless_the_loss_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let options = small(4096);
-        let mut wal = fresh(dir.path(), options);
-        let ends: Vec<u64> = [&b"alpha"[..], b"bravo-bravo", b"c"]
-            .iter()
-            .map(|r| wal.append(&[r, b"second record"]).unwrap().0)
-            .collect();
-        drop(wal);
-        let path = segment_path(dir.path(), 0);
-        let full = fs::read(&path).unwrap();
+        let (ends, path, full) = three_frames(dir.path(), options);
         for cut in (0..=*ends.last().unwrap() as usize).step_by(7).chain([full.len() - 1]) {
             fs::write(&path, &full[..cut]).unwrap();
             match open(dir.path(), 0, options) {
@@ -778,14 +805,7 @@ mod tests {
     fn recovery_after_a_torn_write_at_every_byte_keeps_exactly_the_whole_frames() {
         let dir = tempfile::tempdir().unwrap();
         let options = small(4096);
-        let mut wal = fresh(dir.path(), options);
-        let ends: Vec<u64> = [&b"alpha"[..], b"bravo-bravo", b"c"]
-            .iter()
-            .map(|r| wal.append(&[r, b"second record"]).unwrap().0)
-            .collect();
-        drop(wal);
-        let path = segment_path(dir.path(), 0);
-        let full = fs::read(&path).unwrap();
+        let (ends, path, full) = three_frames(dir.path(), options);
         let last_start = ends[1] as usize;
         for cut in last_start..ends[2] as usize {
             let mut torn = full.clone();

@@ -124,63 +124,7 @@ impl FileConfig {
                 clock_skew_max_ms: self.clock_skew_max_ms.unwrap_or(limits_default.clock_skew_max_ms),
             },
         };
-        // The bounds keep every product of two settings far from overflow, and every WAL
-        // frame (one group plus one record, a record at most about twice its JSON) under
-        // the log's frame limit.
-        let within = |name: &str, value: u64, low: u64, high: u64| {
-            anyhow::ensure!((low..=high).contains(&value), "{name} must be {low} to {high}, got {value}");
-            Ok(())
-        };
-        const MIB: u64 = 1 << 20;
-        const GROUP_BYTES_HIGH: u64 = 64 * MIB;
-        const BODY_BYTES_HIGH: u64 = 64 * MIB;
-        // A frame holds up to a group plus one more request's records, which can take about
-        // twice the request's JSON body.
-        const _: () = assert!(GROUP_BYTES_HIGH + 2 * BODY_BYTES_HIGH < tally_wal::FRAME_PAYLOAD_BYTES_MAX as u64);
-        let non_negative = |value: i64| u64::try_from(value).unwrap_or(u64::MAX);
-        within("partitions", engine.partitions.into(), 1, 1024)?;
-        within("dedup_window_ms", non_negative(engine.dedup_window_ms), 60_000, 30 * 86_400_000)?;
-        within("dedup_entries_max", engine.dedup_entries_max as u64, 1, 1 << 32)?;
-        within("flush_interval_ms", engine.flush_interval_ms, 10, 86_400_000)?;
-        within("segment_bytes_max", engine.segment_bytes_max, 4096, 1 << 30)?;
-        within("group_bytes_max", engine.group_bytes_max as u64, 4096, GROUP_BYTES_HIGH)?;
-        within("queue_bytes_max", engine.queue_bytes_max as u64, MIB, 64 << 30)?;
-        within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
-        within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
-        within("retention_interval_ms", engine.retention_interval_ms, 1000, 86_400_000)?;
-        within("disk_free_bytes_min", engine.disk_free_bytes_min, 0, 1 << 50)?;
-        within("event_types_max", engine.event_types_max as u64, 1, 1_000_000)?;
-        // A coarser tier answers for a finer one past its retention, so it must last as long.
-        let forever = |days: Option<u32>| days.unwrap_or(u32::MAX);
-        let retention = engine.retention;
-        anyhow::ensure!(
-            forever(retention.minute_days) <= forever(retention.hour_days)
-                && forever(retention.hour_days) <= forever(retention.day_days),
-            "retention must not shrink from minute to hour to day buckets: minute {}, hour {}, day {} days (0 = forever)",
-            retention.minute_days.unwrap_or(0),
-            retention.hour_days.unwrap_or(0),
-            retention.day_days.unwrap_or(0)
-        );
-        within("body_bytes_max", server.body_bytes_max as u64, 1024, BODY_BYTES_HIGH)?;
-        if let Some(threads) = self.worker_threads {
-            within("worker_threads", threads as u64, 1, 1024)?;
-        }
-        within(
-            "body_bytes_in_flight_max",
-            server.body_bytes_in_flight_max as u64,
-            server.body_bytes_max as u64,
-            64 << 30,
-        )?;
-        within("body_read_timeout_ms", server.body_read_timeout_ms, 100, 3_600_000)?;
-        within("header_read_timeout_ms", server.header_read_timeout_ms, 100, 600_000)?;
-        within("keep_alive_idle_ms", server.keep_alive_idle_ms, 100, 3_600_000)?;
-        within("connections_max", server.connections_max as u64, 1, 1_000_000)?;
-        within("events_per_request_max", server.events_per_request_max as u64, 1, 1_000_000)?;
-        within("field_errors_max", server.field_errors_max as u64, 1, 100_000)?;
-        within("counts_video_ids_max", server.counts_video_ids_max as u64, 1, 100_000)?;
-        within("series_points_max", server.series_points_max as u64, 1, 1_000_000)?;
-        within("lateness_max_ms", non_negative(server.limits.lateness_max_ms), 0, 100 * 365 * 86_400_000)?;
-        within("clock_skew_max_ms", non_negative(server.limits.clock_skew_max_ms), 0, 86_400_000)?;
+        validate(&engine, &server, self.worker_threads)?;
         Ok(ServeConfig {
             listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address")),
             worker_threads: self.worker_threads,
@@ -189,6 +133,63 @@ impl FileConfig {
             server,
         })
     }
+}
+
+/// Checks every setting's range, and that retention tiers do not shrink.
+fn validate(engine: &EngineConfig, server: &ServerConfig, worker_threads: Option<usize>) -> anyhow::Result<()> {
+    // The bounds keep every product of two settings far from overflow, and every WAL
+    // frame (one group plus one record, a record at most about twice its JSON) under
+    // the log's frame limit.
+    let within = |name: &str, value: u64, low: u64, high: u64| {
+        anyhow::ensure!((low..=high).contains(&value), "{name} must be {low} to {high}, got {value}");
+        Ok(())
+    };
+    const MIB: u64 = 1 << 20;
+    const GROUP_BYTES_HIGH: u64 = 64 * MIB;
+    const BODY_BYTES_HIGH: u64 = 64 * MIB;
+    // A frame holds up to a group plus one more request's records, which can take about
+    // twice the request's JSON body.
+    const _: () = assert!(GROUP_BYTES_HIGH + 2 * BODY_BYTES_HIGH < tally_wal::FRAME_PAYLOAD_BYTES_MAX as u64);
+    let non_negative = |value: i64| u64::try_from(value).unwrap_or(u64::MAX);
+    within("partitions", engine.partitions.into(), 1, 1024)?;
+    within("dedup_window_ms", non_negative(engine.dedup_window_ms), 60_000, 30 * 86_400_000)?;
+    within("dedup_entries_max", engine.dedup_entries_max as u64, 1, 1 << 32)?;
+    within("flush_interval_ms", engine.flush_interval_ms, 10, 86_400_000)?;
+    within("segment_bytes_max", engine.segment_bytes_max, 4096, 1 << 30)?;
+    within("group_bytes_max", engine.group_bytes_max as u64, 4096, GROUP_BYTES_HIGH)?;
+    within("queue_bytes_max", engine.queue_bytes_max as u64, MIB, 64 << 30)?;
+    within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
+    within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
+    within("retention_interval_ms", engine.retention_interval_ms, 1000, 86_400_000)?;
+    within("disk_free_bytes_min", engine.disk_free_bytes_min, 0, 1 << 50)?;
+    within("event_types_max", engine.event_types_max as u64, 1, 1_000_000)?;
+    // A coarser tier answers for a finer one past its retention, so it must last as long.
+    let forever = |days: Option<u32>| days.unwrap_or(u32::MAX);
+    let retention = engine.retention;
+    anyhow::ensure!(
+        forever(retention.minute_days) <= forever(retention.hour_days)
+            && forever(retention.hour_days) <= forever(retention.day_days),
+        "retention must not shrink from minute to hour to day buckets: minute {}, hour {}, day {} days (0 = forever)",
+        retention.minute_days.unwrap_or(0),
+        retention.hour_days.unwrap_or(0),
+        retention.day_days.unwrap_or(0)
+    );
+    within("body_bytes_max", server.body_bytes_max as u64, 1024, BODY_BYTES_HIGH)?;
+    if let Some(threads) = worker_threads {
+        within("worker_threads", threads as u64, 1, 1024)?;
+    }
+    within("body_bytes_in_flight_max", server.body_bytes_in_flight_max as u64, server.body_bytes_max as u64, 64 << 30)?;
+    within("body_read_timeout_ms", server.body_read_timeout_ms, 100, 3_600_000)?;
+    within("header_read_timeout_ms", server.header_read_timeout_ms, 100, 600_000)?;
+    within("keep_alive_idle_ms", server.keep_alive_idle_ms, 100, 3_600_000)?;
+    within("connections_max", server.connections_max as u64, 1, 1_000_000)?;
+    within("events_per_request_max", server.events_per_request_max as u64, 1, 1_000_000)?;
+    within("field_errors_max", server.field_errors_max as u64, 1, 100_000)?;
+    within("counts_video_ids_max", server.counts_video_ids_max as u64, 1, 100_000)?;
+    within("series_points_max", server.series_points_max as u64, 1, 1_000_000)?;
+    within("lateness_max_ms", non_negative(server.limits.lateness_max_ms), 0, 100 * 365 * 86_400_000)?;
+    within("clock_skew_max_ms", non_negative(server.limits.clock_skew_max_ms), 0, 86_400_000)?;
+    Ok(())
 }
 
 #[cfg(test)]
