@@ -368,7 +368,7 @@ impl FlushWork {
         let mut top: HashMap<(&str, i64), Vec<TopItem<'_>>> = HashMap::new();
         let table = |bucket: i64| (granularity, tables::period_of(granularity, bucket));
         let cutoff = cutoffs.of(granularity);
-        let (mut merged, mut key) = (Vec::<(i64, Counter)>::new(), Vec::new());
+        let (mut merged, mut key, mut periods) = (Vec::<(i64, Counter)>::new(), Vec::new(), Vec::new());
         for flush in flushes {
             for (event_type, video_id, cells) in flush.deltas.iter() {
                 merged.clear();
@@ -389,13 +389,10 @@ impl FlushWork {
                     if granularity == Granularity::Day {
                         key::videos_key(&mut key, event_type, bucket, video_id);
                         work.videos.entry(table(bucket)).or_default().push(&key, ());
-                        key::video_types_key(&mut key, video_id, event_type);
-                        work.video_types.entry(table(bucket)).or_default().push(&key, ());
-                        match work.last_days.get_mut(event_type) {
-                            Some(last) => *last = (*last).max(bucket),
-                            None => drop(work.last_days.insert(event_type.to_owned(), bucket)),
-                        }
                     }
+                }
+                if granularity == Granularity::Day {
+                    work.index_types(event_type, video_id, &merged, &mut periods, &mut key);
                 }
             }
             for (event_type, video_id, minute, sketch) in flush.deltas.iter_viewers() {
@@ -419,6 +416,31 @@ impl FlushWork {
         work.video_types.values_mut().for_each(KeyedRows::sort);
         work
     }
+    /// Notes, from the day buckets of one (type, video), one per-video type index row per
+    /// day table they fall in, and the type's last day.
+    fn index_types(
+        &mut self,
+        event_type: &str,
+        video_id: &str,
+        days: &[(i64, Counter)],
+        periods: &mut Vec<i64>,
+        key: &mut Vec<u8>,
+    ) {
+        periods.clear();
+        periods.extend(days.iter().map(|&(day, _)| tables::period_of(Granularity::Day, day)));
+        periods.sort_unstable();
+        periods.dedup();
+        for &period in periods.iter() {
+            key::video_types_key(key, video_id, event_type);
+            self.video_types.entry((Granularity::Day, period)).or_default().push(key, ());
+        }
+        let Some(last) = days.iter().map(|&(day, _)| day).max() else { return };
+        match self.last_days.get_mut(event_type) {
+            Some(stored) => *stored = (*stored).max(last),
+            None => drop(self.last_days.insert(event_type.to_owned(), last)),
+        }
+    }
+
     /// Writes these rows into their tables: counters and sketches merged with what is
     /// stored, the video index inserted.
     fn write(self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
