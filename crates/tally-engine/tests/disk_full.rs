@@ -94,3 +94,26 @@ fn a_failed_fsync_stops_acknowledging_and_a_restart_recovers_what_was() {
     // The frame whose fsync failed was written: it may or may not have reached the disk.
     assert!(recovered == acknowledged || recovered == acknowledged + 5, "{recovered}");
 }
+
+/// A store commit that fails (the store's disk full despite the reserve) stops
+/// acknowledging writes; nothing acknowledged is lost, and a restart recovers it all.
+#[test]
+fn a_failed_store_commit_stops_acknowledging_and_a_restart_recovers_everything() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(dir.path())).unwrap();
+    let acknowledged = submit(&engine, "v", 10).unwrap();
+    fail::cfg("store::commit", "return").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.is_healthy() {
+        assert!(Instant::now() < deadline, "the flusher never met the failing commit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(submit(&engine, "v", 5), Err(EngineError::Unavailable { .. })));
+    assert_eq!(count(&engine), acknowledged, "queries still answer from what was applied");
+    fail::remove("store::commit");
+    drop(engine);
+    scenario.teardown();
+    let engine = Engine::open(config(dir.path())).unwrap();
+    assert_eq!(count(&engine), acknowledged);
+}

@@ -56,9 +56,9 @@ pub struct ServeArgs {
     /// TOML file with any setting (see README); flags override it
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Start even if a partition's newest log segment was deleted or cut short: its lost
-    /// events are dropped, and the log says what was dropped. Without it such a start is
-    /// refused, naming the damage
+    /// Start even if a partition's newest log segment was deleted or cut short, or all of
+    /// its segments were deleted: the lost events are dropped, and the log says what was
+    /// dropped. Without it such a start is refused, naming the damage
     #[arg(long)]
     accept_log_loss: bool,
 }
