@@ -2,7 +2,7 @@
 //! flusher and with queries.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -51,10 +51,12 @@ pub(crate) struct Partition {
     /// The writer waits for the flusher (its deltas are at `pending_cells_max`): new
     /// requests for this partition are refused rather than queued behind a long flush.
     stalled: AtomicBool,
-    /// Why the last write found the disk full, and when (ms since the epoch): requests for
-    /// this partition are refused at admission for `DISK_FULL_REFUSE_MS` after it, then one
-    /// write tries again.
-    disk_full: Mutex<Option<(i64, String)>>,
+    /// When the last write found the disk full (ms since the epoch; 0: it did not):
+    /// requests for this partition are refused at admission for `DISK_FULL_REFUSE_MS`
+    /// after it, then one write tries again. An atomic, so admission pays one load.
+    disk_full_since_ms: AtomicI64,
+    /// Why, for the answers.
+    disk_full_reason: Mutex<String>,
     pub(crate) checkpoint_offset: AtomicU64,
     wal_segments: AtomicU64,
     wal_bytes: AtomicU64,
@@ -72,7 +74,8 @@ impl Partition {
             queued: AtomicU64::new(0),
             dedup_entries: AtomicUsize::new(dedup_entries),
             stalled: AtomicBool::new(false),
-            disk_full: Mutex::new(None),
+            disk_full_since_ms: AtomicI64::new(0),
+            disk_full_reason: Mutex::new(String::new()),
             checkpoint_offset: AtomicU64::new(checkpoint),
             wal_segments: AtomicU64::new(0),
             wal_bytes: AtomicU64::new(0),
@@ -128,9 +131,8 @@ impl Partition {
 
     /// Why writes to this partition are refused now, if its disk was found full a moment ago.
     fn disk_full(&self) -> Option<String> {
-        let disk_full = self.disk_full.lock();
-        let (since, reason) = disk_full.as_ref()?;
-        (crate::now_ms() - since < DISK_FULL_REFUSE_MS).then(|| reason.clone())
+        let since = self.disk_full_since_ms.load(Ordering::Acquire);
+        (since != 0 && crate::now_ms() - since < DISK_FULL_REFUSE_MS).then(|| self.disk_full_reason.lock().clone())
     }
 
     pub(crate) fn stalled(&self) -> bool {
@@ -272,7 +274,7 @@ fn append_group(
     let records: Vec<&[u8]> = group.iter().map(|a| a.record.as_slice()).collect();
     match wal.append(&records) {
         Ok(appended) => {
-            partition.disk_full.lock().take();
+            partition.disk_full_since_ms.store(0, Ordering::Release);
             Some(appended)
         }
         Err(error) if error.is_transient() => {
@@ -308,7 +310,8 @@ fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &tall
             return;
         }
     };
-    *partition.disk_full.lock() = Some((crate::now_ms(), reason.clone()));
+    *partition.disk_full_reason.lock() = reason.clone();
+    partition.disk_full_since_ms.store(crate::now_ms(), Ordering::Release);
     answer_all(partition, group, || Err(EngineError::DiskFull { reason: reason.clone() }));
 }
 

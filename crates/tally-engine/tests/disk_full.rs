@@ -23,6 +23,13 @@ fn count(engine: &Engine) -> u64 {
     engine.count("view", "v", MinuteRange::covering(NOW_MS - day_ms, NOW_MS + day_ms)).unwrap().count
 }
 
+/// Stops `engine`, ends the failpoints, opens the data directory again and counts.
+fn count_after_restart(engine: Engine, scenario: fail::FailScenario<'_>, dir: &std::path::Path) -> u64 {
+    drop(engine);
+    scenario.teardown();
+    count(&Engine::open(config(dir)).unwrap())
+}
+
 fn config(dir: &std::path::Path) -> EngineConfig {
     EngineConfig {
         data_dir: dir.into(),
@@ -68,10 +75,7 @@ fn a_full_disk_refuses_writes_and_they_resume_once_space_is_freed() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(count(&engine), acknowledged);
-    drop(engine);
-    scenario.teardown();
-    let engine = Engine::open(config(dir.path())).unwrap();
-    assert_eq!(count(&engine), acknowledged, "every acknowledged event survives a restart");
+    assert_eq!(count_after_restart(engine, scenario, dir.path()), acknowledged, "every acknowledged event survives");
 }
 
 #[test]
@@ -87,10 +91,7 @@ fn a_failed_fsync_stops_acknowledging_and_a_restart_recovers_what_was() {
     let EngineError::Unavailable { reason } = &refused else { panic!("expected Unavailable, got {refused}") };
     assert!(reason.contains("restart") && !reason.contains('/'), "no file names for clients: {reason}");
     assert!(!engine.is_healthy());
-    drop(engine);
-    scenario.teardown();
-    let engine = Engine::open(config(dir.path())).unwrap();
-    let recovered = count(&engine);
+    let recovered = count_after_restart(engine, scenario, dir.path());
     // The frame whose fsync failed was written: it may or may not have reached the disk.
     assert!(recovered == acknowledged || recovered == acknowledged + 5, "{recovered}");
 }
@@ -112,8 +113,5 @@ fn a_failed_store_commit_stops_acknowledging_and_a_restart_recovers_everything()
     assert!(matches!(submit(&engine, "v", 5), Err(EngineError::Unavailable { .. })));
     assert_eq!(count(&engine), acknowledged, "queries still answer from what was applied");
     fail::remove("store::commit");
-    drop(engine);
-    scenario.teardown();
-    let engine = Engine::open(config(dir.path())).unwrap();
-    assert_eq!(count(&engine), acknowledged);
+    assert_eq!(count_after_restart(engine, scenario, dir.path()), acknowledged);
 }

@@ -6,8 +6,9 @@
 //! TALLY_FUZZ_ITERATIONS=10000000 cargo test --release -p tally-fuzz
 //! ```
 //!
-//! The corpus is made by `write_corpus` (ignored; run it with `--ignored` after a format
-//! change) from what tally itself writes, so mutations start from valid inputs.
+//! Besides the committed corpus (grown and minimized by libFuzzer), every run starts from
+//! seeds made by tally's own writers (`seeds`), so mutations always start from inputs valid
+//! in today's formats.
 
 use std::path::{Path, PathBuf};
 
@@ -74,8 +75,11 @@ fn mutate(input: &mut Vec<u8>, seeds: &[Vec<u8>], rng: &mut StdRng) {
 fn every_target_survives_its_corpus_and_mutations_of_it() {
     let iterations = iterations();
     for (name, target) in TARGETS {
-        let seeds = corpus(name);
-        assert!(!seeds.is_empty(), "no corpus for {name}");
+        let made = seeds(name);
+        assert!(!made.is_empty(), "no seeds for {name}");
+        let mut seeds = corpus(name);
+        assert!(!seeds.is_empty(), "no committed corpus for {name}");
+        seeds.extend(made);
         for seed in &seeds {
             target(seed);
         }
@@ -101,57 +105,51 @@ proptest! {
     }
 }
 
-/// The corpus: inputs tally itself accepts or writes.
-#[test]
-#[ignore = "writes fuzz/corpus; run after a format change"]
-fn write_corpus() {
-    let write = |target: &str, name: &str, bytes: &[u8]| {
-        let dir = corpus_dir(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(name), bytes).unwrap();
-    };
-    for (name, body) in [
-        ("one", r#"{"video_id":"v1"}"#),
-        ("array", r#"[{"video_id":"v1","type":"view","ts":"2026-12-01T06:00:00Z","value":3},{"video_id":"v2"}]"#),
-        (
-            "full",
+/// Inputs tally itself accepts or writes, for `target`.
+fn seeds(target: &str) -> Vec<Vec<u8>> {
+    let texts = |texts: &[&str]| texts.iter().map(|t| t.as_bytes().to_vec()).collect();
+    match target {
+        "json_body" => texts(&[
+            r#"{"video_id":"v1"}"#,
+            r#"[{"video_id":"v1","type":"view","ts":"2026-12-01T06:00:00Z","value":3},{"video_id":"v2"}]"#,
             r#"[{"video_id":"caf\u00e9","type":"like","ts":1800000000000,"value":-5,"event_id":"e-1","viewer_id":"u"}]"#,
-        ),
-        (
-            "invalid",
             r#"[{"video_id":"","value":"x","bad":1},{"type":"BAD","ts":true},{"video_id":"a","video_id":"b"}]"#,
-        ),
-        ("empty", "[]"),
-    ] {
-        write("json_body", name, body.as_bytes());
+            "[]",
+        ]),
+        "ndjson_body" => texts(&[
+            "{\"video_id\":\"v1\"}\n{\"video_id\":\"v2\",\"type\":\"share\"}\n",
+            "{\"video_id\":\"v1\",\"value\":7}\r\n\r\n{\"video_id\":\"v3\",\"event_id\":\"x\"}",
+            "{\"video_id\":1}\nnot json\n",
+        ]),
+        "record" => records().to_vec(),
+        "wal_segment" => segments(),
+        "store_values" => store_values(),
+        "sketches" => sketches(),
+        other => panic!("no seeds for target {other}"),
     }
-    for (name, body) in [
-        ("two", "{\"video_id\":\"v1\"}\n{\"video_id\":\"v2\",\"type\":\"share\"}\n"),
-        ("crlf", "{\"video_id\":\"v1\",\"value\":7}\r\n\r\n{\"video_id\":\"v3\",\"event_id\":\"x\"}"),
-        ("bad", "{\"video_id\":1}\nnot json\n"),
-    ] {
-        write("ndjson_body", name, body.as_bytes());
-    }
-    let records = {
-        let event = |video_id| tally_core::EventRef {
-            video_id,
-            event_type: "view",
-            ts_ms: 1_800_000_000_000,
-            value: 1,
-            event_id: Some("e"),
-            viewer_id: Some("u"),
-        };
-        let key = tally_core::record::RequestKey { key: 42, fingerprint: 7 };
-        let mut keyed = tally_core::RecordWriter::new(1_800_000_000_000, Some(key), 64);
-        keyed.push(&event("v1"));
-        keyed.push(&event("v2"));
-        let mut plain = tally_core::RecordWriter::new(1_800_000_000_000, None, 64);
-        plain.push(&event("v3"));
-        [keyed.finish(), plain.finish()]
+}
+
+fn records() -> [Vec<u8>; 2] {
+    let event = |video_id| tally_core::EventRef {
+        video_id,
+        event_type: "view",
+        ts_ms: 1_800_000_000_000,
+        value: 1,
+        event_id: Some("e"),
+        viewer_id: Some("u"),
     };
-    for (i, record) in records.iter().enumerate() {
-        write("record", &format!("record-{i}"), record);
-    }
+    let key = tally_core::record::RequestKey { key: 42, fingerprint: 7 };
+    let mut keyed = tally_core::RecordWriter::new(1_800_000_000_000, Some(key), 64);
+    keyed.push(&event("v1"));
+    keyed.push(&event("v2"));
+    let mut plain = tally_core::RecordWriter::new(1_800_000_000_000, None, 64);
+    plain.push(&event("v3"));
+    [keyed.finish(), plain.finish()]
+}
+
+/// The first and the last segment of a small log of several segments.
+fn segments() -> Vec<Vec<u8>> {
+    let records = records();
     let dir = tempfile::tempdir().unwrap();
     let options = tally_wal::WalOptions { segment_bytes_max: 1024, ..tally_wal::WalOptions::default() };
     tally_wal::Wal::create(dir.path(), options).unwrap();
@@ -160,20 +158,25 @@ fn write_corpus() {
         wal.append(&[&records[0], &records[1]]).unwrap();
     }
     drop(wal);
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
-    segments.sort();
-    write("wal_segment", "first", &std::fs::read(&segments[0]).unwrap());
-    write("wal_segment", "last", &std::fs::read(segments.last().unwrap()).unwrap());
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    assert!(paths.len() > 1, "{paths:?}");
+    [paths.first(), paths.last()].into_iter().map(|path| std::fs::read(path.unwrap()).unwrap()).collect()
+}
+
+/// A counter, a checkpoint, a table name and a type's last day, as stored.
+fn store_values() -> Vec<Vec<u8>> {
     let mut counter = 5u64.to_le_bytes().to_vec();
     counter.extend_from_slice(&(-12i128).to_le_bytes());
-    write("store_values", "counter", &counter);
     let mut checkpoint = 4096u64.to_le_bytes().to_vec();
     checkpoint.extend_from_slice(&2u32.to_le_bytes());
     checkpoint.extend_from_slice(&1_800_000_000_000i64.to_le_bytes());
     checkpoint.extend_from_slice(&1_800_000_150_000i64.to_le_bytes());
-    write("store_values", "checkpoint", &checkpoint);
-    write("store_values", "table-name", b"counters.hour.681");
-    write("store_values", "last-day", &29_000_000i64.to_le_bytes());
+    vec![counter, checkpoint, b"counters.hour.681".to_vec(), 29_000_000i64.to_le_bytes().to_vec()]
+}
+
+/// Sparse and dense distinct-viewer sketches, and a top-items sketch.
+fn sketches() -> Vec<Vec<u8>> {
     let mut sparse = tally_core::hll::Hll::default();
     let mut dense = tally_core::hll::Hll::default();
     for i in 0..20_000u32 {
@@ -182,11 +185,9 @@ fn write_corpus() {
         }
         dense.insert(&i.to_le_bytes());
     }
-    write("sketches", "hll-sparse", &sparse.encode());
-    write("sketches", "hll-dense", &dense.encode());
     let mut top = tally_core::topk::TopSketch::default();
     for (i, video) in ["a", "bb", "ccc", "a", "a", "bb"].iter().enumerate() {
         top.add(video.as_bytes(), i as u64 + 1);
     }
-    write("sketches", "top", &top.encode());
+    vec![sparse.encode(), dense.encode(), top.encode()]
 }

@@ -204,7 +204,7 @@ impl CounterStore for RedbStore {
 
     fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
         fail::fail_point!("store::commit", |_| Err(redb_error("commit flush")(redb::Error::Io(
-            std::io::Error::from_raw_os_error(libc_enospc())
+            std::io::ErrorKind::StorageFull.into()
         ))));
         let txn = self.db.begin_write().map_err(redb_error("begin flush"))?;
         {
@@ -299,11 +299,6 @@ pub(crate) fn fuzz_values(bytes: &[u8]) {
     {
         assert_eq!(tables::parse(&tables::name(kind, granularity, period)), Some((kind, granularity, period)));
     }
-}
-
-/// ENOSPC, the error a full disk gives (Linux's number; only failpoints use it).
-fn libc_enospc() -> i32 {
-    28
 }
 
 /// The value of a `types` row: the last day bucket with events.

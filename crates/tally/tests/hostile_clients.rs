@@ -180,14 +180,7 @@ fn duplicate_json_keys_are_refused_naming_the_key() {
     let json = answer.json();
     assert_eq!(json["errors"][0]["field"], "video_id", "{json}");
     assert!(json["errors"][0]["reason"].as_str().unwrap().contains("more than once"), "{json}");
-    let ndjson = request(
-        server.address,
-        "POST",
-        "/v1/events",
-        &[("content-type", "application/x-ndjson")],
-        b"{\"video_id\":\"a\",\"value\":1,\"value\":2}\n",
-    )
-    .unwrap();
+    let ndjson = server.post_ndjson(b"{\"video_id\":\"a\",\"value\":1,\"value\":2}\n");
     assert_eq!(ndjson.status, 400, "{}", ndjson.text());
     assert_eq!(ndjson.json()["errors"][0]["field"], "value");
     assert_eq!(server.count("a") + server.count("b"), 0);

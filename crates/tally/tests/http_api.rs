@@ -26,14 +26,7 @@ fn ingest_accepts_object_array_and_ndjson_and_counts_at_once() {
     assert_eq!(server.count("a"), 1, "counted the moment it was acknowledged");
     let many = server.post_events(r#"[{"video_id":"a"},{"video_id":"b","type":"like","value":7}]"#, &[]);
     assert_eq!(many.json()["accepted"], 2);
-    let ndjson = request(
-        server.address,
-        "POST",
-        "/v1/events",
-        &[("content-type", "application/x-ndjson")],
-        b"{\"video_id\":\"a\"}\n\n{\"video_id\":\"a\"}\r\n",
-    )
-    .unwrap();
+    let ndjson = server.post_ndjson(b"{\"video_id\":\"a\"}\n\n{\"video_id\":\"a\"}\r\n");
     assert_eq!((ndjson.status, ndjson.json()["accepted"].clone()), (200, json!(2)));
     assert_eq!(server.count("a"), 4);
     let likes = server.get("/v1/count?video_id=b&type=like").json();
@@ -63,14 +56,7 @@ fn malformed_json_and_invalid_utf8_are_400_and_count_nothing() {
         assert_eq!(answer.status, 400, "{}", answer.text());
         assert!(["malformed_json", "invalid_utf8"].contains(&answer.json()["error"].as_str().unwrap()));
     }
-    let ndjson = request(
-        server.address,
-        "POST",
-        "/v1/events",
-        &[("content-type", "application/x-ndjson")],
-        b"{\"video_id\":\"a\"}\n{oops\n",
-    )
-    .unwrap();
+    let ndjson = server.post_ndjson(b"{\"video_id\":\"a\"}\n{oops\n");
     assert_eq!((ndjson.status, ndjson.json()["line"].clone()), (400, json!(2)));
     assert_eq!(server.count("a"), 0);
 }

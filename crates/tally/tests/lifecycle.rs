@@ -91,7 +91,7 @@ fn segments(data: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn mid_log_corruption_refuses_to_start_naming_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000\npartitions = 1";
+    let config = UNFLUSHED;
     let mut server = start(&data, config);
     for i in 0..5 {
         server.post_events(&format!(r#"[{{"video_id":"v{i}"}}]"#), &[]);
@@ -117,7 +117,7 @@ fn mid_log_corruption_refuses_to_start_naming_file_and_offset() {
 fn torn_tail_is_dropped_and_earlier_events_survive() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000\npartitions = 1";
+    let config = UNFLUSHED;
     let mut server = start(&data, config);
     for _ in 0..5 {
         assert_eq!(server.post_events(r#"[{"video_id":"v"}]"#, &[]).status, 200);
@@ -141,8 +141,20 @@ fn frames_end(segment: &[u8]) -> usize {
     segment[..segment.len() - TRAILER_BYTES].iter().rposition(|&b| b != 0).unwrap() + 1
 }
 
-/// Writes `requests` single-event requests for video `v` and kills the server: nothing is
-/// checkpointed, everything lives in the log.
+/// One partition, never flushed on its own: everything written lives in the log.
+const UNFLUSHED: &str = "flush_interval_ms = 3600000\npartitions = 1";
+
+/// A data directory (in a temporary one) whose server took `requests` requests under
+/// `UNFLUSHED` and was killed.
+fn unflushed_log(requests: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    logged_then_killed(&data, UNFLUSHED, requests);
+    (dir, data)
+}
+
+/// Writes `requests` requests of one event each for videos `v` and `w` and kills the
+/// server: nothing is checkpointed, everything lives in the log.
 fn logged_then_killed(data: &std::path::Path, config: &str, requests: usize) {
     let mut server = start(data, config);
     for _ in 0..requests {
@@ -187,10 +199,8 @@ fn a_deleted_newest_segment_refuses_to_start_unless_the_loss_is_accepted() {
 /// Defect 4: the only segment deleted (nothing checkpointed yet).
 #[test]
 fn a_deleted_log_refuses_to_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000\npartitions = 1";
-    logged_then_killed(&data, config, 5);
+    let (_dir, data) = unflushed_log(5);
+    let config = UNFLUSHED;
     for segment in segments(&data) {
         std::fs::remove_file(segment).unwrap();
     }
@@ -201,10 +211,8 @@ fn a_deleted_log_refuses_to_start() {
 /// Defect 4: cutting the newest segment in half lost the events in the cut part silently.
 #[test]
 fn a_newest_segment_cut_short_refuses_to_start_unless_the_loss_is_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000\npartitions = 1";
-    logged_then_killed(&data, config, 100);
+    let (_dir, data) = unflushed_log(100);
+    let config = UNFLUSHED;
     let segment = &segments(&data)[0];
     let bytes = std::fs::read(segment).unwrap();
     let half = frames_end(&bytes) / 2;
@@ -239,10 +247,8 @@ fn a_failed_first_start_is_made_again_not_reported_as_corruption() {
 /// A store file removed from a directory whose log holds events is damage: refused.
 #[test]
 fn a_removed_store_with_a_logged_log_refuses_to_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000\npartitions = 1";
-    logged_then_killed(&data, config, 3);
+    let (_dir, data) = unflushed_log(3);
+    let config = UNFLUSHED;
     std::fs::remove_file(data.join("store.redb")).unwrap();
     let log = refused(&data, config);
     assert!(log.contains("store file is missing but the log holds events"), "{log}");

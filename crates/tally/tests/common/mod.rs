@@ -175,6 +175,10 @@ impl Server {
         request(self.address, "POST", "/v1/events", &all, body.as_bytes()).unwrap()
     }
 
+    pub fn post_ndjson(&self, body: &[u8]) -> Answer {
+        request(self.address, "POST", "/v1/events", &[("content-type", "application/x-ndjson")], body).unwrap()
+    }
+
     /// The count of one video's `view` events over all time.
     pub fn count(&self, video_id: &str) -> u64 {
         let answer = self.get(&format!("/v1/count?video_id={video_id}"));
