@@ -8,8 +8,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tally_store::{Checkpoint, PartitionFlush};
+use tally_aggregate::{DedupJournal, Deltas};
+use tally_store::{Checkpoint, PartitionFlush, StoreError};
 
+use crate::partition::Partition;
 use crate::{EngineError, Shared};
 
 /// Wakes the flusher early.
@@ -84,14 +86,59 @@ fn run_flusher(shared: &Shared) {
         if shared.flush_signal.wait(interval) {
             return;
         }
-        if shared.failure.lock().is_some() {
+        if shared.failure.lock().is_some() || shared.flush_lock.lock().retry_at.is_some_and(|at| Instant::now() < at) {
             continue;
         }
-        // A failed flush has already marked the engine failed.
+        // A failed flush has been logged, and is retried here.
         let _ = flush_once(shared);
-        if last_purge.is_none_or(|at| at.elapsed() >= retention_interval) {
+        if shared.store_trouble.lock().is_none() && last_purge.is_none_or(|at| at.elapsed() >= retention_interval) {
             last_purge = Some(Instant::now());
             purge(shared);
+        }
+    }
+}
+
+/// How long after a failed store write the flusher tries again.
+const STORE_RETRY_MS: u64 = 1_000;
+
+/// What the flush lock guards besides "one store write at a time".
+#[derive(Default)]
+pub(crate) struct FlushState {
+    /// A flush whose commit failed, committed before anything newer. Its deltas stay
+    /// visible to queries as "flushing" meanwhile, and its dedup journal waits with it.
+    unsettled: Vec<Taken>,
+    /// The flusher tries the store again no sooner than this.
+    retry_at: Option<Instant>,
+    /// A failed write left the store to be reopened (`CounterStore::recover`).
+    reopen: bool,
+}
+
+/// One partition's share of a flush.
+struct Taken {
+    partition: Arc<Partition>,
+    deltas: Arc<Deltas>,
+    checkpoint: Checkpoint,
+    journal: DedupJournal,
+}
+
+/// Why the store cannot be written now: what writers that wait for it are answered.
+#[derive(Clone, Copy)]
+pub(crate) enum StoreTrouble {
+    DiskFull,
+    Failing,
+}
+
+impl StoreTrouble {
+    pub(crate) fn error(self) -> EngineError {
+        match self {
+            StoreTrouble::DiskFull => EngineError::DiskFull {
+                reason:
+                    "the store's disk is full; flushes are retried every second and writes resume once one succeeds"
+                        .into(),
+            },
+            StoreTrouble::Failing => EngineError::Unavailable {
+                reason: "a store write failed (see the server log); flushes are retried every second".into(),
+            },
         }
     }
 }
@@ -99,7 +146,7 @@ fn run_flusher(shared: &Shared) {
 /// Drops the store tables wholly past retention. A failure is logged and retried at the
 /// next interval: nothing acknowledged depends on it.
 fn purge(shared: &Shared) {
-    let _one_at_a_time = shared.flush_lock.lock();
+    let mut state = shared.flush_lock.lock();
     let started = Instant::now();
     match shared.store.purge(&shared.write_cutoffs()) {
         Ok(dropped) => {
@@ -111,25 +158,40 @@ fn purge(shared: &Shared) {
                 Err(error) => tracing::warn!(%error, "reading the event types after a purge failed"),
             }
         }
-        Err(error) => tracing::warn!(%error, "retention purge failed; retrying at the next interval"),
+        Err(error) => {
+            tracing::warn!(%error, "retention purge failed; retrying at the next interval");
+            state.reopen = true;
+            reopen(shared, &mut state);
+        }
     }
 }
 
-/// Moves every partition's deltas into the store in one atomic commit. One flush at a
-/// time: two interleaved flushes could commit their checkpoints out of order. A failed
-/// commit marks the engine failed; the deltas it held stay visible to queries (as
-/// "flushing") and are recovered from the log at the next start.
+/// Moves every partition's deltas into the store in one atomic commit, after the flush
+/// that failed before, if any. One flush at a time: two interleaved flushes could commit
+/// their checkpoints out of order. A failed commit is kept and retried (see `FlushState`);
+/// the deltas stay visible to queries meanwhile, and a stop replays them from the log.
 pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
-    let _one_at_a_time = shared.flush_lock.lock();
+    let mut state = shared.flush_lock.lock();
     if let Some(reason) = shared.failure.lock().clone() {
         return Err(EngineError::Unavailable { reason });
     }
-    let started = Instant::now();
-    let mut taken = Vec::with_capacity(shared.partitions.len());
+    if !state.unsettled.is_empty() {
+        retry(shared, &mut state)?;
+    }
+    let batch = take_deltas(shared);
+    if batch.is_empty() {
+        return Ok(());
+    }
+    commit(shared, &mut state, batch)
+}
+
+/// Takes the deltas of every partition with frames applied since its checkpoint; they
+/// move to "flushing", where queries still see them.
+fn take_deltas(shared: &Shared) -> Vec<Taken> {
+    let mut batch = Vec::with_capacity(shared.partitions.len());
     for partition in &shared.partitions {
         let mut memory = partition.memory.lock();
-        let checkpoint_offset = partition.checkpoint_offset.load(Ordering::Acquire);
-        if memory.applied_offset == checkpoint_offset {
+        if memory.applied_offset == partition.checkpoint_offset.load(Ordering::Acquire) {
             continue;
         }
         let deltas = Arc::new(std::mem::take(&mut memory.state.deltas));
@@ -143,30 +205,91 @@ pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
         memory.pending_start = memory.applied_offset;
         drop(memory);
         partition.drained.notify_all();
-        taken.push((partition, deltas, checkpoint, journal));
+        batch.push(Taken { partition: Arc::clone(partition), deltas, checkpoint, journal });
     }
-    if taken.is_empty() {
-        return Ok(());
-    }
-    let cells: usize = taken.iter().map(|(_, deltas, ..)| deltas.cells()).sum();
-    let flushes: Vec<PartitionFlush<'_>> = taken
-        .iter_mut()
-        .map(|(_, deltas, checkpoint, journal)| PartitionFlush {
-            deltas,
-            checkpoint: checkpoint.clone(),
-            journal: std::mem::take(journal),
+    batch
+}
+
+fn commit(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>) -> Result<(), EngineError> {
+    let started = Instant::now();
+    let cells: usize = batch.iter().map(|taken| taken.deltas.cells()).sum();
+    let flushes: Vec<PartitionFlush<'_>> = batch
+        .iter()
+        .map(|taken| PartitionFlush {
+            deltas: &taken.deltas,
+            checkpoint: taken.checkpoint.clone(),
+            journal: &taken.journal,
         })
         .collect();
-    if let Err(error) = shared.store.commit(&flushes, &shared.write_cutoffs()) {
-        shared.fail(format!("flush: {error}"));
-        return Err(error.into());
-    }
+    let committed = shared.store.commit(&flushes, &shared.write_cutoffs());
     drop(flushes);
-    for (partition, _, checkpoint, _) in &taken {
-        partition.memory.lock().flushing = None;
-        partition.checkpoint_offset.store(checkpoint.offset, Ordering::Release);
+    if let Err(error) = committed {
+        return Err(store_failed(shared, state, batch, error));
     }
+    settle(shared, state, &batch);
     metrics::histogram!("tally_flush_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("tally_flush_cells").record(cells as f64);
     Ok(())
+}
+
+/// The flush is in the store: its deltas leave memory and the checkpoints move.
+fn settle(shared: &Shared, state: &mut FlushState, batch: &[Taken]) {
+    for taken in batch {
+        taken.partition.memory.lock().flushing = None;
+        taken.partition.checkpoint_offset.store(taken.checkpoint.offset, Ordering::Release);
+    }
+    state.retry_at = None;
+    if shared.store_trouble.lock().take().is_some() {
+        tracing::info!("store writes succeed again");
+    }
+}
+
+/// Keeps a failed flush for `retry` and reopens the store so that queries go on.
+fn store_failed(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>, error: StoreError) -> EngineError {
+    let trouble = if error.is_disk_full() { StoreTrouble::DiskFull } else { StoreTrouble::Failing };
+    tracing::error!(%error, "store commit failed; nothing acknowledged is lost, retrying every second");
+    metrics::counter!("tally_store_commit_failures_total").increment(1);
+    *shared.store_trouble.lock() = Some(trouble);
+    state.unsettled = batch;
+    state.retry_at = Some(Instant::now() + Duration::from_millis(STORE_RETRY_MS));
+    state.reopen = true;
+    reopen(shared, state);
+    trouble.error()
+}
+
+fn reopen(shared: &Shared, state: &mut FlushState) {
+    match shared.store.recover() {
+        Ok(()) => state.reopen = false,
+        Err(error) => tracing::warn!(%error, "reopening the store failed; retrying every second"),
+    }
+}
+
+/// Commits the failed flush again, unless it took effect after all (a sync can fail
+/// after the data reached the disk): its checkpoints, which move atomically with it, say
+/// which.
+fn retry(shared: &Shared, state: &mut FlushState) -> Result<(), EngineError> {
+    let trouble = || shared.store_trouble.lock().unwrap_or(StoreTrouble::Failing).error();
+    if state.reopen {
+        reopen(shared, state);
+        if state.reopen {
+            state.retry_at = Some(Instant::now() + Duration::from_millis(STORE_RETRY_MS));
+            return Err(trouble());
+        }
+    }
+    let mut landed = 0;
+    for taken in &state.unsettled {
+        let stored = shared.store.checkpoint(taken.partition.index)?.map(|c| c.offset);
+        landed += usize::from(stored == Some(taken.checkpoint.offset));
+    }
+    let batch = std::mem::take(&mut state.unsettled);
+    if landed == batch.len() {
+        tracing::info!("the failed flush had reached the store");
+        settle(shared, state, &batch);
+        return Ok(());
+    }
+    if landed > 0 {
+        shared.fail(format!("after a failed flush, {landed} of {} partitions' checkpoints moved", batch.len()));
+        return Err(EngineError::Unavailable { reason: crate::FAILED_REASON.into() });
+    }
+    commit(shared, state, batch)
 }

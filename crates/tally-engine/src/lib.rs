@@ -47,7 +47,8 @@ pub const STORE_FILE: &str = "store.redb";
 pub(crate) const STORE_STAGING_FILE: &str = "store.redb.new";
 
 /// What clients are told once a log or store write failed.
-const FAILED_REASON: &str = "a log or store write failed (see the server log); restart the server to recover";
+pub(crate) const FAILED_REASON: &str =
+    "a log or store write failed (see the server log); restart the server to recover";
 
 /// How far writes and purges trail the retention cutoffs queries use, minutes.
 const RETENTION_LAG_MINUTES: i64 = 60;
@@ -126,7 +127,7 @@ pub enum EngineError {
     #[error("disk full: {reason}")]
     DiskFull { reason: String },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
     Wal(#[from] WalError),
     #[error("idempotency key was already used for a different request body")]
@@ -143,6 +144,16 @@ pub enum EngineError {
     TooManyTypes { event_type: String, max: usize },
 }
 
+impl From<StoreError> for EngineError {
+    fn from(error: StoreError) -> EngineError {
+        match error {
+            // Over in a moment: the store is opened again after a failed write.
+            StoreError::Reopening => EngineError::Unavailable { reason: error.to_string() },
+            error => EngineError::Store(error),
+        }
+    }
+}
+
 /// State shared by the engine handle, the writers and the flusher.
 pub(crate) struct Shared {
     config: EngineConfig,
@@ -153,8 +164,12 @@ pub(crate) struct Shared {
     /// restart recovers from disk. Never cleared.
     failure: Mutex<Option<String>>,
     flush_signal: checkpoint::FlushSignal,
-    /// Held by `checkpoint::flush_once` and the retention purge: one store write at a time.
-    flush_lock: Mutex<()>,
+    /// Held by `checkpoint::flush_once` and the retention purge: one store write at a
+    /// time. Holds a flush whose commit failed, until it is committed.
+    flush_lock: Mutex<checkpoint::FlushState>,
+    /// Set while store writes fail (a full disk, an I/O error); cleared by the first
+    /// commit that succeeds. Writers that wait for the flusher are refused with it.
+    store_trouble: Mutex<Option<checkpoint::StoreTrouble>>,
     /// Read-held while a request is sent to its partitions, write-held to close them: a
     /// request is sent to all of its partitions or to none.
     admission: parking_lot::RwLock<bool>,
@@ -264,7 +279,8 @@ fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> 
             Ok(Err(EngineError::IdempotencyConflict)) => reused = true,
             // Nothing of this part was written: the request counted nothing only if no
             // other part was.
-            Ok(Err(error @ EngineError::DiskFull { .. })) => refused = Some(error),
+            Ok(Err(error @ (EngineError::DiskFull { .. } | EngineError::Unavailable { .. }))) => refused = Some(error),
+            Ok(Err(error @ EngineError::OutcomeUnknown { .. })) => return Err(error),
             Ok(Err(error)) => return Err(EngineError::OutcomeUnknown { reason: error.to_string() }),
             Err(_) => return Err(EngineError::OutcomeUnknown { reason: "partition writer stopped".into() }),
         }
@@ -296,6 +312,8 @@ pub struct EngineStats {
     pub partitions: Vec<PartitionStats>,
     pub queue_bytes: u64,
     pub failed: bool,
+    /// Store writes fail now (flushes are retried); nothing acknowledged is lost.
+    pub store_failing: bool,
     /// Distinct event types known (stored, in memory, or just admitted).
     pub event_types: u64,
 }
@@ -368,6 +386,11 @@ impl Engine {
         for (index, record) in records.into_iter().enumerate() {
             let Some(record) = record else { continue };
             let partition = &shared.partitions[index];
+            if partition.stalled()
+                && let Some(trouble) = *shared.store_trouble.lock()
+            {
+                return Err(trouble.error());
+            }
             partition.admit(needs_dedup_entry[index], shared.config.dedup_entries_max)?;
             let record = record.finish();
             total_bytes += record.len();
@@ -400,6 +423,7 @@ impl Engine {
             partitions: self.shared.partitions.iter().map(|p| p.stats()).collect(),
             queue_bytes: self.shared.budget.used() as u64,
             failed: self.shared.failure.lock().is_some(),
+            store_failing: self.shared.store_trouble.lock().is_some(),
             event_types: self.shared.event_types.count() as u64,
         }
     }

@@ -13,6 +13,7 @@ use tally_wal::Wal;
 use tokio::sync::oneshot;
 
 use crate::budget::Permit;
+use crate::checkpoint::StoreTrouble;
 use crate::{EngineError, PartitionStats, Shared};
 
 /// How long an idle writer sleeps before checking for segments to delete; also how often
@@ -168,7 +169,7 @@ pub(crate) fn run_writer(
         let first = match appends.recv_timeout(Duration::from_millis(WRITER_IDLE_MS)) {
             Ok(append) => append,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+                remove_checkpointed_segments(&partition, &mut wal, &mut removed_before);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -184,8 +185,11 @@ pub(crate) fn run_writer(
                 Err(_) => break,
             }
         }
-        wait_for_room(&shared, &partition);
-
+        if let Err(trouble) = wait_for_room(&shared, &partition) {
+            // Nothing was written: every request learns that its part counted nothing.
+            answer_all(&partition, &mut group, || Err(trouble.error()));
+            continue;
+        }
         if let Some(reason) = shared.failure.lock().clone() {
             answer_all(&partition, &mut group, || Err(EngineError::Unavailable { reason: reason.clone() }));
             continue;
@@ -219,9 +223,9 @@ pub(crate) fn run_writer(
             let _ = append.reply.send(outcome);
         }
         partition.record_wal_stats(&wal);
-        remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+        remove_checkpointed_segments(&partition, &mut wal, &mut removed_before);
     }
-    remove_checkpointed_segments(&shared, &partition, &mut wal, &mut removed_before);
+    remove_checkpointed_segments(&partition, &mut wal, &mut removed_before);
 }
 
 /// A writer that panics takes its queue with it: the engine must stop acknowledging.
@@ -246,11 +250,17 @@ fn answer_all(partition: &Partition, group: &mut Vec<Append>, answer: impl Fn() 
 }
 
 /// Blocks the writer while its deltas are over the limit, asking the flusher to run: the
-/// queue then fills and new requests are refused, instead of memory growing.
-fn wait_for_room(shared: &Shared, partition: &Partition) {
+/// queue then fills and new requests are refused, instead of memory growing. Gives up
+/// when store writes fail: the flusher cannot make room until they succeed again.
+fn wait_for_room(shared: &Shared, partition: &Partition) -> Result<(), StoreTrouble> {
     let mut memory = partition.memory.lock();
     let mut stalled = false;
+    let mut waited = Ok(());
     while memory.state.deltas.cells() >= shared.config.pending_cells_max && shared.failure.lock().is_none() {
+        if let Some(trouble) = *shared.store_trouble.lock() {
+            waited = Err(trouble);
+            break;
+        }
         if !stalled {
             partition.stalled.store(true, Ordering::Relaxed);
             stalled = true;
@@ -262,6 +272,7 @@ fn wait_for_room(shared: &Shared, partition: &Partition) {
         partition.stalled.store(false, Ordering::Relaxed);
         metrics::counter!("tally_writer_stalls_total").increment(1);
     }
+    waited
 }
 
 /// Writes a group's records as one frame. `None` when that failed; the group is answered.
@@ -285,7 +296,7 @@ fn append_group(
             // Never retried: after a failed fsync the kernel may have dropped the dirty
             // pages, and only recovery from what is on disk is trustworthy.
             shared.fail(format!("partition {}: {error}", partition.index));
-            answer_all(partition, group, || Err(EngineError::Unavailable { reason: "log write failed".into() }));
+            answer_all(partition, group, || Err(EngineError::OutcomeUnknown { reason: "log fsync failed".into() }));
             None
         }
     }
@@ -315,16 +326,17 @@ fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &tall
     answer_all(partition, group, || Err(EngineError::DiskFull { reason: reason.clone() }));
 }
 
-fn remove_checkpointed_segments(shared: &Shared, partition: &Partition, wal: &mut Wal, removed_before: &mut u64) {
+fn remove_checkpointed_segments(partition: &Partition, wal: &mut Wal, removed_before: &mut u64) {
     let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
     if checkpoint <= *removed_before {
         return;
     }
-    match wal.remove_segments_before(checkpoint) {
-        Ok(_) => {
-            *removed_before = checkpoint;
-            partition.record_wal_stats(wal);
-        }
-        Err(error) => shared.fail(format!("partition {}: removing checkpointed segments: {error}", partition.index)),
+    // A failure is retried when the checkpoint next moves. Nothing acknowledged depends
+    // on it: the log only keeps more than it needs.
+    if let Err(error) = wal.remove_segments_before(checkpoint) {
+        tracing::warn!(partition = partition.index, %error, "removing checkpointed log segments failed");
+        metrics::counter!("tally_wal_remove_failures_total").increment(1);
     }
+    *removed_before = checkpoint;
+    partition.record_wal_stats(wal);
 }

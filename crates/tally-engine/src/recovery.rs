@@ -21,7 +21,7 @@ use tally_store::{CounterStore, RedbStore};
 use tally_wal::{Wal, WalOptions};
 
 use crate::budget::QueueBudget;
-use crate::checkpoint::{FlushSignal, FlusherHandle};
+use crate::checkpoint::{FlushSignal, FlushState, FlusherHandle};
 use crate::partition::{Memory, Partition, run_writer};
 use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared, types};
 
@@ -100,7 +100,8 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         partitions,
         failure: Mutex::new(None),
         flush_signal: FlushSignal::default(),
-        flush_lock: Mutex::new(()),
+        flush_lock: Mutex::new(FlushState::default()),
+        store_trouble: Mutex::new(None),
         admission: parking_lot::RwLock::new(true),
         keyed_order: Mutex::new(()),
         event_types,

@@ -1,8 +1,9 @@
-//! A full disk, simulated with failpoints in the log: writes that need a new segment are
-//! refused with `DiskFull` and count nothing, the rest of the engine goes on (queries, the
-//! flusher), and writes resume by themselves once there is room. A failed fsync, by
-//! contrast, stops acknowledging writes until a restart, which recovers every acknowledged
-//! event.
+//! A full or failing disk, simulated with failpoints in the log and under the store.
+//! Log writes that need a new segment are refused with `DiskFull` and count nothing; the
+//! rest of the engine goes on (queries, the flusher), and writes resume by themselves once
+//! there is room. Store writes that fail are retried until they succeed, and the engine
+//! keeps acknowledging meanwhile. A failed log fsync, by contrast, stops acknowledging
+//! writes until a restart, which recovers every acknowledged event.
 
 use std::time::{Duration, Instant};
 
@@ -96,22 +97,115 @@ fn a_failed_fsync_stops_acknowledging_and_a_restart_recovers_what_was() {
     assert!(recovered == acknowledged || recovered == acknowledged + 5, "{recovered}");
 }
 
-/// A store commit that fails (the store's disk full despite the reserve) stops
-/// acknowledging writes; nothing acknowledged is lost, and a restart recovers it all.
+/// Submits `n` events to each of `videos` distinct videos until the writers refuse;
+/// returns what was acknowledged and the refusal.
+fn submit_until_refused(engine: &Engine, videos: usize) -> (u64, EngineError) {
+    let mut acknowledged = 0;
+    for round in 0.. {
+        for video in 0..videos {
+            match submit(engine, &format!("r{round}v{video}"), 1) {
+                Ok(accepted) => acknowledged += accepted,
+                Err(error) => return (acknowledged, error),
+            }
+        }
+        assert!(round < 1_000, "writes were never refused");
+    }
+    unreachable!()
+}
+
+fn total(engine: &Engine) -> Result<u64, EngineError> {
+    let day_ms = 86_400_000;
+    let range = MinuteRange::covering(NOW_MS - day_ms, NOW_MS + day_ms);
+    Ok(engine.top("view", range, 1_000_000, true)?.items.iter().map(|item| item.count).sum())
+}
+
+/// Waits until store writes succeed again and a flush has emptied memory.
+fn wait_until_flushed(engine: &Engine) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.stats().store_failing || engine.stats().partitions.iter().any(|p| p.pending_cells > 0) {
+        assert!(Instant::now() < deadline, "store writes never resumed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The store's disk fills under redb itself (every write to the store file fails, reopening
+/// included): flushes fail and are retried, acknowledged events stay counted, writers that
+/// must wait for the flusher answer "disk full", and once space is freed everything heals
+/// without a restart, counting nothing twice.
 #[test]
-fn a_failed_store_commit_stops_acknowledging_and_a_restart_recovers_everything() {
+fn a_store_on_a_full_disk_heals_once_space_is_freed() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig { pending_cells_max: 200, ..config(dir.path()) }).unwrap();
+    let mut acknowledged = submit(&engine, "v", 10).unwrap();
+    engine.flush().unwrap();
+    fail::cfg("store::write", "return").unwrap();
+    let (accepted, refused) = submit_until_refused(&engine, 50);
+    acknowledged += accepted;
+    let EngineError::DiskFull { reason } = &refused else { panic!("expected DiskFull, got {refused}") };
+    assert!(reason.contains("store's disk is full"), "{reason}");
+    assert!(engine.is_healthy() && engine.stats().store_failing, "a full disk is not a failure");
+    assert!(matches!(engine.flush(), Err(EngineError::DiskFull { .. })));
+    fail::remove("store::write");
+    wait_until_flushed(&engine);
+    assert_eq!(total(&engine).unwrap(), acknowledged, "every acknowledged event, once");
+    acknowledged += submit(&engine, "v", 5).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(total(&engine).unwrap(), acknowledged);
+    drop(engine);
+    scenario.teardown();
+    assert_eq!(total(&Engine::open(config(dir.path())).unwrap()).unwrap(), acknowledged, "and after a restart");
+}
+
+/// A store fsync that fails, at each of the first syncs a flush makes: the flush may or
+/// may not have reached the disk, and either way the retry counts it exactly once.
+#[test]
+fn a_failed_store_sync_is_retried_and_counts_nothing_twice() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    // Only this test's flushes meet the failpoint: the flusher's own interval is long.
+    let engine = Engine::open(EngineConfig { flush_interval_ms: 3_600_000, ..config(dir.path()) }).unwrap();
+    let mut acknowledged = 0;
+    for syncs_before in 0..4 {
+        let failing = format!("{syncs_before}*off->1*return(eio)");
+        fail::cfg("store::sync", &failing).unwrap();
+        let mut flushes = 0;
+        loop {
+            acknowledged += submit(&engine, &format!("s{syncs_before}-{flushes}"), 7).unwrap();
+            if engine.flush().is_err() {
+                break;
+            }
+            flushes += 1;
+            assert!(flushes < 10, "no flush met the failing sync ({failing})");
+        }
+        acknowledged += submit(&engine, "after", 2).unwrap();
+        fail::remove("store::sync");
+        engine.flush().unwrap();
+        assert!(!engine.stats().store_failing && engine.stats().partitions.iter().all(|p| p.pending_cells == 0));
+        assert!(engine.is_healthy(), "after {failing}");
+        assert_eq!(total(&engine).unwrap(), acknowledged, "after {failing}");
+    }
+    drop(engine);
+    scenario.teardown();
+    assert_eq!(total(&Engine::open(config(dir.path())).unwrap()).unwrap(), acknowledged, "and after a restart");
+}
+
+/// Queries go on while the store fails: from the store reopened, plus memory.
+#[test]
+fn queries_answer_while_store_commits_fail() {
     let scenario = fail::FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(config(dir.path())).unwrap();
-    let acknowledged = submit(&engine, "v", 10).unwrap();
+    let mut acknowledged = submit(&engine, "v", 10).unwrap();
+    engine.flush().unwrap();
     fail::cfg("store::commit", "return").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while engine.is_healthy() {
-        assert!(Instant::now() < deadline, "the flusher never met the failing commit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(matches!(submit(&engine, "v", 5), Err(EngineError::Unavailable { .. })));
-    assert_eq!(count(&engine), acknowledged, "queries still answer from what was applied");
+    acknowledged += submit(&engine, "v", 5).unwrap();
+    assert!(matches!(engine.flush(), Err(EngineError::DiskFull { .. })));
+    assert!(engine.is_healthy() && engine.stats().store_failing);
+    acknowledged += submit(&engine, "v", 3).unwrap();
+    assert_eq!(count(&engine), acknowledged, "stored, flushing and pending, each once");
     fail::remove("store::commit");
+    wait_until_flushed(&engine);
+    assert_eq!(count(&engine), acknowledged);
     assert_eq!(count_after_restart(engine, scenario, dir.path()), acknowledged);
 }

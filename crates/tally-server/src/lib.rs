@@ -23,7 +23,7 @@ use tally_engine::Engine;
 use tokio::sync::Semaphore;
 
 pub use error::ApiError;
-pub use listen::{SHED_CONNECTIONS_MAX, serve};
+pub use listen::{ADMIN_CONNECTIONS_MAX, SHED_CONNECTIONS_MAX, serve, serve_admin};
 pub use monitoring::install_metrics;
 
 /// Every HTTP-level limit. Defaults are documented where they are set.

@@ -7,6 +7,7 @@
 //! past its phase's deadline is closed. Over `connections_max`, a connection is served by a
 //! small router that still answers `/healthz` and `/readyz` and refuses everything else
 //! with 503, one request per connection; past that second limit it is closed at once.
+//! An optional admin listener serves health, readiness and metrics apart from all that.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -58,18 +59,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut stop: watch:
     let app = crate::router(Arc::clone(&state));
     let shed_app = shed_router(Arc::clone(&state));
     let mut warned = Warn::default();
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warned.warn(|| tracing::warn!(%error, "accepting a connection failed; pausing"));
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => break,
-        };
+    while let Some(stream) = accept(&listener, &mut stop, &mut warned).await {
         if let Ok(permit) = Arc::clone(&served).try_acquire_owned() {
             metrics::gauge!("tally_connections_open").increment(1.0);
             let (app, stop) = (app.clone(), stop.clone());
@@ -103,6 +93,50 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut stop: watch:
     let _ = shed.acquire_many(SHED_CONNECTIONS_MAX as u32).await;
 }
 
+/// Connections the admin listener serves at once; more are closed at once.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+/// Head and idle deadline on the admin listener: probes and scrapes ask at once.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on a listener of their own (`admin_listen`),
+/// so that probes and scrapes answer however many clients crowd the main one. Stops like
+/// `serve`.
+pub async fn serve_admin(listener: TcpListener, state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    let app = admin_router(state);
+    let timeouts = Timeouts { idle: ADMIN_TIMEOUT, head: ADMIN_TIMEOUT };
+    let mut warned = Warn::default();
+    while let Some(stream) = accept(&listener, &mut stop, &mut warned).await {
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            warned.warn(|| tracing::warn!(ADMIN_CONNECTIONS_MAX, "admin listener full; closing a connection"));
+            continue;
+        };
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, app, timeouts, true, stop).await;
+            drop(permit);
+        });
+    }
+    let _ = slots.acquire_many(ADMIN_CONNECTIONS_MAX as u32).await;
+}
+
+/// The next connection, or `None` once `stop` is true. Accept errors (out of file
+/// descriptors) are logged at most once a second and paused on.
+async fn accept(listener: &TcpListener, stop: &mut watch::Receiver<bool>, warned: &mut Warn) -> Option<TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some(stream),
+                Err(error) => {
+                    warned.warn(|| tracing::warn!(%error, "accepting a connection failed; pausing"));
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            () = stopped(stop) => return None,
+        }
+    }
+}
+
 /// Resolves once `stop` is true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
@@ -110,9 +144,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Answers `/healthz` and `/readyz`; everything else gets 503 `connections_exhausted`.
 fn shed_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(monitoring::healthz))
-        .route("/readyz", get(monitoring::readyz))
+    health_routes()
         .fallback(|| async {
             ApiError::unavailable(
                 "connections_exhausted",
@@ -120,6 +152,24 @@ fn shed_router(state: Arc<AppState>) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// Health, readiness and metrics; everything else is 404.
+fn admin_router(state: Arc<AppState>) -> Router {
+    health_routes()
+        .route("/metrics", get(monitoring::metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the admin listener serves /healthz, /readyz and /metrics",
+            )
+        })
+        .with_state(state)
+}
+
+fn health_routes() -> Router<Arc<AppState>> {
+    Router::new().route("/healthz", get(monitoring::healthz)).route("/readyz", get(monitoring::readyz))
 }
 
 #[derive(Clone, Copy)]

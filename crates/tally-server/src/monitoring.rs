@@ -66,6 +66,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let stats = engine.stats();
         metrics::gauge!("tally_queue_bytes").set(stats.queue_bytes as f64);
         metrics::gauge!("tally_engine_failed").set(if stats.failed { 1.0 } else { 0.0 });
+        metrics::gauge!("tally_store_failing").set(if stats.store_failing { 1.0 } else { 0.0 });
         metrics::gauge!("tally_event_types").set(stats.event_types as f64);
         for (index, p) in stats.partitions.iter().enumerate() {
             let label = index.to_string();

@@ -10,6 +10,7 @@
 //! `CounterStore` is the seam a networked backend (a PostgreSQL-protocol database) plugs
 //! into; `RedbStore` is the embedded default.
 
+mod file;
 mod key;
 mod redb_store;
 mod tables;
@@ -33,10 +34,20 @@ pub enum StoreError {
         "store holds data for {stored} partitions but {configured} are configured; the partition count of a data directory cannot change"
     )]
     PartitionCount { stored: u32, configured: u32 },
+    #[error("the store is being reopened after a failed write; retry shortly")]
+    Reopening,
     #[error("store is corrupt: {detail}")]
     Corrupt { detail: String },
     #[error("store was written in format {found}; this tally reads format {expected} and cannot convert it")]
     Format { found: String, expected: u32 },
+}
+
+impl StoreError {
+    /// Whether the error is the disk being full (as opposed to failing or the data being
+    /// wrong): it goes away once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Redb { source: redb::Error::Io(error), .. } if error.kind() == std::io::ErrorKind::StorageFull)
+    }
 }
 
 /// Where a partition's flushed state ends.
@@ -53,7 +64,7 @@ pub struct Checkpoint {
 pub struct PartitionFlush<'a> {
     pub deltas: &'a Deltas,
     pub checkpoint: Checkpoint,
-    pub journal: DedupJournal,
+    pub journal: &'a DedupJournal,
 }
 
 pub trait CounterStore: Send + Sync + 'static {
@@ -67,6 +78,10 @@ pub trait CounterStore: Send + Sync + 'static {
     /// top-items sketches) and moves the checkpoints, atomically and durably. Buckets
     /// before their tier's cutoff are not written: no query reads them.
     fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError>;
+    /// Makes the store usable again after a failed `commit` or `purge` (a full disk, an
+    /// I/O error), which may leave it refusing every operation. The failed transaction
+    /// either took effect whole or not at all; callers read the checkpoints to know which.
+    fn recover(&self) -> Result<(), StoreError>;
     /// Drops what lies wholly before the cutoffs; returns the tables dropped.
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
     /// A consistent read view.

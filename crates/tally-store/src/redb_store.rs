@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use tally_aggregate::Counter;
 use tally_core::bucket::DAY_MINUTES;
@@ -13,6 +14,7 @@ use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
 use tally_core::{Cutoffs, Granularity, Span};
 
+use crate::file::StoreFile;
 use crate::key::{self, bucket_key, bucket_prefix, decode_counter, encode_counter, ordered_i64};
 use crate::tables::{self, Kind};
 use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TOP_SKETCH_ITEMS};
@@ -31,8 +33,11 @@ const FORMAT: u32 = 3;
 const COMPACT_FREE_SHARE: f64 = 0.5;
 
 pub struct RedbStore {
-    db: Database,
+    /// `None` from a failed write until `recover` has opened the file again: redb refuses
+    /// every operation after an I/O error until it is closed.
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    cache_bytes: usize,
 }
 
 fn redb_error<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
@@ -40,13 +45,12 @@ fn redb_error<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> 
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store, with a page cache of at most `cache_bytes`. When
-    /// retention has freed at least half of the file, it is compacted first, which returns
-    /// the space to the file system.
-    /// Opens (or creates) the store at `path`; compacts it when much of it is free and
-    /// `may_compact` (compaction needs free disk about the size of the file).
+    /// Opens (or creates) the store at `path`, with a page cache of at most `cache_bytes`.
+    /// When retention has freed at least half of the file and `may_compact`, it is
+    /// compacted first, which returns the space to the file system (compaction needs free
+    /// disk about the size of the file).
     pub fn open(path: &Path, cache_bytes: usize, may_compact: bool) -> Result<RedbStore, StoreError> {
-        let mut db = redb::Builder::new().set_cache_size(cache_bytes).create(path).map_err(redb_error("open"))?;
+        let mut db = open_database(path, cache_bytes)?;
         let txn = db.begin_write().map_err(redb_error("open"))?;
         {
             txn.open_table(CHECKPOINTS).map_err(redb_error("create tables"))?;
@@ -71,8 +75,17 @@ impl RedbStore {
             tracing::info!(file_bytes, free_bytes = stats.fragmented_bytes(), "compacting the store");
             db.compact().map_err(redb_error("compact"))?;
         }
-        Ok(RedbStore { db, path: path.to_path_buf() })
+        Ok(RedbStore { db: RwLock::new(Some(db)), path: path.to_path_buf(), cache_bytes })
     }
+
+    fn db(&self) -> Result<MappedRwLockReadGuard<'_, Database>, StoreError> {
+        RwLockReadGuard::try_map(self.db.read(), Option::as_ref).map_err(|_| StoreError::Reopening)
+    }
+}
+
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let file = StoreFile::open(path).map_err(redb_error("open"))?;
+    redb::Builder::new().set_cache_size(cache_bytes).create_with_backend(file).map_err(redb_error("open"))
 }
 
 /// What one group of store tables takes: rows, bytes of keys and values, and bytes of
@@ -100,7 +113,7 @@ impl RedbStore {
 
     /// Space per table group, for capacity planning (`tally store-stats`).
     pub fn usage(&self) -> Result<Vec<TableUsage>, StoreError> {
-        let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
+        let txn = self.db()?.begin_read().map_err(redb_error("begin read"))?;
         let mut groups: BTreeMap<String, TableUsage> = BTreeMap::new();
         for handle in txn.list_tables().map_err(redb_error("list tables"))? {
             let name = handle.name().to_string();
@@ -157,7 +170,7 @@ fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
 
 impl CounterStore for RedbStore {
     fn claim_partitions(&self, partitions: u32) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(redb_error("claim partitions"))?;
+        let txn = self.db()?.begin_write().map_err(redb_error("claim partitions"))?;
         {
             let mut meta = txn.open_table(META).map_err(redb_error("claim partitions"))?;
             let stored = meta.get(META_PARTITIONS).map_err(redb_error("claim partitions"))?.map(|v| v.value().to_vec());
@@ -183,14 +196,14 @@ impl CounterStore for RedbStore {
     }
 
     fn checkpoint(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError> {
-        let txn = self.db.begin_read().map_err(redb_error("read checkpoint"))?;
+        let txn = self.db()?.begin_read().map_err(redb_error("read checkpoint"))?;
         let table = txn.open_table(CHECKPOINTS).map_err(redb_error("read checkpoint"))?;
         let value = table.get(partition).map_err(redb_error("read checkpoint"))?;
         value.map(|v| decode_checkpoint(partition, v.value())).transpose()
     }
 
     fn dedup_blobs(&self, partition: u32, generation_start_ms: i64) -> Result<Vec<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(redb_error("read dedup journal"))?;
+        let txn = self.db()?.begin_read().map_err(redb_error("read dedup journal"))?;
         let table = txn.open_table(DEDUP).map_err(redb_error("read dedup journal"))?;
         let start = key::dedup_key(partition, generation_start_ms, 0);
         let end = key::dedup_key(partition, generation_start_ms, u64::MAX);
@@ -206,7 +219,7 @@ impl CounterStore for RedbStore {
         fail::fail_point!("store::commit", |_| Err(redb_error("commit flush")(redb::Error::Io(
             std::io::ErrorKind::StorageFull.into()
         ))));
-        let txn = self.db.begin_write().map_err(redb_error("begin flush"))?;
+        let txn = self.db()?.begin_write().map_err(redb_error("begin flush"))?;
         {
             // One granularity at a time: the sorted rows of a flush are held for one tier,
             // not all three at once.
@@ -235,7 +248,7 @@ impl CounterStore for RedbStore {
     }
 
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write().map_err(redb_error("begin purge"))?;
+        let txn = self.db()?.begin_write().map_err(redb_error("begin purge"))?;
         let expired: Vec<String> = txn
             .list_tables()
             .map_err(redb_error("list tables"))?
@@ -270,8 +283,20 @@ impl CounterStore for RedbStore {
         Ok(expired.len())
     }
 
+    /// Closes the file and opens it again; redb repairs what the failed write left.
+    fn recover(&self) -> Result<(), StoreError> {
+        // Not held while opening, which may repair the file: queries meanwhile get
+        // `Reopening` instead of waiting.
+        let closed = self.db.write().take();
+        drop(closed);
+        let db = open_database(&self.path, self.cache_bytes)?;
+        *self.db.write() = Some(db);
+        tracing::info!("store reopened after a failed write");
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
-        let txn = self.db.begin_read().map_err(redb_error("begin read"))?;
+        let txn = self.db()?.begin_read().map_err(redb_error("begin read"))?;
         let checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("begin read"))?;
         Ok(Box::new(RedbSnapshot { txn, checkpoints, tables: RefCell::new(HashMap::new()) }))
     }
@@ -666,7 +691,10 @@ mod tests {
         let checkpoint = Checkpoint { partition: 1, offset: 77, dedup_generation_starts: vec![5] };
         let journal = DedupJournal { blobs: vec![(5, vec![1; 17])] };
         store
-            .commit(&[PartitionFlush { deltas: &deltas, checkpoint: checkpoint.clone(), journal }], &Cutoffs::NONE)
+            .commit(
+                &[PartitionFlush { deltas: &deltas, checkpoint: checkpoint.clone(), journal: &journal }],
+                &Cutoffs::NONE,
+            )
             .unwrap();
         assert_eq!(store.checkpoint(1).unwrap(), Some(checkpoint));
         assert_eq!(store.checkpoint(0).unwrap(), None);
@@ -691,7 +719,7 @@ mod sketch_and_retention_tests {
 
     fn flush(store: &RedbStore, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
         let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: vec![] };
-        let flush = PartitionFlush { deltas, checkpoint, journal: DedupJournal::default() };
+        let flush = PartitionFlush { deltas, checkpoint, journal: &DedupJournal::default() };
         store.commit(&[flush], cutoffs).unwrap();
     }
 

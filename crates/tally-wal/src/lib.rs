@@ -48,7 +48,8 @@ pub enum WalError {
     /// A new segment would leave less free disk than the reserve; nothing was written.
     #[error("no room for a new log segment in {dir}: {free_bytes} bytes free, {needed_bytes} needed")]
     NoSpace { dir: PathBuf, free_bytes: u64, needed_bytes: u64 },
-    /// A frame write failed and was undone; nothing of it can become durable.
+    /// A frame write failed and was undone, or the next segment could not be built;
+    /// nothing of it can become durable.
     #[error("writing to {path} failed, undone: {source}")]
     Unwritten { path: PathBuf, source: std::io::Error },
 }

@@ -77,6 +77,7 @@ fn staging_path(dir: &Path, base: u64) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    fail::fail_point!("wal::sync_dir", |_| Err(WalError::io(dir)(io::Error::from_raw_os_error(libc::EIO))));
     File::open(dir).and_then(|d| d.sync_all()).map_err(WalError::io(dir))
 }
 
@@ -148,6 +149,11 @@ fn write_at(file: &File, bytes: &[u8], position: u64) -> io::Result<()> {
     file.write_all_at(bytes, position)
 }
 
+fn remove_file(path: &Path) -> io::Result<()> {
+    fail::fail_point!("wal::remove", |_| Err(io::Error::from_raw_os_error(libc::EIO)));
+    fs::remove_file(path)
+}
+
 fn sync_data(file: &File) -> io::Result<()> {
     fail::fail_point!("wal::sync", |_| Err(io::Error::from_raw_os_error(libc::EIO)));
     file.sync_data()
@@ -166,16 +172,18 @@ fn stage_segment(dir: &Path, base: u64, len: u64, free_bytes_min: u64) -> Result
     let _ = fs::remove_file(&staging);
     let built = OpenOptions::new().read(true).write(true).create_new(true).open(&staging).and_then(|file| {
         allocate(&file, len)?;
+        fail::fail_point!("wal::stage", |_| Err(io::Error::from_raw_os_error(libc::EIO)));
         file.write_all_at(&trailer(len), len - TRAILER_BYTES)?;
         file.sync_all()?;
         Ok(file)
     });
+    // Whatever failed, the log itself is as it was: the staged file is not part of it.
     built.map_err(|source| {
         let _ = fs::remove_file(&staging);
         if source.raw_os_error() == Some(libc::ENOSPC) {
             WalError::NoSpace { dir: dir.into(), free_bytes: free, needed_bytes: needed }
         } else {
-            WalError::Io { path: staging.clone(), source }
+            WalError::Unwritten { path: staging.clone(), source }
         }
     })
 }
@@ -183,6 +191,7 @@ fn stage_segment(dir: &Path, base: u64, len: u64, free_bytes_min: u64) -> Result
 /// Gives a staged segment its name, durably.
 fn publish_segment(dir: &Path, base: u64) -> Result<(), WalError> {
     let path = segment_path(dir, base);
+    fail::fail_point!("wal::rename", |_| Err(WalError::io(&path)(io::Error::from_raw_os_error(libc::EIO))));
     fs::rename(staging_path(dir, base), &path).map_err(WalError::io(&path))?;
     sync_dir(dir)
 }
@@ -363,18 +372,29 @@ impl Wal {
     }
 
     /// Deletes every segment whose frames all lie below `offset` (a checkpoint). The
-    /// active segment is never deleted. Returns how many were removed.
+    /// active segment is never deleted. Returns how many were removed. A failure leaves
+    /// the log usable, with the segments not yet deleted still listed; calling again
+    /// retries them (replay skips whatever lies below its checkpoint either way).
     pub fn remove_segments_before(&mut self, offset: u64) -> Result<usize, WalError> {
         let removable = self.bases.windows(2).take_while(|pair| pair[1] <= offset).count();
+        let mut removed = 0;
+        let mut failed = None;
         for &base in &self.bases[..removable] {
             let path = segment_path(&self.dir, base);
-            fs::remove_file(&path).map_err(WalError::io(&path))?;
+            match remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(source) => {
+                    failed = Some(WalError::Io { path, source });
+                    break;
+                }
+            }
         }
-        if removable > 0 {
-            self.bases.drain(..removable);
-            sync_dir(&self.dir)?;
+        self.bases.drain(..removed);
+        match failed {
+            Some(error) => Err(error),
+            None if removed > 0 => sync_dir(&self.dir).map(|()| removed),
+            None => Ok(0),
         }
-        Ok(removable)
     }
 
     pub fn stats(&self) -> WalStats {
@@ -892,5 +912,58 @@ mod tests {
         // The frame whose fsync failed may or may not have reached the disk.
         assert!(firsts == [1, 4, 6] || firsts == [1, 4, 6, 7], "{firsts:?}");
         assert_eq!(replayed.iter().map(|r| r.0).take(3).collect::<Vec<_>>(), ends);
+    }
+
+    /// Each step of a roll failing: building the next segment leaves the log as it was;
+    /// a failed rename or directory sync after the marker is final, and reopening finishes
+    /// the roll (the marker names the staged segment), so every frame appended survives.
+    #[test]
+    fn a_roll_that_fails_at_any_step_loses_no_appended_frame() {
+        let scenario = fail::FailScenario::setup();
+        for (failpoint, transient) in [("wal::stage", true), ("wal::rename", false), ("wal::sync_dir", false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut wal = fresh(dir.path(), small(72));
+            let mut appended = vec![1u8];
+            wal.append(&[&[1; 20]]).unwrap();
+            fail::cfg(failpoint, "return").unwrap();
+            let failed = wal.append(&[&[2; 20]]).unwrap_err();
+            fail::remove(failpoint);
+            assert_eq!(failed.is_transient(), transient, "{failpoint}: {failed}");
+            if transient {
+                wal.append(&[&[3; 20]]).unwrap();
+                appended.push(3);
+            }
+            drop(wal);
+            let (mut wal, replayed) = open(dir.path(), 0, small(72)).unwrap();
+            let firsts: Vec<u8> = replayed.iter().map(|(_, records)| records[0][0]).collect();
+            assert_eq!(firsts, appended, "{failpoint}");
+            wal.append(&[&[4; 20]]).unwrap();
+        }
+        scenario.teardown();
+    }
+
+    /// Deleting checkpointed segments that fails leaves them listed; the next call
+    /// deletes them, and replay past the checkpoint is unaffected.
+    #[test]
+    fn a_failed_segment_removal_is_retried() {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = fresh(dir.path(), small(72));
+        let mut ends = Vec::new();
+        for byte in 1..=4u8 {
+            ends.push(wal.append(&[&[byte; 20]]).unwrap().0);
+        }
+        let segments = segment_files(dir.path()).len();
+        assert!(segments >= 3, "{segments}");
+        fail::cfg("wal::remove", "1*off->return").unwrap();
+        assert!(wal.remove_segments_before(ends[2]).is_err());
+        fail::remove("wal::remove");
+        assert_eq!(segment_files(dir.path()).len(), segments - 1, "the first went before the failure");
+        assert!(wal.remove_segments_before(ends[2]).unwrap() >= 1, "the rest go on the next call");
+        assert!(segment_files(dir.path()).len() < segments - 1);
+        drop(wal);
+        scenario.teardown();
+        let (_, replayed) = open(dir.path(), ends[2], small(72)).unwrap();
+        assert_eq!(replayed.iter().map(|(_, records)| records[0][0]).collect::<Vec<_>>(), [4]);
     }
 }

@@ -18,6 +18,9 @@ use tally_server::ServerConfig;
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    /// A second address serving only /healthz, /readyz and /metrics, apart from the
+    /// client connections and their limit; default: none.
+    pub admin_listen: Option<SocketAddr>,
     /// Tokio worker threads for HTTP; default: one per core.
     pub worker_threads: Option<usize>,
     /// Milliseconds to let in-flight requests finish after SIGTERM before closing them.
@@ -62,6 +65,7 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
     pub worker_threads: Option<usize>,
     pub shutdown_drain_ms: u64,
     pub engine: EngineConfig,
@@ -127,6 +131,7 @@ impl FileConfig {
         validate(&engine, &server, self.worker_threads)?;
         Ok(ServeConfig {
             listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address")),
+            admin_listen: self.admin_listen,
             worker_threads: self.worker_threads,
             shutdown_drain_ms: self.shutdown_drain_ms.unwrap_or(SHUTDOWN_DRAIN_MS_DEFAULT),
             engine,

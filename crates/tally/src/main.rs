@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080]
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Address serving only /healthz, /readyz and /metrics, apart from client connections
+    /// and their limit [default: none]
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
     /// TOML file with any setting (see README); flags override it
     #[arg(long)]
     config: Option<PathBuf>,

@@ -33,6 +33,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.listen.is_some() {
         file.listen = args.listen;
     }
+    if args.admin_listen.is_some() {
+        file.admin_listen = args.admin_listen;
+    }
     let mut config = file.resolve()?;
     config.engine.accept_log_loss = args.accept_log_loss;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -59,6 +62,11 @@ async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
     let state = AppState::new(config.server, system_clock());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(tally_server::serve(listener, Arc::clone(&state), stop_rx.clone()));
+    if let Some(admin_listen) = config.admin_listen {
+        let admin = TcpListener::bind(admin_listen).await.with_context(|| format!("binding {admin_listen}"))?;
+        tracing::info!(admin = %format!("http://{}", admin.local_addr()?), "admin listening: /healthz, /readyz, /metrics");
+        tokio::spawn(tally_server::serve_admin(admin, Arc::clone(&state), stop_rx.clone()));
+    }
 
     let engine_config = config.engine;
     let opening = tokio::task::spawn_blocking(move || Engine::open(engine_config));
@@ -119,7 +127,8 @@ fn connections_within_file_limit(connections_max: usize, partitions: u32) -> any
     }
     let reserved = FDS_RESERVED_BASE
         + FDS_RESERVED_PER_PARTITION * u64::from(partitions)
-        + tally_server::SHED_CONNECTIONS_MAX as u64;
+        + tally_server::SHED_CONNECTIONS_MAX as u64
+        + tally_server::ADMIN_CONNECTIONS_MAX as u64;
     let available = usize::try_from(limit.rlim_cur.saturating_sub(reserved)).unwrap_or(usize::MAX);
     anyhow::ensure!(
         available > 0,

@@ -57,12 +57,16 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
     let filler = dir.join("filler");
     let size = free_bytes(dir).saturating_sub(leave);
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&filler).unwrap();
-    let chunk = vec![1u8; 1 << 20];
     let mut written = 0;
-    while written + chunk.len() as u64 <= size {
-        use std::io::Write;
-        (&file).write_all(&chunk).unwrap();
-        written += chunk.len() as u64;
+    // Mebibytes, then pages, until `leave` is left or the disk refuses.
+    for chunk in [vec![1u8; 1 << 20], vec![1u8; 4096]] {
+        while written + chunk.len() as u64 <= size {
+            use std::io::Write;
+            if (&file).write_all(&chunk).is_err() {
+                break;
+            }
+            written += chunk.len() as u64;
+        }
     }
     file.sync_all().unwrap();
     filler
@@ -146,4 +150,79 @@ fn a_first_start_on_a_full_disk_fails_cleanly_and_the_next_one_succeeds() {
     assert!(server.logged("data directory created"), "{}", server.log());
     assert_eq!(server.post_events(r#"{"video_id":"v"}"#, &[]).status, 200);
     assert_eq!(server.count("v"), 1);
+}
+
+/// Distinct videos the store-filling test cycles through.
+const VIDEOS: usize = 20_000;
+
+/// 500 events over 500 of `VIDEOS`, starting at `round * 500`.
+fn spread_batch(round: usize) -> String {
+    let events: Vec<_> =
+        (0..500).map(|i| serde_json::json!({ "video_id": format!("w{}", (round * 500 + i) % VIDEOS) })).collect();
+    serde_json::to_string(&events).unwrap()
+}
+
+/// Sum of the counts of all `VIDEOS`, asked 1,000 at a time.
+fn spread_total(server: &common::Server) -> u64 {
+    let ids: Vec<String> = (0..VIDEOS).map(|i| format!("w{i}")).collect();
+    let mut total = 0;
+    for chunk in ids.chunks(1_000) {
+        let answer = server.post_json("/v1/counts", &serde_json::json!({ "video_ids": chunk }).to_string());
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        total += answer.json()["counts"].as_object().unwrap().values().map(|c| c.as_u64().unwrap()).sum::<u64>();
+    }
+    total
+}
+
+fn metric(server: &common::Server, name: &str) -> Option<f64> {
+    let text = server.get("/metrics").text();
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// With no reserve for the log, the store's own writes meet the full disk: flushes fail
+/// and are retried while acknowledged events stay counted, and once space is freed the
+/// store catches up without a restart, losing nothing and counting nothing twice.
+#[test]
+fn a_store_that_meets_a_full_disk_heals_without_a_restart() {
+    let fs = Tmpfs::mount("48m");
+    let data = fs.path.join("data");
+    let config = "partitions = 1\nsegment_bytes_max = 8388608\ndisk_free_bytes_min = 0\nflush_interval_ms = 100";
+    let mut server = start(&data, config);
+    let filler = fill(&fs.path, 0);
+    let mut acknowledged = 0;
+    let mut round = 0;
+    let refused = loop {
+        let answer = server.post_events(&spread_batch(round), &[]);
+        if answer.status != 200 {
+            break answer;
+        }
+        acknowledged += 500;
+        round += 1;
+        assert!(round < 10_000, "the disk never filled");
+    };
+    assert_eq!(refused.status, 507, "{}", refused.text());
+    assert_eq!(
+        metric(&server, "tally_store_failing"),
+        Some(1.0),
+        "the store met the full disk (round {round}, {}): {}",
+        refused.text(),
+        server.log()
+    );
+    assert!(metric(&server, "tally_store_commit_failures_total").is_some_and(|n| n >= 1.0));
+    assert_eq!(server.get("/readyz").status, 200, "a full disk is not a failure");
+    assert_eq!(spread_total(&server), acknowledged, "reads go on while the store cannot be written");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "tally_store_failing") != Some(0.0)
+        || server.post_events(&spread_batch(round), &[]).status != 200
+    {
+        assert!(Instant::now() < deadline, "the store never healed: {}", server.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    acknowledged += 500;
+    assert_eq!(spread_total(&server), acknowledged);
+    server.kill();
+    let server = start(&data, config);
+    assert_eq!(spread_total(&server), acknowledged, "and after kill -9 and a restart");
 }

@@ -132,6 +132,31 @@ fn connections_over_the_limit_get_a_fast_503_and_health_checks_still_answer() {
     assert_eq!(server.count("a"), 0, "served again once connections closed");
 }
 
+/// The admin listener serves probes and scrapes, metrics included, while every client
+/// connection is taken; it serves nothing else.
+#[test]
+fn the_admin_listener_answers_while_client_connections_are_exhausted() {
+    let (_dir, server) = server("connections_max = 4\nkeep_alive_idle_ms = 60000\nadmin_listen = \"127.0.0.1:0\"");
+    let log = server.log();
+    let admin: SocketAddr = log
+        .split("admin=http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address logged: {log}"));
+    let held: Vec<TcpStream> = (0..4).map(|_| connect(server.address)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = request(server.address, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(refused.json()["error"], "connections_exhausted", "{}", refused.text());
+    assert_eq!(request(admin, "GET", "/healthz", &[], b"").unwrap().status, 200);
+    assert_eq!(request(admin, "GET", "/readyz", &[], b"").unwrap().status, 200);
+    let metrics = request(admin, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(metrics.status, 200);
+    assert!(metric(&metrics.text(), "tally_connections_shed_total") >= 1.0);
+    let elsewhere = request(admin, "GET", "/v1/count?video_id=a", &[], b"").unwrap();
+    assert_eq!((elsewhere.status, elsewhere.json()["error"].as_str()), (404, Some("not_found")));
+    drop(held);
+}
+
 /// GETs `path` until it answers `status` (connections closing are noticed asynchronously).
 fn wait_for_status(server: &Server, path: &str, status: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
