@@ -83,7 +83,10 @@ fn run_flusher(shared: &Shared) {
     let retention_interval = Duration::from_millis(shared.config.retention_interval_ms);
     let mut last_purge: Option<Instant> = None;
     loop {
-        if shared.flush_signal.wait(interval) {
+        // Wake for a retry that is due before the next interval.
+        let retry_at = shared.flush_lock.lock().retry_at;
+        let wait = retry_at.map_or(interval, |at| interval.min(at.saturating_duration_since(Instant::now())));
+        if shared.flush_signal.wait(wait) {
             return;
         }
         if shared.failure.lock().is_some() || shared.flush_lock.lock().retry_at.is_some_and(|at| Instant::now() < at) {
@@ -98,8 +101,12 @@ fn run_flusher(shared: &Shared) {
     }
 }
 
-/// How long after a failed store write the flusher tries again.
-const STORE_RETRY_MS: u64 = 1_000;
+/// How long after a failed store write the flusher first tries again; each further
+/// failure doubles it, up to `STORE_RETRY_MAX`. Every try reopens the store, which redb
+/// repairs (a scan of the file): the backoff keeps a long outage from spending its time
+/// repairing, with queries refused meanwhile.
+const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What the flush lock guards besides "one store write at a time".
 #[derive(Default)]
@@ -109,8 +116,18 @@ pub(crate) struct FlushState {
     unsettled: Vec<Taken>,
     /// The flusher tries the store again no sooner than this.
     retry_at: Option<Instant>,
-    /// A failed write left the store to be reopened (`CounterStore::recover`).
+    /// The wait before the try after the next failure.
+    retry_delay: Option<Duration>,
+    /// A failure left the store to be reopened (`CounterStore::recover`).
     reopen: bool,
+}
+
+impl FlushState {
+    fn schedule_retry(&mut self) {
+        let delay = self.retry_delay.unwrap_or(STORE_RETRY_FIRST);
+        self.retry_at = Some(Instant::now() + delay);
+        self.retry_delay = Some((delay * 2).min(STORE_RETRY_MAX));
+    }
 }
 
 /// One partition's share of a flush.
@@ -132,12 +149,10 @@ impl StoreTrouble {
     pub(crate) fn error(self) -> EngineError {
         match self {
             StoreTrouble::DiskFull => EngineError::DiskFull {
-                reason:
-                    "the store's disk is full; flushes are retried every second and writes resume once one succeeds"
-                        .into(),
+                reason: "the store's disk is full; flushes are retried and writes resume once one succeeds".into(),
             },
             StoreTrouble::Failing => EngineError::Unavailable {
-                reason: "a store write failed (see the server log); flushes are retried every second".into(),
+                reason: "a store write failed (see the server log); flushes are retried".into(),
             },
         }
     }
@@ -160,8 +175,8 @@ fn purge(shared: &Shared) {
         }
         Err(error) => {
             tracing::warn!(%error, "retention purge failed; retrying at the next interval");
+            // The next flush reopens the store (or stops the engine, after a failed sync).
             state.reopen = true;
-            reopen(shared, &mut state);
         }
     }
 }
@@ -174,6 +189,9 @@ pub(crate) fn flush_once(shared: &Shared) -> Result<(), EngineError> {
     let mut state = shared.flush_lock.lock();
     if let Some(reason) = shared.failure.lock().clone() {
         return Err(EngineError::Unavailable { reason });
+    }
+    if state.reopen || shared.store.needs_recovery() {
+        reopen(shared, &mut state)?;
     }
     if !state.unsettled.is_empty() {
         retry(shared, &mut state)?;
@@ -239,47 +257,65 @@ fn settle(shared: &Shared, state: &mut FlushState, batch: &[Taken]) {
         taken.partition.checkpoint_offset.store(taken.checkpoint.offset, Ordering::Release);
     }
     state.retry_at = None;
+    state.retry_delay = None;
     if shared.store_trouble.lock().take().is_some() {
         tracing::info!("store writes succeed again");
     }
 }
 
-/// Keeps a failed flush for `retry` and reopens the store so that queries go on.
+/// After a failed commit: a transient failure keeps the flush for `retry` and has the
+/// store reopened; any other stops acknowledgement, as a failed log fsync does (the log
+/// still holds every acknowledged event for the restart).
 fn store_failed(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>, error: StoreError) -> EngineError {
-    let trouble = if error.is_disk_full() { StoreTrouble::DiskFull } else { StoreTrouble::Failing };
-    tracing::error!(%error, "store commit failed; nothing acknowledged is lost, retrying every second");
     metrics::counter!("tally_store_commit_failures_total").increment(1);
+    if !error.is_transient() {
+        shared.fail(format!("flush: {error}"));
+        return EngineError::Unavailable { reason: crate::FAILED_REASON.into() };
+    }
+    let trouble = if error.is_disk_full() { StoreTrouble::DiskFull } else { StoreTrouble::Failing };
+    tracing::error!(%error, "store commit failed; nothing acknowledged is lost, retrying");
     *shared.store_trouble.lock() = Some(trouble);
     state.unsettled = batch;
-    state.retry_at = Some(Instant::now() + Duration::from_millis(STORE_RETRY_MS));
     state.reopen = true;
-    reopen(shared, state);
+    state.schedule_retry();
     trouble.error()
 }
 
-fn reopen(shared: &Shared, state: &mut FlushState) {
+/// Reopens the store. A failure schedules the next try; a store that refuses to be
+/// reopened for good (a failed sync) stops acknowledgement.
+fn reopen(shared: &Shared, state: &mut FlushState) -> Result<(), EngineError> {
     match shared.store.recover() {
-        Ok(()) => state.reopen = false,
-        Err(error) => tracing::warn!(%error, "reopening the store failed; retrying every second"),
+        Ok(()) => {
+            state.reopen = false;
+            Ok(())
+        }
+        Err(error) if error.is_transient() => {
+            tracing::warn!(%error, "reopening the store failed; retrying");
+            state.schedule_retry();
+            Err(shared.store_trouble.lock().unwrap_or(StoreTrouble::Failing).error())
+        }
+        Err(error) => {
+            shared.fail(format!("reopening the store: {error}"));
+            Err(EngineError::Unavailable { reason: crate::FAILED_REASON.into() })
+        }
     }
 }
 
-/// Commits the failed flush again, unless it took effect after all (a sync can fail
-/// after the data reached the disk): its checkpoints, which move atomically with it, say
-/// which.
+/// Commits the failed flush again, unless it took effect after all (its checkpoints,
+/// which move atomically with it, say which). The store was reopened since the failure,
+/// and reads what the file holds.
 fn retry(shared: &Shared, state: &mut FlushState) -> Result<(), EngineError> {
-    let trouble = || shared.store_trouble.lock().unwrap_or(StoreTrouble::Failing).error();
-    if state.reopen {
-        reopen(shared, state);
-        if state.reopen {
-            state.retry_at = Some(Instant::now() + Duration::from_millis(STORE_RETRY_MS));
-            return Err(trouble());
-        }
-    }
     let mut landed = 0;
     for taken in &state.unsettled {
-        let stored = shared.store.checkpoint(taken.partition.index)?.map(|c| c.offset);
-        landed += usize::from(stored == Some(taken.checkpoint.offset));
+        match shared.store.checkpoint(taken.partition.index) {
+            Ok(stored) => landed += usize::from(stored.map(|c| c.offset) == Some(taken.checkpoint.offset)),
+            Err(error) => {
+                tracing::warn!(%error, "reading the checkpoints before retrying a flush failed");
+                state.reopen = true;
+                state.schedule_retry();
+                return Err(error.into());
+            }
+        }
     }
     let batch = std::mem::take(&mut state.unsettled);
     if landed == batch.len() {

@@ -36,6 +36,8 @@ pub enum StoreError {
     PartitionCount { stored: u32, configured: u32 },
     #[error("the store is being reopened after a failed write; retry shortly")]
     Reopening,
+    #[error("a sync of the store file failed ({detail}); the store cannot be trusted until a restart")]
+    SyncFailed { detail: String },
     #[error("store is corrupt: {detail}")]
     Corrupt { detail: String },
     #[error("store was written in format {found}; this tally reads format {expected} and cannot convert it")]
@@ -46,7 +48,15 @@ impl StoreError {
     /// Whether the error is the disk being full (as opposed to failing or the data being
     /// wrong): it goes away once space is freed.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Redb { source: redb::Error::Io(error), .. } if error.kind() == std::io::ErrorKind::StorageFull)
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        matches!(self, StoreError::Redb { source: redb::Error::Io(error), .. } if matches!(error.kind(), StorageFull | QuotaExceeded))
+    }
+
+    /// Whether a write that failed this way may succeed later, after `recover`: an I/O
+    /// error on a write (a full disk, a failing device), not a failed sync (see
+    /// `SyncFailed`), nor data the store refuses.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Reopening | StoreError::Redb { source: redb::Error::Io(_), .. })
     }
 }
 
@@ -78,10 +88,13 @@ pub trait CounterStore: Send + Sync + 'static {
     /// top-items sketches) and moves the checkpoints, atomically and durably. Buckets
     /// before their tier's cutoff are not written: no query reads them.
     fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError>;
-    /// Makes the store usable again after a failed `commit` or `purge` (a full disk, an
-    /// I/O error), which may leave it refusing every operation. The failed transaction
-    /// either took effect whole or not at all; callers read the checkpoints to know which.
+    /// Makes the store usable again after a transient failure (`StoreError::is_transient`)
+    /// of `commit` or `purge`, or of a read, which may leave it refusing every operation.
+    /// A failed transaction took effect whole or not at all; callers read the checkpoints
+    /// to know which.
     fn recover(&self) -> Result<(), StoreError>;
+    /// Whether the store refuses every operation until `recover` (after an I/O error).
+    fn needs_recovery(&self) -> bool;
     /// Drops what lies wholly before the cutoffs; returns the tables dropped.
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
     /// A consistent read view.

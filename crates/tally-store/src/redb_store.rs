@@ -5,6 +5,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
@@ -38,10 +40,17 @@ pub struct RedbStore {
     db: RwLock<Option<Database>>,
     path: PathBuf,
     cache_bytes: usize,
+    /// See `StoreFile::sync_failed`.
+    sync_failed: Arc<AtomicBool>,
 }
 
+/// redb's errors, with the ones that mean "closed, or refusing everything since an I/O
+/// error, until reopened" as `Reopening`.
 fn redb_error<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
-    move |e| StoreError::Redb { context, source: e.into() }
+    move |e| match e.into() {
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed => StoreError::Reopening,
+        source => StoreError::Redb { context, source },
+    }
 }
 
 impl RedbStore {
@@ -50,7 +59,8 @@ impl RedbStore {
     /// compacted first, which returns the space to the file system (compaction needs free
     /// disk about the size of the file).
     pub fn open(path: &Path, cache_bytes: usize, may_compact: bool) -> Result<RedbStore, StoreError> {
-        let mut db = open_database(path, cache_bytes)?;
+        let sync_failed = Arc::new(AtomicBool::new(false));
+        let mut db = open_database(path, cache_bytes, &sync_failed)?;
         let txn = db.begin_write().map_err(redb_error("open"))?;
         {
             txn.open_table(CHECKPOINTS).map_err(redb_error("create tables"))?;
@@ -75,16 +85,26 @@ impl RedbStore {
             tracing::info!(file_bytes, free_bytes = stats.fragmented_bytes(), "compacting the store");
             db.compact().map_err(redb_error("compact"))?;
         }
-        Ok(RedbStore { db: RwLock::new(Some(db)), path: path.to_path_buf(), cache_bytes })
+        Ok(RedbStore { db: RwLock::new(Some(db)), path: path.to_path_buf(), cache_bytes, sync_failed })
     }
 
     fn db(&self) -> Result<MappedRwLockReadGuard<'_, Database>, StoreError> {
         RwLockReadGuard::try_map(self.db.read(), Option::as_ref).map_err(|_| StoreError::Reopening)
     }
+
+    /// A write's error, as `SyncFailed` once a sync of the file failed.
+    fn written(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
+        match result {
+            Err(error) if self.sync_failed.load(Ordering::Acquire) => {
+                Err(StoreError::SyncFailed { detail: error.to_string() })
+            }
+            result => result,
+        }
+    }
 }
 
-fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
-    let file = StoreFile::open(path).map_err(redb_error("open"))?;
+fn open_database(path: &Path, cache_bytes: usize, sync_failed: &Arc<AtomicBool>) -> Result<Database, StoreError> {
+    let file = StoreFile::open(path, Arc::clone(sync_failed)).map_err(redb_error("open"))?;
     redb::Builder::new().set_cache_size(cache_bytes).create_with_backend(file).map_err(redb_error("open"))
 }
 
@@ -216,6 +236,44 @@ impl CounterStore for RedbStore {
     }
 
     fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
+        self.written(self.commit_flush(flushes, cutoffs))
+    }
+
+    fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        self.written(self.purge_expired(cutoffs).map(|n| dropped = n))?;
+        Ok(dropped)
+    }
+
+    /// Closes the file and opens it again; redb repairs what the failed write left. Refused
+    /// after a failed sync (see `StoreFile::sync_failed`).
+    fn recover(&self) -> Result<(), StoreError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::SyncFailed { detail: "an earlier sync failed".into() });
+        }
+        // Not held while opening, which may repair the file: queries meanwhile get
+        // `Reopening` instead of waiting.
+        let closed = self.db.write().take();
+        drop(closed);
+        let db = open_database(&self.path, self.cache_bytes, &self.sync_failed)?;
+        *self.db.write() = Some(db);
+        tracing::info!("store reopened after a failed write");
+        Ok(())
+    }
+
+    fn needs_recovery(&self) -> bool {
+        matches!(self.db().and_then(|db| db.begin_read().map_err(redb_error("probe"))), Err(StoreError::Reopening))
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(redb_error("begin read"))?;
+        let checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("begin read"))?;
+        Ok(Box::new(RedbSnapshot { txn, checkpoints, tables: RefCell::new(HashMap::new()) }))
+    }
+}
+
+impl RedbStore {
+    fn commit_flush(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
         fail::fail_point!("store::commit", |_| Err(redb_error("commit flush")(redb::Error::Io(
             std::io::ErrorKind::StorageFull.into()
         ))));
@@ -247,7 +305,7 @@ impl CounterStore for RedbStore {
         txn.commit().map_err(redb_error("commit flush"))
     }
 
-    fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
+    fn purge_expired(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
         let txn = self.db()?.begin_write().map_err(redb_error("begin purge"))?;
         let expired: Vec<String> = txn
             .list_tables()
@@ -281,24 +339,6 @@ impl CounterStore for RedbStore {
         }
         txn.commit().map_err(redb_error("commit purge"))?;
         Ok(expired.len())
-    }
-
-    /// Closes the file and opens it again; redb repairs what the failed write left.
-    fn recover(&self) -> Result<(), StoreError> {
-        // Not held while opening, which may repair the file: queries meanwhile get
-        // `Reopening` instead of waiting.
-        let closed = self.db.write().take();
-        drop(closed);
-        let db = open_database(&self.path, self.cache_bytes)?;
-        *self.db.write() = Some(db);
-        tracing::info!("store reopened after a failed write");
-        Ok(())
-    }
-
-    fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(redb_error("begin read"))?;
-        let checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("begin read"))?;
-        Ok(Box::new(RedbSnapshot { txn, checkpoints, tables: RefCell::new(HashMap::new()) }))
     }
 }
 

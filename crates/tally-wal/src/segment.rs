@@ -383,6 +383,8 @@ impl Wal {
             let path = segment_path(&self.dir, base);
             match remove_file(&path) {
                 Ok(()) => removed += 1,
+                // Already gone (someone removed it by hand): what was wanted.
+                Err(source) if source.kind() == io::ErrorKind::NotFound => removed += 1,
                 Err(source) => {
                     failed = Some(WalError::Io { path, source });
                     break;

@@ -53,8 +53,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
     // Before anything slow, so that a stop during recovery is a clean exit, not a kill.
     let mut stop_signal = StopSignal::install()?;
-    config.server.connections_max =
-        connections_within_file_limit(config.server.connections_max, config.engine.partitions)?;
+    config.server.connections_max = connections_within_file_limit(
+        config.server.connections_max,
+        config.engine.partitions,
+        config.admin_listen.is_some(),
+    )?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     let data_dir = std::path::absolute(&config.engine.data_dir)?;
@@ -112,7 +115,7 @@ const FDS_RESERVED_PER_PARTITION: u64 = 4;
 /// that cannot hold every connection (with the over-limit ones that still get their 503
 /// and the descriptors the engine needs), so the process never runs out of descriptors
 /// and stops accepting anyone.
-fn connections_within_file_limit(connections_max: usize, partitions: u32) -> anyhow::Result<usize> {
+fn connections_within_file_limit(connections_max: usize, partitions: u32, admin: bool) -> anyhow::Result<usize> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
@@ -128,7 +131,7 @@ fn connections_within_file_limit(connections_max: usize, partitions: u32) -> any
     let reserved = FDS_RESERVED_BASE
         + FDS_RESERVED_PER_PARTITION * u64::from(partitions)
         + tally_server::SHED_CONNECTIONS_MAX as u64
-        + tally_server::ADMIN_CONNECTIONS_MAX as u64;
+        + if admin { tally_server::ADMIN_CONNECTIONS_MAX as u64 } else { 0 };
     let available = usize::try_from(limit.rlim_cur.saturating_sub(reserved)).unwrap_or(usize::MAX);
     anyhow::ensure!(
         available > 0,
