@@ -84,12 +84,11 @@ fn run_flusher(shared: &Shared) {
     let mut last_purge: Option<Instant> = None;
     loop {
         // Wake for a retry that is due before the next interval.
-        let retry_at = shared.flush_lock.lock().retry_at;
-        let wait = retry_at.map_or(interval, |at| interval.min(at.saturating_duration_since(Instant::now())));
+        let wait = shared.flush_lock.lock().retry_wait().map_or(interval, |left| interval.min(left));
         if shared.flush_signal.wait(wait) {
             return;
         }
-        if shared.failure.lock().is_some() || shared.flush_lock.lock().retry_at.is_some_and(|at| Instant::now() < at) {
+        if shared.failure.lock().is_some() || shared.flush_lock.lock().retry_wait().is_some() {
             continue;
         }
         // A failed flush has been logged, and is retried here.
@@ -123,6 +122,12 @@ pub(crate) struct FlushState {
 }
 
 impl FlushState {
+    /// How long until the next try of the store is due, if one is scheduled and not due.
+    fn retry_wait(&self) -> Option<Duration> {
+        let left = self.retry_at?.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
     fn schedule_retry(&mut self) {
         let delay = self.retry_delay.unwrap_or(STORE_RETRY_FIRST);
         self.retry_at = Some(Instant::now() + delay);
@@ -269,8 +274,7 @@ fn settle(shared: &Shared, state: &mut FlushState, batch: &[Taken]) {
 fn store_failed(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>, error: StoreError) -> EngineError {
     metrics::counter!("tally_store_commit_failures_total").increment(1);
     if !error.is_transient() {
-        shared.fail(format!("flush: {error}"));
-        return EngineError::Unavailable { reason: crate::FAILED_REASON.into() };
+        return shared.failed(format!("flush: {error}"));
     }
     let trouble = if error.is_disk_full() { StoreTrouble::DiskFull } else { StoreTrouble::Failing };
     tracing::error!(%error, "store commit failed; nothing acknowledged is lost, retrying");
@@ -294,10 +298,7 @@ fn reopen(shared: &Shared, state: &mut FlushState) -> Result<(), EngineError> {
             state.schedule_retry();
             Err(shared.store_trouble.lock().unwrap_or(StoreTrouble::Failing).error())
         }
-        Err(error) => {
-            shared.fail(format!("reopening the store: {error}"));
-            Err(EngineError::Unavailable { reason: crate::FAILED_REASON.into() })
-        }
+        Err(error) => Err(shared.failed(format!("reopening the store: {error}"))),
     }
 }
 
@@ -324,8 +325,8 @@ fn retry(shared: &Shared, state: &mut FlushState) -> Result<(), EngineError> {
         return Ok(());
     }
     if landed > 0 {
-        shared.fail(format!("after a failed flush, {landed} of {} partitions' checkpoints moved", batch.len()));
-        return Err(EngineError::Unavailable { reason: crate::FAILED_REASON.into() });
+        let detail = format!("after a failed flush, {landed} of {} partitions' checkpoints moved", batch.len());
+        return Err(shared.failed(detail));
     }
     commit(shared, state, batch)
 }

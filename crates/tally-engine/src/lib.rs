@@ -47,8 +47,7 @@ pub const STORE_FILE: &str = "store.redb";
 pub(crate) const STORE_STAGING_FILE: &str = "store.redb.new";
 
 /// What clients are told once a log or store write failed.
-pub(crate) const FAILED_REASON: &str =
-    "a log or store write failed (see the server log); restart the server to recover";
+const FAILED_REASON: &str = "a log or store write failed (see the server log); restart the server to recover";
 
 /// How far writes and purges trail the retention cutoffs queries use, minutes.
 const RETENTION_LAG_MINUTES: i64 = 60;
@@ -199,6 +198,12 @@ impl Shared {
     pub(crate) fn fail(&self, detail: String) {
         tracing::error!(%detail, "engine stops acknowledging writes");
         self.failure.lock().get_or_insert_with(|| FAILED_REASON.into());
+    }
+
+    /// `fail`, and the error the caller at hand is answered.
+    pub(crate) fn failed(&self, detail: String) -> EngineError {
+        self.fail(detail);
+        EngineError::Unavailable { reason: FAILED_REASON.into() }
     }
 }
 
@@ -386,11 +391,6 @@ impl Engine {
         for (index, record) in records.into_iter().enumerate() {
             let Some(record) = record else { continue };
             let partition = &shared.partitions[index];
-            if partition.stalled()
-                && let Some(trouble) = *shared.store_trouble.lock()
-            {
-                return Err(trouble.error());
-            }
             partition.admit(needs_dedup_entry[index], shared.config.dedup_entries_max)?;
             let record = record.finish();
             total_bytes += record.len();

@@ -93,7 +93,7 @@ impl RedbStore {
     }
 
     /// A write's error, as `SyncFailed` once a sync of the file failed.
-    fn written(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
+    fn written<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         match result {
             Err(error) if self.sync_failed.load(Ordering::Acquire) => {
                 Err(StoreError::SyncFailed { detail: error.to_string() })
@@ -240,9 +240,7 @@ impl CounterStore for RedbStore {
     }
 
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
-        let mut dropped = 0;
-        self.written(self.purge_expired(cutoffs).map(|n| dropped = n))?;
-        Ok(dropped)
+        self.written(self.purge_expired(cutoffs))
     }
 
     /// Closes the file and opens it again; redb repairs what the failed write left. Refused

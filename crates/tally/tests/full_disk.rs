@@ -175,8 +175,7 @@ fn spread_total(server: &common::Server) -> u64 {
 }
 
 fn metric(server: &common::Server, name: &str) -> Option<f64> {
-    let text = server.get("/metrics").text();
-    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    common::metric(&server.get("/metrics").text(), name)
 }
 
 /// With no reserve for the log, the store's own writes meet the full disk: flushes fail

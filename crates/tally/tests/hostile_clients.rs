@@ -102,11 +102,7 @@ fn idle_connections_and_unfinished_heads_are_closed() {
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+    common::metric(text, name).unwrap_or_else(|| panic!("no metric {name} in {text}"))
 }
 
 /// Defect 2: connections were unbounded, and past the open-file limit the server stopped
