@@ -2,23 +2,8 @@
 
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
+use tally_core::Counter;
 use tally_core::hll::Hll;
-
-/// A count of events and the sum of their values.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counter {
-    pub count: u64,
-    /// Exact: with |value| ≤ 2^53 per event, 2^64 events cannot overflow 128 bits, so the
-    /// sum does not depend on the order events are added in.
-    pub sum: i128,
-}
-
-impl Counter {
-    pub fn add(&mut self, other: Counter) {
-        self.count += other.count;
-        self.sum += other.sum;
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MinuteCell {

@@ -9,9 +9,12 @@
 
 pub mod dedup;
 pub mod deltas;
+mod rollup;
 
 pub use dedup::{Dedup, DedupJournal, Outcome};
-pub use deltas::{Counter, Deltas, MinuteCell};
+pub use deltas::{Deltas, MinuteCell};
+pub use rollup::rollup;
+pub use tally_core::Counter;
 
 use tally_core::bucket::minute_of;
 use tally_core::{RecordError, RecordReader};

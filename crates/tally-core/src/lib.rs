@@ -12,6 +12,7 @@ pub mod hll;
 pub mod partition;
 pub mod record;
 pub mod retention;
+pub mod rows;
 pub mod topk;
 
 pub use bucket::{Granularity, MinuteRange, Span};
@@ -19,3 +20,4 @@ pub use event::{EventRef, FieldError, Limits};
 pub use partition::partition_of;
 pub use record::{RecordError, RecordReader, RecordWriter, RequestKey};
 pub use retention::{Cutoffs, Retention};
+pub use rows::{Counter, CounterRow, TOP_SKETCH_ITEMS, TierRows, TopRow, UniquesRow};

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tally_aggregate::{DedupJournal, Deltas};
+use tally_aggregate::{DedupJournal, Deltas, rollup};
 use tally_store::{Checkpoint, PartitionFlush, StoreError};
 
 use crate::partition::Partition;
@@ -238,13 +238,11 @@ fn commit(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>) -> Result<
     let cells: usize = batch.iter().map(|taken| taken.deltas.cells()).sum();
     let flushes: Vec<PartitionFlush<'_>> = batch
         .iter()
-        .map(|taken| PartitionFlush {
-            deltas: &taken.deltas,
-            checkpoint: taken.checkpoint.clone(),
-            journal: &taken.journal,
-        })
+        .map(|taken| PartitionFlush { checkpoint: taken.checkpoint.clone(), journal: &taken.journal.blobs })
         .collect();
-    let committed = shared.store.commit(&flushes, &shared.write_cutoffs());
+    let deltas: Vec<&Deltas> = batch.iter().map(|taken| &*taken.deltas).collect();
+    let cutoffs = shared.write_cutoffs();
+    let committed = shared.store.commit(&flushes, &mut |granularity| rollup(&deltas, &cutoffs, granularity));
     drop(flushes);
     if let Err(error) = committed {
         return Err(store_failed(shared, state, batch, error));

@@ -18,7 +18,7 @@
 //!
 //! Flipping the sign bit makes big-endian signed integers sort like the numbers they hold.
 
-use tally_aggregate::Counter;
+use tally_core::Counter;
 
 const SIGN: u64 = 1 << 63;
 

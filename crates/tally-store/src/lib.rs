@@ -17,14 +17,9 @@ mod tables;
 
 pub use redb_store::{RedbStore, TableUsage};
 
-use tally_aggregate::{Counter, DedupJournal, Deltas};
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
-use tally_core::{Cutoffs, Granularity, Span};
-
-/// Items a stored top-items sketch keeps per bucket, by granularity (minute, hour, day).
-/// More items make the error bound smaller and each flush rewrite bigger.
-pub const TOP_SKETCH_ITEMS: [usize; 3] = [1024, 4096, 4096];
+use tally_core::{Counter, Cutoffs, Granularity, Span, TierRows};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,11 +65,11 @@ pub struct Checkpoint {
     pub dedup_generation_starts: Vec<i64>,
 }
 
-/// One partition's contribution to a flush.
+/// One partition's part of a flush, besides its rows: where its checkpoint moves, and
+/// the dedup entries it added since the last one, as (generation start, encoded entries).
 pub struct PartitionFlush<'a> {
-    pub deltas: &'a Deltas,
     pub checkpoint: Checkpoint,
-    pub journal: &'a DedupJournal,
+    pub journal: &'a [(i64, Vec<u8>)],
 }
 
 pub trait CounterStore: Send + Sync + 'static {
@@ -84,10 +79,15 @@ pub trait CounterStore: Send + Sync + 'static {
     fn checkpoint(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError>;
     /// The dedup journal blobs stored for one generation of one partition.
     fn dedup_blobs(&self, partition: u32, generation_start_ms: i64) -> Result<Vec<Vec<u8>>, StoreError>;
-    /// Adds the deltas into minute, hour and day buckets (counters, distinct-viewer and
-    /// top-items sketches) and moves the checkpoints, atomically and durably. Buckets
-    /// before their tier's cutoff are not written: no query reads them.
-    fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError>;
+    /// Adds a flush's rows (`tiers` builds each tier's, called once per granularity in
+    /// `Granularity::ALL` order, so only one tier's rows are held at a time) into the
+    /// stored buckets, sketches and indexes, and moves the partitions' checkpoints with
+    /// their dedup journals: atomically and durably.
+    fn commit<'a>(
+        &self,
+        flushes: &[PartitionFlush<'_>],
+        tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>,
+    ) -> Result<(), StoreError>;
     /// Makes the store usable again after a transient failure (`StoreError::is_transient`)
     /// of `commit` or `purge`, or of a read, which may leave it refusing every operation.
     /// A failed transaction took effect whole or not at all; callers read the checkpoints

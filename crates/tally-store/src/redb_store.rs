@@ -10,16 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
-use tally_aggregate::Counter;
 use tally_core::bucket::DAY_MINUTES;
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
-use tally_core::{Cutoffs, Granularity, Span};
+use tally_core::{Counter, CounterRow, Cutoffs, Granularity, Span, TOP_SKETCH_ITEMS, TierRows};
 
 use crate::file::StoreFile;
 use crate::key::{self, bucket_key, bucket_prefix, decode_counter, encode_counter, ordered_i64};
 use crate::tables::{self, Kind};
-use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TOP_SKETCH_ITEMS};
+use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError};
 
 const CHECKPOINTS: TableDefinition<u32, &[u8]> = TableDefinition::new("checkpoints");
 const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
@@ -235,8 +234,12 @@ impl CounterStore for RedbStore {
         Ok(blobs)
     }
 
-    fn commit(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
-        self.written(self.commit_flush(flushes, cutoffs))
+    fn commit<'a>(
+        &self,
+        flushes: &[PartitionFlush<'_>],
+        tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>,
+    ) -> Result<(), StoreError> {
+        self.written(self.commit_flush(flushes, tiers))
     }
 
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
@@ -271,7 +274,11 @@ impl CounterStore for RedbStore {
 }
 
 impl RedbStore {
-    fn commit_flush(&self, flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs) -> Result<(), StoreError> {
+    fn commit_flush<'a>(
+        &self,
+        flushes: &[PartitionFlush<'_>],
+        tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>,
+    ) -> Result<(), StoreError> {
         fail::fail_point!("store::commit", |_| Err(redb_error("commit flush")(redb::Error::Io(
             std::io::ErrorKind::StorageFull.into()
         ))));
@@ -280,7 +287,7 @@ impl RedbStore {
             // One granularity at a time: the sorted rows of a flush are held for one tier,
             // not all three at once.
             for granularity in Granularity::ALL {
-                FlushWork::build(flushes, cutoffs, granularity).write(&txn)?;
+                FlushWork::build(tiers(granularity)).write(&txn)?;
             }
             let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("flush checkpoints"))?;
             let mut dedup = txn.open_table(DEDUP).map_err(redb_error("flush dedup journal"))?;
@@ -289,7 +296,7 @@ impl RedbStore {
                 checkpoints
                     .insert(checkpoint.partition, encode_checkpoint(checkpoint).as_slice())
                     .map_err(redb_error("flush checkpoints"))?;
-                for (generation_start, blob) in &flush.journal.blobs {
+                for (generation_start, blob) in flush.journal {
                     let key = key::dedup_key(checkpoint.partition, *generation_start, checkpoint.offset);
                     dedup.insert(&key[..], blob.as_slice()).map_err(redb_error("flush dedup journal"))?;
                 }
@@ -376,14 +383,14 @@ fn corrupt(table: &str, detail: String) -> StoreError {
 /// (granularity, period): with a kind, it names a table.
 type TableOf = (Granularity, i64);
 
-/// A video's exact count in one bucket: (count, video id).
-type TopItem<'a> = (u64, &'a [u8]);
-
 /// A flush's writes to the tables of one granularity, grouped by table and sorted by key
 /// within each: neighbouring keys share B-tree pages.
 #[derive(Default)]
-struct FlushWork {
-    counters: BTreeMap<TableOf, KeyedRows<Counter>>,
+struct FlushWork<'a> {
+    /// Sorted by (table, key): keyed only as they are written, so a flush holds its rows
+    /// once, not rows and keys.
+    counters: Vec<CounterRow<'a>>,
+    granularity: Option<Granularity>,
     uniques: BTreeMap<TableOf, BTreeMap<Vec<u8>, Hll>>,
     top: BTreeMap<TableOf, BTreeMap<Vec<u8>, TopSketch>>,
     videos: BTreeMap<TableOf, KeyedRows<()>>,
@@ -421,107 +428,82 @@ impl<V> KeyedRows<V> {
     fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
         self.rows.iter().map(|(start, end, value)| (&self.bytes[*start..*end], value))
     }
+
+    fn last(&self) -> Option<&[u8]> {
+        self.rows.last().map(|(start, end, _)| &self.bytes[*start..*end])
+    }
 }
 
-impl FlushWork {
-    /// The rows of one granularity's tables that `flushes` add.
-    fn build(flushes: &[PartitionFlush<'_>], cutoffs: &Cutoffs, granularity: Granularity) -> FlushWork {
-        let mut work = FlushWork::default();
-        // The exact count of every video in each (type, bucket) of this flush, keyed by
-        // borrowed names; each becomes a pruned top-items sketch at the end. A video lives
-        // in one partition and has one counter per bucket, so the items of a bucket are
-        // distinct.
-        let mut top: HashMap<(&str, i64), Vec<TopItem<'_>>> = HashMap::new();
+impl<'a> FlushWork<'a> {
+    /// One tier's rows, keyed and grouped by the table they go to: counter rows also
+    /// become the video index and the per-video type index (day tier).
+    fn build(mut rows: TierRows<'a>) -> FlushWork<'a> {
+        let granularity = rows.granularity;
+        let mut work = FlushWork { granularity: Some(granularity), ..FlushWork::default() };
         let table = |bucket: i64| (granularity, tables::period_of(granularity, bucket));
-        let cutoff = cutoffs.of(granularity);
-        let (mut merged, mut key, mut periods) = (Vec::<(i64, Counter)>::new(), Vec::new(), Vec::new());
-        for flush in flushes {
-            for (event_type, video_id, cells) in flush.deltas.iter() {
-                merged.clear();
-                for cell in cells {
-                    let bucket = granularity.bucket_of(cell.minute);
-                    if bucket < cutoff {
-                        continue;
-                    }
-                    match merged.iter_mut().find(|(b, _)| *b == bucket) {
-                        Some((_, counter)) => counter.add(cell.counter),
-                        None => merged.push((bucket, cell.counter)),
-                    }
-                }
-                for &(bucket, counter) in &merged {
-                    bucket_key(&mut key, event_type, video_id, bucket);
-                    work.counters.entry(table(bucket)).or_default().push(&key, counter);
-                    top.entry((event_type, bucket)).or_default().push((counter.count, video_id.as_bytes()));
-                    if granularity == Granularity::Day {
-                        key::videos_key(&mut key, event_type, bucket, video_id);
-                        work.videos.entry(table(bucket)).or_default().push(&key, ());
-                    }
-                }
-                if granularity == Granularity::Day {
-                    work.index_types(event_type, video_id, &merged, &mut periods, &mut key);
-                }
-            }
-            for (event_type, video_id, minute, sketch) in flush.deltas.iter_viewers() {
-                let bucket = granularity.bucket_of(minute);
-                if bucket < cutoff {
-                    continue;
-                }
-                let mut key = Vec::with_capacity(event_type.len() + video_id.len() + 11);
-                bucket_key(&mut key, event_type, video_id, bucket);
-                work.uniques.entry(table(bucket)).or_default().entry(key).or_default().merge(sketch);
+        let mut key = Vec::new();
+        // The order of `bucket_key`'s bytes: length-prefixed type, length-prefixed video,
+        // bucket.
+        fn order<'r>(granularity: Granularity, row: &CounterRow<'r>) -> (i64, usize, &'r str, usize, &'r str, i64) {
+            let period = tables::period_of(granularity, row.bucket);
+            (period, row.event_type.len(), row.event_type, row.video_id.len(), row.video_id, row.bucket)
+        }
+        rows.counters.sort_unstable_by(|a, b| order(granularity, a).cmp(&order(granularity, b)));
+        for (event_type, day, video_id) in rows.videos() {
+            key::videos_key(&mut key, event_type, day, video_id);
+            work.videos.entry(table(day)).or_default().push(&key, ());
+            // One row per (type, video, day table): sorted by table, then type and video,
+            // a repeat is always the previous row of its table.
+            key::video_types_key(&mut key, video_id, event_type);
+            let rows = work.video_types.entry(table(day)).or_default();
+            if rows.last() != Some(key.as_slice()) {
+                rows.push(&key, ());
             }
         }
-        for ((event_type, bucket), items) in top {
-            let mut key = Vec::with_capacity(event_type.len() + 9);
-            key::top_key(&mut key, event_type, bucket);
-            let sketch = TopSketch::from_distinct(items, TOP_SKETCH_ITEMS[granularity as usize]);
-            work.top.entry(table(bucket)).or_default().insert(key, sketch);
+        for (event_type, last) in rows.last_days() {
+            work.last_days.insert(event_type.to_owned(), last);
         }
-        work.counters.values_mut().for_each(KeyedRows::sort);
+        for row in rows.uniques {
+            bucket_key(&mut key, row.event_type, row.video_id, row.bucket);
+            work.uniques.entry(table(row.bucket)).or_default().insert(key.clone(), row.sketch);
+        }
+        for row in rows.top {
+            key::top_key(&mut key, row.event_type, row.bucket);
+            work.top.entry(table(row.bucket)).or_default().insert(key.clone(), row.sketch);
+        }
+        work.counters = std::mem::take(&mut rows.counters);
         work.videos.values_mut().for_each(KeyedRows::sort);
         work.video_types.values_mut().for_each(KeyedRows::sort);
         work
     }
-    /// Notes, from the day buckets of one (type, video), one per-video type index row per
-    /// day table they fall in, and the type's last day.
-    fn index_types(
-        &mut self,
-        event_type: &str,
-        video_id: &str,
-        days: &[(i64, Counter)],
-        periods: &mut Vec<i64>,
-        key: &mut Vec<u8>,
-    ) {
-        periods.clear();
-        periods.extend(days.iter().map(|&(day, _)| tables::period_of(Granularity::Day, day)));
-        periods.sort_unstable();
-        periods.dedup();
-        for &period in periods.iter() {
-            key::video_types_key(key, video_id, event_type);
-            self.video_types.entry((Granularity::Day, period)).or_default().push(key, ());
+
+    /// Adds the counter rows into their tables, one table after the other.
+    fn write_counters(&self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let Some(granularity) = self.granularity else { return Ok(()) };
+        let mut key = Vec::new();
+        for rows in self
+            .counters
+            .chunk_by(|a, b| tables::period_of(granularity, a.bucket) == tables::period_of(granularity, b.bucket))
+        {
+            let name = tables::name(Kind::Counters, granularity, tables::period_of(granularity, rows[0].bucket));
+            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
+            for row in rows {
+                bucket_key(&mut key, row.event_type, row.video_id, row.bucket);
+                let mut counter = match table.get(key.as_slice()).map_err(redb_error("flush counters"))? {
+                    Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
+                    None => Counter::default(),
+                };
+                counter.add(row.counter);
+                table.insert(key.as_slice(), &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
+            }
         }
-        let Some(last) = days.iter().map(|&(day, _)| day).max() else { return };
-        match self.last_days.get_mut(event_type) {
-            Some(stored) => *stored = (*stored).max(last),
-            None => drop(self.last_days.insert(event_type.to_owned(), last)),
-        }
+        Ok(())
     }
 
     /// Writes these rows into their tables: counters and sketches merged with what is
     /// stored, the video index inserted.
     fn write(self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-        for (&(granularity, period), upserts) in &self.counters {
-            let name = tables::name(Kind::Counters, granularity, period);
-            let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
-            for (key, delta) in upserts.iter() {
-                let mut counter = match table.get(key).map_err(redb_error("flush counters"))? {
-                    Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
-                    None => Counter::default(),
-                };
-                counter.add(*delta);
-                table.insert(key, &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
-            }
-        }
+        self.write_counters(txn)?;
         for (&(granularity, period), sketches) in &self.uniques {
             let name = tables::name(Kind::Uniques, granularity, period);
             let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush uniques"))?;
@@ -712,9 +694,14 @@ impl Snapshot for RedbSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_aggregate::{DedupJournal, Deltas};
+    use tally_aggregate::{Deltas, rollup};
 
     pub(super) const TEST_CACHE_BYTES: usize = 64 << 20;
+
+    /// Commits `deltas` the way the engine does: rolled up one tier at a time.
+    pub(super) fn commit(store: &RedbStore, partitions: &[PartitionFlush<'_>], deltas: &Deltas, cutoffs: &Cutoffs) {
+        store.commit(partitions, &mut |granularity| rollup(&[deltas], cutoffs, granularity)).unwrap();
+    }
 
     #[test]
     fn flush_rolls_minutes_into_hours_and_days_and_moves_the_checkpoint() {
@@ -727,13 +714,9 @@ mod tests {
         deltas.add("view", "v", 60, 3, None);
         deltas.add("view", "w", 60, 9, None);
         let checkpoint = Checkpoint { partition: 1, offset: 77, dedup_generation_starts: vec![5] };
-        let journal = DedupJournal { blobs: vec![(5, vec![1; 17])] };
-        store
-            .commit(
-                &[PartitionFlush { deltas: &deltas, checkpoint: checkpoint.clone(), journal: &journal }],
-                &Cutoffs::NONE,
-            )
-            .unwrap();
+        let journal = [(5, vec![1; 17])];
+        let flush = PartitionFlush { checkpoint: checkpoint.clone(), journal: &journal };
+        commit(&store, &[flush], &deltas, &Cutoffs::NONE);
         assert_eq!(store.checkpoint(1).unwrap(), Some(checkpoint));
         assert_eq!(store.checkpoint(0).unwrap(), None);
         assert_eq!(store.dedup_blobs(1, 5).unwrap(), vec![vec![1; 17]]);
@@ -751,14 +734,13 @@ mod tests {
 
 #[cfg(test)]
 mod sketch_and_retention_tests {
-    use super::tests::TEST_CACHE_BYTES;
+    use super::tests::{TEST_CACHE_BYTES, commit};
     use super::*;
-    use tally_aggregate::{DedupJournal, Deltas};
+    use tally_aggregate::Deltas;
 
     fn flush(store: &RedbStore, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
         let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: vec![] };
-        let flush = PartitionFlush { deltas, checkpoint, journal: &DedupJournal::default() };
-        store.commit(&[flush], cutoffs).unwrap();
+        commit(store, &[PartitionFlush { checkpoint, journal: &[] }], deltas, cutoffs);
     }
 
     #[test]
