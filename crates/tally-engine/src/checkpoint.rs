@@ -138,6 +138,8 @@ impl FlushState {
 /// One partition's share of a flush.
 struct Taken {
     partition: Arc<Partition>,
+    /// Where the stored checkpoint is: the flush applies on top of it.
+    start: u64,
     deltas: Arc<Deltas>,
     checkpoint: Checkpoint,
     journal: DedupJournal,
@@ -224,11 +226,12 @@ fn take_deltas(shared: &Shared) -> Vec<Taken> {
             offset: memory.applied_offset,
             dedup_generation_starts: memory.state.dedup.generation_starts(),
         };
-        memory.flushing = Some((memory.pending_start, Arc::clone(&deltas)));
+        let start = memory.pending_start;
+        memory.flushing = Some((start, Arc::clone(&deltas)));
         memory.pending_start = memory.applied_offset;
         drop(memory);
         partition.drained.notify_all();
-        batch.push(Taken { partition: Arc::clone(partition), deltas, checkpoint, journal });
+        batch.push(Taken { partition: Arc::clone(partition), start, deltas, checkpoint, journal });
     }
     batch
 }
@@ -238,7 +241,11 @@ fn commit(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>) -> Result<
     let cells: usize = batch.iter().map(|taken| taken.deltas.cells()).sum();
     let flushes: Vec<PartitionFlush<'_>> = batch
         .iter()
-        .map(|taken| PartitionFlush { checkpoint: taken.checkpoint.clone(), journal: &taken.journal.blobs })
+        .map(|taken| PartitionFlush {
+            start: taken.start,
+            checkpoint: taken.checkpoint.clone(),
+            journal: &taken.journal.blobs,
+        })
         .collect();
     let deltas: Vec<&Deltas> = batch.iter().map(|taken| &*taken.deltas).collect();
     let cutoffs = shared.write_cutoffs();

@@ -7,14 +7,16 @@
 //! After a crash the store therefore holds either all of a flush or none of it, and the
 //! checkpoint says exactly where log replay must resume.
 //!
-//! `CounterStore` is the seam a networked backend (a PostgreSQL-protocol database) plugs
-//! into; `RedbStore` is the embedded default.
+//! `CounterStore` is the seam a backend implements: `RedbStore` is the embedded default,
+//! `PostgresStore` keeps the aggregates in a PostgreSQL-protocol database.
 
 mod file;
 mod key;
+mod postgres;
 mod redb_store;
 mod tables;
 
+pub use postgres::{PoolOptions, PostgresStore};
 pub use redb_store::{RedbStore, TableUsage};
 
 use tally_core::hll::Hll;
@@ -33,6 +35,18 @@ pub enum StoreError {
     Reopening,
     #[error("a sync of the store file failed ({detail}); the store cannot be trusted until a restart")]
     SyncFailed { detail: String },
+    #[error("database {context}: {source}")]
+    Postgres { context: &'static str, source: tokio_postgres::Error },
+    #[error("the database is unavailable: {detail}")]
+    Unavailable { detail: String },
+    #[error("{detail}")]
+    Config { detail: String },
+    #[error(
+        "the database holds tally schema version {found}; this tally uses version {expected} and cannot use a newer one"
+    )]
+    SchemaVersion { found: i64, expected: i64 },
+    #[error("refused to move the checkpoint of partition {partition}: {detail}")]
+    Fenced { partition: u32, detail: String },
     #[error("store is corrupt: {detail}")]
     Corrupt { detail: String },
     #[error("store was written in format {found}; this tally reads format {expected} and cannot convert it")]
@@ -44,15 +58,53 @@ impl StoreError {
     /// wrong): it goes away once space is freed.
     pub fn is_disk_full(&self) -> bool {
         use std::io::ErrorKind::{QuotaExceeded, StorageFull};
-        matches!(self, StoreError::Redb { source: redb::Error::Io(error), .. } if matches!(error.kind(), StorageFull | QuotaExceeded))
+        match self {
+            StoreError::Redb { source: redb::Error::Io(error), .. } => matches!(error.kind(), StorageFull | QuotaExceeded),
+            StoreError::Postgres { source, .. } => source.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL),
+            _ => false,
+        }
+    }
+
+    /// Whether the store could not be reached (a networked store's connection, not its
+    /// data): writes wait for it rather than fail.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. } => true,
+            StoreError::Postgres { source, .. } => postgres_unreachable(source),
+            _ => false,
+        }
     }
 
     /// Whether a write that failed this way may succeed later, after `recover`: an I/O
     /// error on a write (a full disk, a failing device), not a failed sync (see
     /// `SyncFailed`), nor data the store refuses.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Reopening | StoreError::Redb { source: redb::Error::Io(_), .. })
+        match self {
+            StoreError::Reopening | StoreError::Redb { source: redb::Error::Io(_), .. } => true,
+            StoreError::Postgres { source, .. } => postgres_transient(source),
+            StoreError::Unavailable { .. } => true,
+            _ => false,
+        }
     }
+}
+
+/// A connection that broke or could not be made (no SQLSTATE), or the server refusing
+/// connections or shutting down.
+fn postgres_unreachable(error: &tokio_postgres::Error) -> bool {
+    let Some(code) = error.code() else { return true };
+    let code = code.code();
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+}
+
+/// Worth retrying the transaction: unreachable, out of resources (class 53: disk full,
+/// out of memory, too many connections), a serialization failure or deadlock, or an
+/// I/O error on the server.
+fn postgres_transient(error: &tokio_postgres::Error) -> bool {
+    postgres_unreachable(error)
+        || error.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("53") || matches!(code, "40001" | "40P01" | "55P03" | "58030" | "57014")
+        })
 }
 
 /// Where a partition's flushed state ends.
@@ -68,12 +120,18 @@ pub struct Checkpoint {
 /// One partition's part of a flush, besides its rows: where its checkpoint moves, and
 /// the dedup entries it added since the last one, as (generation start, encoded entries).
 pub struct PartitionFlush<'a> {
+    /// The offset the stored checkpoint holds (0 if none): where this flush's frames
+    /// begin. A commit whose start does not match is refused (`StoreError::Fenced`), so a
+    /// flush is never applied twice nor over a gap.
+    pub start: u64,
     pub checkpoint: Checkpoint,
     pub journal: &'a [(i64, Vec<u8>)],
 }
 
 pub trait CounterStore: Send + Sync + 'static {
     /// Records the partition count on first use; fails if it differs from a stored one.
+    /// Claims every partition for this store: a store that shares its data with others (a
+    /// database) fences off whoever claimed them before, whose commits are then refused.
     fn claim_partitions(&self, partitions: u32) -> Result<(), StoreError>;
     /// The checkpoint of `partition`, or `None` if it never flushed.
     fn checkpoint(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError>;
@@ -82,7 +140,9 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Adds a flush's rows (`tiers` builds each tier's, called once per granularity in
     /// `Granularity::ALL` order, so only one tier's rows are held at a time) into the
     /// stored buckets, sketches and indexes, and moves the partitions' checkpoints with
-    /// their dedup journals: atomically and durably.
+    /// their dedup journals: atomically and durably. Refused whole (`StoreError::Fenced`)
+    /// if a partition's stored checkpoint is not at its flush's `start`, or another store
+    /// claimed the partition since.
     fn commit<'a>(
         &self,
         flushes: &[PartitionFlush<'_>],

@@ -293,6 +293,18 @@ impl RedbStore {
             let mut dedup = txn.open_table(DEDUP).map_err(redb_error("flush dedup journal"))?;
             for flush in flushes {
                 let checkpoint = &flush.checkpoint;
+                let stored = checkpoints.get(checkpoint.partition).map_err(redb_error("flush checkpoints"))?;
+                let stored = stored.map(|v| decode_checkpoint(checkpoint.partition, v.value())).transpose()?;
+                let stored_offset = stored.map_or(0, |c| c.offset);
+                if stored_offset != flush.start {
+                    return Err(StoreError::Fenced {
+                        partition: checkpoint.partition,
+                        detail: format!(
+                            "the stored checkpoint is at offset {stored_offset}, this flush starts at {}",
+                            flush.start
+                        ),
+                    });
+                }
                 checkpoints
                     .insert(checkpoint.partition, encode_checkpoint(checkpoint).as_slice())
                     .map_err(redb_error("flush checkpoints"))?;
@@ -696,138 +708,13 @@ mod tests {
     use super::*;
     use tally_aggregate::{Deltas, rollup};
 
-    pub(super) const TEST_CACHE_BYTES: usize = 64 << 20;
-
-    /// Commits `deltas` the way the engine does: rolled up one tier at a time.
-    pub(super) fn commit(store: &RedbStore, partitions: &[PartitionFlush<'_>], deltas: &Deltas, cutoffs: &Cutoffs) {
-        store.commit(partitions, &mut |granularity| rollup(&[deltas], cutoffs, granularity)).unwrap();
-    }
-
-    #[test]
-    fn flush_rolls_minutes_into_hours_and_days_and_moves_the_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
-        store.claim_partitions(2).unwrap();
-        let mut deltas = Deltas::default();
-        deltas.add("view", "v", 59, 1, None);
-        deltas.add("view", "v", 60, 2, None);
-        deltas.add("view", "v", 60, 3, None);
-        deltas.add("view", "w", 60, 9, None);
-        let checkpoint = Checkpoint { partition: 1, offset: 77, dedup_generation_starts: vec![5] };
-        let journal = [(5, vec![1; 17])];
-        let flush = PartitionFlush { checkpoint: checkpoint.clone(), journal: &journal };
-        commit(&store, &[flush], &deltas, &Cutoffs::NONE);
-        assert_eq!(store.checkpoint(1).unwrap(), Some(checkpoint));
-        assert_eq!(store.checkpoint(0).unwrap(), None);
-        assert_eq!(store.dedup_blobs(1, 5).unwrap(), vec![vec![1; 17]]);
-
-        let snapshot = store.snapshot().unwrap();
-        let sum = |g, start, end| snapshot.sum("view", "v", Span { granularity: g, start, end }).unwrap();
-        assert_eq!(sum(Granularity::Minute, 0, 60), Counter { count: 1, sum: 1 });
-        assert_eq!(sum(Granularity::Minute, 60, 61), Counter { count: 2, sum: 5 });
-        assert_eq!(sum(Granularity::Hour, 0, 120), Counter { count: 3, sum: 6 });
-        assert_eq!(sum(Granularity::Day, 0, 1440), Counter { count: 3, sum: 6 });
-        assert_eq!(snapshot.checkpoint_offset(1).unwrap(), 77);
-        assert!(matches!(store.claim_partitions(3), Err(StoreError::PartitionCount { stored: 2, configured: 3 })));
-    }
-}
-
-#[cfg(test)]
-mod sketch_and_retention_tests {
-    use super::tests::{TEST_CACHE_BYTES, commit};
-    use super::*;
-    use tally_aggregate::Deltas;
+    const TEST_CACHE_BYTES: usize = 64 << 20;
 
     fn flush(store: &RedbStore, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
+        let start = store.checkpoint(0).unwrap().map_or(0, |c| c.offset);
         let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: vec![] };
-        commit(store, &[PartitionFlush { checkpoint, journal: &[] }], deltas, cutoffs);
-    }
-
-    #[test]
-    fn sketches_types_and_the_video_index_follow_the_flushed_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
-        let day = 20_000 * DAY_MINUTES;
-        let mut deltas = Deltas::default();
-        for (minute, viewer) in [(day, "ann"), (day + 1, "bob"), (day + 61, "ann")] {
-            deltas.add("view", "v", minute, 1, Some(viewer));
-        }
-        deltas.add("view", "w", day, 1, None);
-        deltas.add("like", "v", day, 1, Some("cy"));
-        flush(&store, &deltas, 1, &Cutoffs::NONE);
-        // A second flush merges into the stored sketches.
-        let mut more = Deltas::default();
-        more.add("view", "v", day + 2, 1, Some("dee"));
-        flush(&store, &more, 2, &Cutoffs::NONE);
-
-        let snapshot = store.snapshot().unwrap();
-        let uniques = |granularity, start, end| {
-            let mut hll = Hll::default();
-            snapshot.uniques("view", "v", Span { granularity, start, end }, &mut hll).unwrap();
-            hll.estimate().round() as u64
-        };
-        assert_eq!(uniques(Granularity::Minute, day, day + 60), 3);
-        assert_eq!(uniques(Granularity::Hour, day, day + 120), 3);
-        assert_eq!(uniques(Granularity::Day, day, day + DAY_MINUTES), 3);
-        assert_eq!(uniques(Granularity::Minute, day + 1, day + 2), 1);
-
-        let mut top = TopSketch::default();
-        snapshot
-            .top("view", Span { granularity: Granularity::Day, start: day, end: day + DAY_MINUTES }, &mut top)
-            .unwrap();
-        assert_eq!((top.lower_bound(b"v"), top.lower_bound(b"w"), top.offset()), (4, 1, 0));
-
-        let mut videos = Vec::new();
-        snapshot.videos("view", day, day + DAY_MINUTES, &mut |v| videos.push(v.to_string())).unwrap();
-        videos.sort();
-        assert_eq!(videos, ["v", "w"]);
-        assert_eq!(snapshot.types().unwrap(), ["like", "view"]);
-        let video_types = |video: &str, start: i64, end: i64| {
-            let mut types = Vec::new();
-            snapshot.video_types(video, start, end, &mut |t| types.push(t.to_string())).unwrap();
-            types
-        };
-        assert_eq!(video_types("v", day, day + DAY_MINUTES), ["like", "view"]);
-        assert_eq!(video_types("w", 0, day + DAY_MINUTES), ["view"]);
-        assert!(video_types("v", day + 360 * DAY_MINUTES, day + 361 * DAY_MINUTES).is_empty(), "another period");
-        assert!(video_types("unseen", 0, day + DAY_MINUTES).is_empty());
-    }
-
-    /// The type list shrinks when day retention drops every day of a type.
-    #[test]
-    fn a_type_whose_days_all_expired_leaves_the_type_list() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
-        let (old, recent) = (100 * DAY_MINUTES, 500 * DAY_MINUTES);
-        let mut deltas = Deltas::default();
-        deltas.add("gone", "v", old, 1, None);
-        deltas.add("kept", "v", old, 1, None);
-        deltas.add("kept", "v", recent, 1, None);
-        flush(&store, &deltas, 1, &Cutoffs::NONE);
-        assert_eq!(store.snapshot().unwrap().types().unwrap(), ["gone", "kept"]);
-        store.purge(&Cutoffs { minute: recent, hour: recent, day: recent }).unwrap();
-        assert_eq!(store.snapshot().unwrap().types().unwrap(), ["kept"]);
-    }
-
-    #[test]
-    fn retention_skips_expired_tiers_at_flush_and_purge_drops_whole_tables() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb"), TEST_CACHE_BYTES, true).unwrap();
-        let old_day = 100 * DAY_MINUTES;
-        let mut deltas = Deltas::default();
-        deltas.add("view", "v", old_day + 5, 1, None);
-        // Minutes of `old_day` are already past the minute cutoff: only hour and day land.
-        let cutoffs = Cutoffs { minute: old_day + DAY_MINUTES, hour: i64::MIN, day: i64::MIN };
-        flush(&store, &deltas, 1, &cutoffs);
-        let read = |store: &RedbStore, granularity| {
-            let span = Span { granularity, start: old_day, end: old_day + DAY_MINUTES };
-            store.snapshot().unwrap().sum("view", "v", span).unwrap().count
-        };
-        assert_eq!((read(&store, Granularity::Minute), read(&store, Granularity::Hour)), (0, 1));
-        let later = Cutoffs { minute: old_day + 60 * DAY_MINUTES, hour: old_day + 60 * DAY_MINUTES, day: i64::MIN };
-        assert!(store.purge(&later).unwrap() >= 2, "hour counters and top tables of that period");
-        assert_eq!((read(&store, Granularity::Hour), read(&store, Granularity::Day)), (0, 1));
-        assert_eq!(store.purge(&later).unwrap(), 0);
+        let flushes = [PartitionFlush { start, checkpoint, journal: &[] }];
+        store.commit(&flushes, &mut |granularity| rollup(&[deltas], cutoffs, granularity)).unwrap();
     }
 
     /// Retention must give disk space back: pages of dropped tables are reused by new

@@ -22,7 +22,11 @@ pub(crate) enum Kind {
 impl Kind {
     const ALL: [Kind; 5] = [Kind::Counters, Kind::Uniques, Kind::Top, Kind::Videos, Kind::VideoTypes];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Counters => "counters",
             Kind::Uniques => "uniques",

@@ -1,0 +1,253 @@
+//! The aggregate store in a PostgreSQL-protocol database (PostgreSQL, CockroachDB,
+//! YugabyteDB): the same rows, checkpoints and dedup journal as the embedded store, in
+//! the tables `schema` describes, one transaction per flush.
+//!
+//! Ownership is fenced. `claim_partitions` raises each partition's owner epoch and keeps
+//! the new value; a commit moves a partition's checkpoint only where the stored epoch is
+//! still the one it claimed and the stored offset is where the flush starts. Otherwise
+//! the whole transaction is refused (`StoreError::Fenced`): a stale owner never writes
+//! half a flush, and no flush is applied twice.
+
+mod flush;
+mod pool;
+mod schema;
+mod snapshot;
+
+pub use pool::PoolOptions;
+
+use std::collections::HashSet;
+
+use parking_lot::Mutex;
+use tally_core::Granularity;
+use tally_core::bucket::DAY_MINUTES;
+
+use crate::tables::{self, Kind};
+use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError};
+use pool::{Connection, Pool, wait};
+
+/// Bounds the generation list a checkpoint may hold; dedup keeps about six alive.
+const CHECKPOINT_GENERATIONS_MAX: usize = 64;
+
+pub struct PostgresStore {
+    pool: Pool,
+    /// The period tables that exist, as committed by this store.
+    tables: Mutex<HashSet<String>>,
+    /// The owner epoch this store claimed, by partition (empty before `claim_partitions`).
+    epochs: Mutex<Vec<i64>>,
+}
+
+pub(crate) fn pg_error(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { context, source }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user[:password]@host:port/db`),
+    /// creating or migrating tally's schema; refuses a database of a newer schema.
+    pub fn open(url: &str, options: PoolOptions) -> Result<PostgresStore, StoreError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Config { detail: format!("database URL {url:?}: {e}") })?;
+        let pool = Pool::new(config, options)?;
+        let store = PostgresStore { pool, tables: Mutex::new(HashSet::new()), epochs: Mutex::new(Vec::new()) };
+        store.migrate()?;
+        let rows = {
+            let connection = store.pool.get()?;
+            wait(connection.client.query("SELECT name FROM tally_tables", &[])).map_err(pg_error("read tables"))?
+        };
+        store.tables.lock().extend(rows.iter().map(|row| row.get::<_, String>(0)));
+        Ok(store)
+    }
+
+    /// Brings the schema to `schema::VERSION`, one migration at a time, in one transaction.
+    fn migrate(&self) -> Result<(), StoreError> {
+        self.pool.get()?.transaction("BEGIN", |connection| {
+            wait(connection.client.batch_execute(schema::META)).map_err(pg_error("create tally_meta"))?;
+            let version = meta(connection, "schema_version")?.unwrap_or(0);
+            if version > schema::VERSION {
+                return Err(StoreError::SchemaVersion { found: version, expected: schema::VERSION });
+            }
+            for migration in &schema::MIGRATIONS[version as usize..] {
+                wait(connection.client.batch_execute(migration)).map_err(pg_error("migrate schema"))?;
+            }
+            if version < schema::VERSION {
+                tracing::info!(from = version, to = schema::VERSION, "database schema migrated");
+                set_meta(connection, "schema_version", schema::VERSION)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Bytes the database takes on disk (PostgreSQL only: `pg_database_size`).
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        let connection = self.pool.get()?;
+        let row = wait(connection.client.query_one("SELECT pg_database_size(current_database())", &[]))
+            .map_err(pg_error("database size"))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    fn epoch(&self, partition: u32) -> Result<i64, StoreError> {
+        self.epochs.lock().get(partition as usize).copied().ok_or_else(|| StoreError::Fenced {
+            partition,
+            detail: "this engine never claimed it".into(),
+        })
+    }
+}
+
+/// An integer row of `tally_meta`, locked for the transaction.
+fn meta(connection: &mut Connection, key: &str) -> Result<Option<i64>, StoreError> {
+    let statement = connection.statement("SELECT value FROM tally_meta WHERE key = $1 FOR UPDATE")?;
+    let row = wait(connection.client.query_opt(&statement, &[&key])).map_err(pg_error("read tally_meta"))?;
+    row.map(|row| {
+        let value: String = row.get(0);
+        value.parse().map_err(|_| StoreError::Corrupt { detail: format!("tally_meta {key} is {value:?}") })
+    })
+    .transpose()
+}
+
+fn set_meta(connection: &mut Connection, key: &str, value: i64) -> Result<(), StoreError> {
+    let statement = connection.statement(
+        "INSERT INTO tally_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+    )?;
+    wait(connection.client.execute(&statement, &[&key, &value.to_string()])).map_err(pg_error("write tally_meta"))?;
+    Ok(())
+}
+
+fn decode_generations(partition: u32, bytes: &[u8]) -> Result<Vec<i64>, StoreError> {
+    if bytes.len() % 8 != 0 || bytes.len() / 8 > CHECKPOINT_GENERATIONS_MAX {
+        return Err(StoreError::Corrupt {
+            detail: format!("checkpoint of partition {partition} has {} bytes of generations", bytes.len()),
+        });
+    }
+    Ok(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+fn encode_generations(starts: &[i64]) -> Vec<u8> {
+    assert!(starts.len() <= CHECKPOINT_GENERATIONS_MAX, "{} dedup generations alive", starts.len());
+    starts.iter().flat_map(|start| start.to_le_bytes()).collect()
+}
+
+impl CounterStore for PostgresStore {
+    /// Records the partition count, and claims every partition: its owner epoch goes up
+    /// by one, which fences off any engine that claimed it before.
+    fn claim_partitions(&self, partitions: u32) -> Result<(), StoreError> {
+        let epochs = self.pool.get()?.transaction("BEGIN", |connection| {
+            match meta(connection, "partitions")? {
+                Some(stored) if stored != i64::from(partitions) => {
+                    return Err(StoreError::PartitionCount { stored: stored as u32, configured: partitions });
+                }
+                Some(_) => {}
+                None => set_meta(connection, "partitions", i64::from(partitions))?,
+            }
+            let all: Vec<i32> = (0..partitions as i32).collect();
+            let create = connection.statement(
+                "INSERT INTO tally_checkpoints (partition, log_offset, generations, owner_epoch) \
+                 SELECT p, NULL, $2, 0 FROM unnest($1::INT4[]) AS p ON CONFLICT (partition) DO NOTHING",
+            )?;
+            wait(connection.client.execute(&create, &[&all, &Vec::<u8>::new()])).map_err(pg_error("claim"))?;
+            let raise = connection.statement(
+                "UPDATE tally_checkpoints SET owner_epoch = owner_epoch + 1 RETURNING partition, owner_epoch",
+            )?;
+            let rows = wait(connection.client.query(&raise, &[])).map_err(pg_error("claim"))?;
+            let mut epochs = vec![0; partitions as usize];
+            for row in rows {
+                epochs[row.get::<_, i32>(0) as usize] = row.get(1);
+            }
+            Ok(epochs)
+        })?;
+        *self.epochs.lock() = epochs;
+        Ok(())
+    }
+
+    fn checkpoint(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError> {
+        let mut connection = self.pool.get()?;
+        let statement =
+            connection.statement("SELECT log_offset, generations FROM tally_checkpoints WHERE partition = $1")?;
+        let row = wait(connection.client.query_opt(&statement, &[&(partition as i32)]))
+            .map_err(pg_error("read checkpoint"))?;
+        let Some(row) = row else { return Ok(None) };
+        let Some(offset) = row.get::<_, Option<i64>>(0) else { return Ok(None) };
+        let dedup_generation_starts = decode_generations(partition, row.get(1))?;
+        Ok(Some(Checkpoint { partition, offset: offset as u64, dedup_generation_starts }))
+    }
+
+    fn dedup_blobs(&self, partition: u32, generation_start_ms: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut connection = self.pool.get()?;
+        let statement = connection.statement(
+            "SELECT entries FROM tally_dedup WHERE partition = $1 AND generation_start = $2 ORDER BY log_offset",
+        )?;
+        let rows = wait(connection.client.query(&statement, &[&(partition as i32), &generation_start_ms]))
+            .map_err(pg_error("read dedup journal"))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    fn commit<'a>(
+        &self,
+        flushes: &[PartitionFlush<'_>],
+        tiers: &mut dyn FnMut(Granularity) -> tally_core::TierRows<'a>,
+    ) -> Result<(), StoreError> {
+        let mut created = Vec::new();
+        let known = self.tables.lock().clone();
+        let mut connection = self.pool.get()?;
+        connection.transaction("BEGIN", |connection| {
+            let mut writer = flush::Writer { connection, known: &known, created: &mut created };
+            for flush in flushes {
+                writer.move_checkpoint(flush, self.epoch(flush.checkpoint.partition)?)?;
+            }
+            for granularity in Granularity::ALL {
+                writer.write_tier(tiers(granularity))?;
+            }
+            Ok(())
+        })?;
+        self.tables.lock().extend(created);
+        Ok(())
+    }
+
+    /// Nothing to reopen: a broken connection is dropped and the next one is new.
+    fn recover(&self) -> Result<(), StoreError> {
+        self.pool.clear();
+        Ok(())
+    }
+
+    fn needs_recovery(&self) -> bool {
+        false
+    }
+
+    /// Drops the period tables wholly before the cutoffs, which gives their space back at
+    /// once, and the types with no day left.
+    fn purge(&self, cutoffs: &tally_core::Cutoffs) -> Result<usize, StoreError> {
+        let mut connection = self.pool.get()?;
+        let dropped = connection.transaction("BEGIN", |connection| {
+            let list = connection.statement("SELECT name, kind, granularity, period FROM tally_tables")?;
+            let rows = wait(connection.client.query(&list, &[])).map_err(pg_error("list tables"))?;
+            let mut expired = Vec::new();
+            for row in rows {
+                let (name, kind, granularity): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+                let known = Kind::from_name(&kind).zip(Granularity::from_name(&granularity));
+                let Some((_, granularity)) = known else {
+                    return Err(StoreError::Corrupt { detail: format!("tally_tables row {name}: kind {kind}") });
+                };
+                if tables::entirely_before(granularity, row.get(3), cutoffs.of(granularity)) {
+                    expired.push(name);
+                }
+            }
+            for name in &expired {
+                wait(connection.client.batch_execute(&format!("DROP TABLE IF EXISTS {name}")))
+                    .map_err(pg_error("drop expired table"))?;
+            }
+            let forget = connection.statement("DELETE FROM tally_tables WHERE name = ANY($1)")?;
+            wait(connection.client.execute(&forget, &[&expired])).map_err(pg_error("drop expired table"))?;
+            let types = connection.statement("DELETE FROM tally_types WHERE last_day <= $1")?;
+            let last_expired_day = cutoffs.of(Granularity::Day).saturating_sub(DAY_MINUTES);
+            wait(connection.client.execute(&types, &[&last_expired_day])).map_err(pg_error("purge types"))?;
+            Ok(expired)
+        })?;
+        let mut tables = self.tables.lock();
+        for name in &dropped {
+            tables.remove(name);
+        }
+        Ok(dropped.len())
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
+        Ok(Box::new(snapshot::PgSnapshot::open(self.pool.get()?)?))
+    }
+}

@@ -1,0 +1,95 @@
+//! The SQL schema, created and migrated by tally itself.
+//!
+//! ```text
+//! tally_meta         (key, value)                       schema_version, partitions
+//! tally_checkpoints  (partition, log_offset, generations, owner_epoch)
+//! tally_dedup        (partition, generation_start, log_offset, entries)
+//! tally_types        (event_type, last_day)
+//! tally_tables       (name, kind, granularity, period)  the period tables that exist
+//! tally_<kind>_<granularity>_<period>                   one per period, like redb's
+//!     counters   (event_type, video_id, bucket, count, sum NUMERIC)
+//!     uniques    (event_type, video_id, bucket, sketch BYTEA)
+//!     top        (event_type, bucket, sketch BYTEA)
+//!     videos     (event_type, day, video_id)            day tier only
+//!     videotypes (video_id, event_type)                 day tier only
+//! ```
+//!
+//! Buckets live in one table per period (see `crate::tables`), so retention drops whole
+//! tables and PostgreSQL gives their space back at once, with no vacuum.
+//!
+//! Only statements PostgreSQL ≥ 13, CockroachDB and YugabyteDB all accept: `CREATE TABLE
+//! IF NOT EXISTS` with a primary key, `INSERT … SELECT FROM unnest(…) ON CONFLICT … DO
+//! UPDATE / DO NOTHING`, `UPDATE … WHERE`, `DELETE`, `DROP TABLE IF EXISTS`, `GREATEST`,
+//! `COALESCE`, `SUM`, casts between `NUMERIC` and `TEXT`, and transactions at `READ
+//! COMMITTED` (writes) and `REPEATABLE READ READ ONLY` (reads). No extensions.
+
+use tally_core::Granularity;
+
+use crate::tables::Kind;
+
+/// The schema this tally writes. `MIGRATIONS[v]` takes a database from version `v` to
+/// `v + 1`.
+pub(crate) const VERSION: i64 = 1;
+
+pub(crate) const MIGRATIONS: [&str; VERSION as usize] = [
+    // 0 → 1: the fixed tables.
+    "CREATE TABLE IF NOT EXISTS tally_checkpoints (
+        partition INTEGER PRIMARY KEY,
+        log_offset BIGINT,
+        generations BYTEA NOT NULL,
+        owner_epoch BIGINT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS tally_dedup (
+        partition INTEGER NOT NULL,
+        generation_start BIGINT NOT NULL,
+        log_offset BIGINT NOT NULL,
+        entries BYTEA NOT NULL,
+        PRIMARY KEY (partition, generation_start, log_offset)
+    );
+    CREATE TABLE IF NOT EXISTS tally_types (event_type TEXT PRIMARY KEY, last_day BIGINT NOT NULL);
+    CREATE TABLE IF NOT EXISTS tally_tables (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        granularity TEXT NOT NULL,
+        period BIGINT NOT NULL
+    );",
+];
+
+pub(crate) const META: &str = "CREATE TABLE IF NOT EXISTS tally_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)";
+
+/// The name of the table of one (kind, granularity, period).
+pub(crate) fn table(kind: Kind, granularity: Granularity, period: i64) -> String {
+    let sign = if period < 0 { "n" } else { "" };
+    format!("tally_{}_{}_{sign}{}", kind.name(), granularity.name(), period.unsigned_abs())
+}
+
+/// The statement creating the table of `kind` named `name`.
+pub(crate) fn create(kind: Kind, name: &str) -> String {
+    let columns = match kind {
+        Kind::Counters => {
+            "event_type TEXT NOT NULL, video_id TEXT NOT NULL, bucket BIGINT NOT NULL, \
+             count BIGINT NOT NULL, sum NUMERIC NOT NULL, PRIMARY KEY (event_type, video_id, bucket)"
+        }
+        Kind::Uniques => {
+            "event_type TEXT NOT NULL, video_id TEXT NOT NULL, bucket BIGINT NOT NULL, \
+             sketch BYTEA NOT NULL, PRIMARY KEY (event_type, video_id, bucket)"
+        }
+        Kind::Top => "event_type TEXT NOT NULL, bucket BIGINT NOT NULL, sketch BYTEA NOT NULL, PRIMARY KEY (event_type, bucket)",
+        Kind::Videos => {
+            "event_type TEXT NOT NULL, day BIGINT NOT NULL, video_id TEXT NOT NULL, PRIMARY KEY (event_type, day, video_id)"
+        }
+        Kind::VideoTypes => "video_id TEXT NOT NULL, event_type TEXT NOT NULL, PRIMARY KEY (video_id, event_type)",
+    };
+    format!("CREATE TABLE IF NOT EXISTS {name} ({columns})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers_for_every_period() {
+        assert_eq!(table(Kind::Counters, Granularity::Minute, 20_000), "tally_counters_minute_20000");
+        assert_eq!(table(Kind::VideoTypes, Granularity::Day, -3), "tally_videotypes_day_n3");
+    }
+}
