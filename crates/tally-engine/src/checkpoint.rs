@@ -149,6 +149,8 @@ struct Taken {
 #[derive(Clone, Copy)]
 pub(crate) enum StoreTrouble {
     DiskFull,
+    /// The database cannot be reached: writers hold back (429) until it is back.
+    Unreachable,
     Failing,
 }
 
@@ -157,6 +159,9 @@ impl StoreTrouble {
         match self {
             StoreTrouble::DiskFull => EngineError::DiskFull {
                 reason: "the store's disk is full; flushes are retried and writes resume once one succeeds".into(),
+            },
+            StoreTrouble::Unreachable => EngineError::Overloaded {
+                reason: "the database is unreachable; flushes are retried and writes resume when it is back",
             },
             StoreTrouble::Failing => EngineError::Unavailable {
                 reason: "a store write failed (see the server log); flushes are retried".into(),
@@ -281,7 +286,11 @@ fn store_failed(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>, erro
     if !error.is_transient() {
         return shared.failed(format!("flush: {error}"));
     }
-    let trouble = if error.is_disk_full() { StoreTrouble::DiskFull } else { StoreTrouble::Failing };
+    let trouble = match () {
+        _ if error.is_disk_full() => StoreTrouble::DiskFull,
+        _ if error.is_unreachable() => StoreTrouble::Unreachable,
+        _ => StoreTrouble::Failing,
+    };
     tracing::error!(%error, "store commit failed; nothing acknowledged is lost, retrying");
     *shared.store_trouble.lock() = Some(trouble);
     state.unsettled = batch;

@@ -91,6 +91,18 @@ pub struct EngineConfig {
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
+    /// Where the aggregates live.
+    pub store: StoreLocation,
+}
+
+/// Where the engine keeps its aggregates; the log stays in the data directory either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// redb, in `<data_dir>/store.redb`.
+    #[default]
+    Embedded,
+    /// A PostgreSQL-protocol database, `postgres://user@host:port/db`.
+    Postgres { url: String, connections_max: usize },
 }
 
 impl Default for EngineConfig {
@@ -111,6 +123,7 @@ impl Default for EngineConfig {
             disk_free_bytes_min: 256 << 20,
             event_types_max: 1_000,
             accept_log_loss: false,
+            store: StoreLocation::Embedded,
         }
     }
 }
@@ -148,6 +161,8 @@ impl From<StoreError> for EngineError {
         match error {
             // Over in a moment: the store is opened again after a failed write.
             StoreError::Reopening => EngineError::Unavailable { reason: error.to_string() },
+            // A database out of reach: reads answer 503 until it is back.
+            error if error.is_unreachable() => EngineError::Unavailable { reason: error.to_string() },
             error => EngineError::Store(error),
         }
     }

@@ -17,13 +17,13 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tally_aggregate::{Dedup, PartitionState};
 use tally_core::RecordReader;
-use tally_store::{CounterStore, RedbStore};
+use tally_store::{CounterStore, PoolOptions, PostgresStore, RedbStore};
 use tally_wal::{Wal, WalOptions};
 
 use crate::budget::QueueBudget;
 use crate::checkpoint::{FlushSignal, FlushState, FlusherHandle};
 use crate::partition::{Memory, Partition, run_writer};
-use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared, types};
+use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared, StoreLocation, types};
 
 pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
     let started = Instant::now();
@@ -42,19 +42,7 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         free_bytes_min: config.disk_free_bytes_min,
         accept_damage: config.accept_log_loss,
     };
-    let store_path = data_dir.join(crate::STORE_FILE);
-    if !store_path.exists() {
-        initialize(&config, wal_options)?;
-    }
-    // Compaction rewrites the store and needs room: on a (nearly) full disk the server
-    // still starts, serves reads, and lets flushes free log segments.
-    let store_bytes = fs::metadata(&store_path).map_err(data_dir_error)?.len();
-    let free = tally_wal::free_bytes(data_dir).map_err(data_dir_error)?;
-    let may_compact = free >= store_bytes.saturating_add(config.disk_free_bytes_min);
-    if !may_compact {
-        tracing::warn!(free_bytes = free, store_bytes, "little free disk: the store is not compacted at start");
-    }
-    let store: Arc<dyn CounterStore> = Arc::new(RedbStore::open(&store_path, config.store_cache_bytes, may_compact)?);
+    let store = open_store(&config, wal_options)?;
     store.claim_partitions(config.partitions)?;
 
     let mut partitions = Vec::with_capacity(config.partitions as usize);
@@ -125,6 +113,42 @@ pub(crate) fn open(config: EngineConfig) -> Result<Engine, EngineError> {
 
 fn wal_dir(data_dir: &Path, partition: u32) -> PathBuf {
     data_dir.join("wal").join(format!("p{partition:03}"))
+}
+
+/// Opens the store the configuration names; a data directory new to it is made first.
+fn open_store(config: &EngineConfig, wal_options: WalOptions) -> Result<Arc<dyn CounterStore>, EngineError> {
+    let data_dir = &config.data_dir;
+    let data_dir_error = |source| EngineError::DataDir { path: data_dir.clone(), source };
+    match &config.store {
+        StoreLocation::Embedded => {
+            let store_path = data_dir.join(crate::STORE_FILE);
+            if !store_path.exists() {
+                initialize(config, wal_options)?;
+            }
+            // Compaction rewrites the store and needs room: on a (nearly) full disk the
+            // server still starts, serves reads, and lets flushes free log segments.
+            let store_bytes = fs::metadata(&store_path).map_err(data_dir_error)?.len();
+            let free = tally_wal::free_bytes(data_dir).map_err(data_dir_error)?;
+            let may_compact = free >= store_bytes.saturating_add(config.disk_free_bytes_min);
+            if !may_compact {
+                tracing::warn!(free_bytes = free, store_bytes, "little free disk: the store is not compacted at start");
+            }
+            Ok(Arc::new(RedbStore::open(&store_path, config.store_cache_bytes, may_compact)?))
+        }
+        StoreLocation::Postgres { url, connections_max } => {
+            let options = PoolOptions { connections_max: *connections_max, ..PoolOptions::default() };
+            let store = PostgresStore::open(url, options)?;
+            // The log of a partition the database has never seen starts empty; one the
+            // database has a checkpoint for must be here (`Wal::open` says if not).
+            for index in 0..config.partitions {
+                let dir = wal_dir(data_dir, index);
+                if !dir.exists() && store.checkpoint(index)?.is_none() {
+                    Wal::create(&dir, wal_options)?;
+                }
+            }
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 /// Makes a new data directory: the store (with its partition count) under a staging name,

@@ -18,16 +18,18 @@ pub struct Postgres {
 /// The directory holding `initdb` and `pg_ctl`: Debian's newest, else `PATH`'s.
 fn bin_dir() -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect()
+        })
         .unwrap_or_default();
     versions.sort();
     if let Some(newest) = versions.pop() {
         return newest;
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists()).unwrap_or_else(|| {
-        panic!("PostgreSQL is not installed (no initdb or pg_ctl): apt-get install postgresql, as .ci/run does")
-    })
+    std::env::split_paths(&path).find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists()).unwrap_or_else(
+        || panic!("PostgreSQL is not installed (no initdb or pg_ctl): apt-get install postgresql, as .ci/run does"),
+    )
 }
 
 fn is_root() -> bool {
@@ -46,12 +48,26 @@ impl Postgres {
             run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(server.dir.path()));
         }
         let data = server.data().to_str().unwrap().to_string();
-        server.run_as_owner("initdb", &["-D", &data, "-U", "tally", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        server.run_as_owner(
+            "initdb",
+            &["-D", &data, "-U", "tally", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+        );
         server.start_again();
         let psql = server.bin.join("psql");
         let socket = server.dir.path().to_str().unwrap().to_string();
         let created = Command::new(psql)
-            .args(["-h", &socket, "-p", &server.port.to_string(), "-U", "tally", "-d", "postgres", "-c", "CREATE DATABASE tally"])
+            .args([
+                "-h",
+                &socket,
+                "-p",
+                &server.port.to_string(),
+                "-U",
+                "tally",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE tally",
+            ])
             .output()
             .expect("run psql");
         check("psql CREATE DATABASE", &created);

@@ -59,7 +59,9 @@ impl StoreError {
     pub fn is_disk_full(&self) -> bool {
         use std::io::ErrorKind::{QuotaExceeded, StorageFull};
         match self {
-            StoreError::Redb { source: redb::Error::Io(error), .. } => matches!(error.kind(), StorageFull | QuotaExceeded),
+            StoreError::Redb { source: redb::Error::Io(error), .. } => {
+                matches!(error.kind(), StorageFull | QuotaExceeded)
+            }
             StoreError::Postgres { source, .. } => source.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL),
             _ => false,
         }

@@ -60,7 +60,14 @@ fn flush(store: &dyn CounterStore, partition: u32, deltas: &Deltas, offset: u64,
     store.commit(&flushes, &mut |granularity| rollup(&[deltas], cutoffs, granularity)).unwrap();
 }
 
-fn sum(store: &dyn CounterStore, event_type: &str, video: &str, granularity: Granularity, start: i64, end: i64) -> Counter {
+fn sum(
+    store: &dyn CounterStore,
+    event_type: &str,
+    video: &str,
+    granularity: Granularity,
+    start: i64,
+    end: i64,
+) -> Counter {
     store.snapshot().unwrap().sum(event_type, video, Span { granularity, start, end }).unwrap()
 }
 

@@ -8,8 +8,21 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 use tally_core::Limits;
-use tally_engine::{EngineConfig, Retention};
+use tally_engine::{EngineConfig, Retention, StoreLocation};
 use tally_server::ServerConfig;
+
+/// The `store` setting: `embedded` (or absent), or a PostgreSQL URL.
+fn store_location(store: Option<&str>, connections_max: Option<usize>) -> anyhow::Result<StoreLocation> {
+    let connections_max = connections_max.unwrap_or(16);
+    anyhow::ensure!((1..=1024).contains(&connections_max), "store_connections_max must be 1 to 1024");
+    match store {
+        None | Some("embedded") => Ok(StoreLocation::Embedded),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(StoreLocation::Postgres { url: url.to_string(), connections_max })
+        }
+        Some(other) => anyhow::bail!("store {other:?}: expected \"embedded\" or a postgres://user@host:port/db URL"),
+    }
+}
 
 /// Every setting of `tally serve`. Absent keys take the defaults of `EngineConfig`,
 /// `ServerConfig` and `Limits`, documented in the README's configuration table.
@@ -17,6 +30,11 @@ use tally_server::ServerConfig;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
+    /// Where the aggregates live: `embedded` (redb in the data directory, the default) or
+    /// a `postgres://user@host:port/db` URL. The log stays in the data directory.
+    pub store: Option<String>,
+    /// Connections to the database at most (PostgreSQL store); default 16.
+    pub store_connections_max: Option<usize>,
     pub listen: Option<SocketAddr>,
     /// A second address serving only /healthz, /readyz and /metrics, apart from the
     /// client connections and their limit; default: none.
@@ -111,6 +129,7 @@ impl FileConfig {
             disk_free_bytes_min: self.disk_free_bytes_min.unwrap_or(engine_default.disk_free_bytes_min),
             event_types_max: self.event_types_max.unwrap_or(engine_default.event_types_max),
             accept_log_loss: false,
+            store: store_location(self.store.as_deref(), self.store_connections_max)?,
         };
         let server = ServerConfig {
             body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),

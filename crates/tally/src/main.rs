@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Directory for the log and the store [default: ./tally-data]
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Where the aggregates live: `embedded` (redb in the data directory) or a
+    /// PostgreSQL URL, postgres://USER@HOST:PORT/DB [default: embedded]
+    #[arg(long)]
+    store: Option<String>,
     /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080]
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,

@@ -33,6 +33,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.listen.is_some() {
         file.listen = args.listen;
     }
+    if args.store.is_some() {
+        file.store = args.store;
+    }
     if args.admin_listen.is_some() {
         file.admin_listen = args.admin_listen;
     }

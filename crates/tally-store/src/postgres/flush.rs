@@ -56,7 +56,8 @@ impl Writer<'_> {
         let forget =
             self.connection.statement("DELETE FROM tally_dedup WHERE partition = $1 AND generation_start < $2")?;
         let keep_from = checkpoint.dedup_generation_starts.first().copied().unwrap_or(i64::MAX);
-        wait(self.connection.client.execute(&forget, &[&partition, &keep_from])).map_err(pg_error("purge dedup journal"))?;
+        wait(self.connection.client.execute(&forget, &[&partition, &keep_from]))
+            .map_err(pg_error("purge dedup journal"))?;
         Ok(())
     }
 
@@ -201,7 +202,8 @@ impl Writer<'_> {
             "INSERT INTO {table} (event_type, bucket, sketch) SELECT * FROM unnest($1::TEXT[], $2::INT8[], $3::BYTEA[]) \
              ON CONFLICT (event_type, bucket) DO UPDATE SET sketch = EXCLUDED.sketch"
         ))?;
-        wait(self.connection.client.execute(&write, &[&types, &buckets, &sketches])).map_err(pg_error("flush top items"))?;
+        wait(self.connection.client.execute(&write, &[&types, &buckets, &sketches]))
+            .map_err(pg_error("flush top items"))?;
         Ok(())
     }
 

@@ -85,10 +85,11 @@ impl PostgresStore {
     }
 
     fn epoch(&self, partition: u32) -> Result<i64, StoreError> {
-        self.epochs.lock().get(partition as usize).copied().ok_or_else(|| StoreError::Fenced {
-            partition,
-            detail: "this engine never claimed it".into(),
-        })
+        self.epochs
+            .lock()
+            .get(partition as usize)
+            .copied()
+            .ok_or_else(|| StoreError::Fenced { partition, detail: "this engine never claimed it".into() })
     }
 }
 
@@ -112,7 +113,7 @@ fn set_meta(connection: &mut Connection, key: &str, value: i64) -> Result<(), St
 }
 
 fn decode_generations(partition: u32, bytes: &[u8]) -> Result<Vec<i64>, StoreError> {
-    if bytes.len() % 8 != 0 || bytes.len() / 8 > CHECKPOINT_GENERATIONS_MAX {
+    if !bytes.len().is_multiple_of(8) || bytes.len() / 8 > CHECKPOINT_GENERATIONS_MAX {
         return Err(StoreError::Corrupt {
             detail: format!("checkpoint of partition {partition} has {} bytes of generations", bytes.len()),
         });

@@ -94,7 +94,6 @@ impl Connection {
             self.broken = true;
         }
     }
-
 }
 
 impl Pool {

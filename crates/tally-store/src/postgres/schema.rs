@@ -74,7 +74,9 @@ pub(crate) fn create(kind: Kind, name: &str) -> String {
             "event_type TEXT NOT NULL, video_id TEXT NOT NULL, bucket BIGINT NOT NULL, \
              sketch BYTEA NOT NULL, PRIMARY KEY (event_type, video_id, bucket)"
         }
-        Kind::Top => "event_type TEXT NOT NULL, bucket BIGINT NOT NULL, sketch BYTEA NOT NULL, PRIMARY KEY (event_type, bucket)",
+        Kind::Top => {
+            "event_type TEXT NOT NULL, bucket BIGINT NOT NULL, sketch BYTEA NOT NULL, PRIMARY KEY (event_type, bucket)"
+        }
         Kind::Videos => {
             "event_type TEXT NOT NULL, day BIGINT NOT NULL, video_id TEXT NOT NULL, PRIMARY KEY (event_type, day, video_id)"
         }

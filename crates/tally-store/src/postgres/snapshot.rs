@@ -48,20 +48,19 @@ impl<'p> PgSnapshot<'p> {
     }
 
     /// The rows of `sql` (with `{table}` standing for each period table of `kind` that
-    /// `[start, end)` touches, oldest first) bound to `params`, then the range's bounds.
+    /// `span` touches, oldest first) bound to `params`, then the span's bounds in that
+    /// table.
     fn scan(
         &self,
         kind: Kind,
-        granularity: Granularity,
+        span: Span,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
-        start: i64,
-        end: i64,
         visit: &mut dyn FnMut(&Row) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut connection = self.connection.borrow_mut();
-        for (period, from, to) in tables::periods(granularity, start, end) {
-            let table = schema::table(kind, granularity, period);
+        for (period, from, to) in tables::periods(span.granularity, span.start, span.end) {
+            let table = schema::table(kind, span.granularity, period);
             if !self.tables.contains(&table) {
                 continue;
             }
@@ -98,7 +97,7 @@ impl Snapshot for PgSnapshot<'_> {
         let sql = "SELECT COALESCE(SUM(count), 0)::TEXT, COALESCE(SUM(sum), 0)::TEXT FROM {table} \
                    WHERE event_type = $1 AND video_id = $2 AND bucket >= $3 AND bucket < $4";
         let mut total = Counter::default();
-        self.scan(Kind::Counters, span.granularity, sql, &[&event_type, &video_id], span.start, span.end, &mut |row| {
+        self.scan(Kind::Counters, span, sql, &[&event_type, &video_id], &mut |row| {
             total.add(counter(row.get(0), row.get(1))?);
             Ok(())
         })?;
@@ -116,7 +115,7 @@ impl Snapshot for PgSnapshot<'_> {
     ) -> Result<(), StoreError> {
         let sql = "SELECT bucket, count::TEXT, sum::TEXT FROM {table} \
                    WHERE event_type = $1 AND video_id = $2 AND bucket >= $3 AND bucket < $4 ORDER BY bucket";
-        self.scan(Kind::Counters, granularity, sql, &[&event_type, &video_id], start, end, &mut |row| {
+        self.scan(Kind::Counters, Span { granularity, start, end }, sql, &[&event_type, &video_id], &mut |row| {
             visit(row.get(0), counter(row.get(1), row.get(2))?);
             Ok(())
         })
@@ -125,7 +124,7 @@ impl Snapshot for PgSnapshot<'_> {
     fn uniques(&self, event_type: &str, video_id: &str, span: Span, into: &mut Hll) -> Result<(), StoreError> {
         let sql = "SELECT sketch FROM {table} \
                    WHERE event_type = $1 AND video_id = $2 AND bucket >= $3 AND bucket < $4";
-        self.scan(Kind::Uniques, span.granularity, sql, &[&event_type, &video_id], span.start, span.end, &mut |row| {
+        self.scan(Kind::Uniques, span, sql, &[&event_type, &video_id], &mut |row| {
             into.merge(&Hll::decode(row.get(0)).map_err(|detail| StoreError::Corrupt { detail })?);
             Ok(())
         })
@@ -133,14 +132,14 @@ impl Snapshot for PgSnapshot<'_> {
 
     fn top(&self, event_type: &str, span: Span, into: &mut TopSketch) -> Result<(), StoreError> {
         let sql = "SELECT sketch FROM {table} WHERE event_type = $1 AND bucket >= $2 AND bucket < $3";
-        self.scan(Kind::Top, span.granularity, sql, &[&event_type], span.start, span.end, &mut |row| {
+        self.scan(Kind::Top, span, sql, &[&event_type], &mut |row| {
             into.merge_encoded(row.get(0)).map_err(|detail| StoreError::Corrupt { detail })
         })
     }
 
     fn videos(&self, event_type: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
         let sql = "SELECT video_id FROM {table} WHERE event_type = $1 AND day >= $2 AND day < $3";
-        self.scan(Kind::Videos, Granularity::Day, sql, &[&event_type], start, end, &mut |row| {
+        self.scan(Kind::Videos, Span { granularity: Granularity::Day, start, end }, sql, &[&event_type], &mut |row| {
             visit(row.get(0));
             Ok(())
         })
@@ -148,8 +147,9 @@ impl Snapshot for PgSnapshot<'_> {
 
     fn video_types(&self, video_id: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
         // The table holds a period of days; the day bounds only pick the tables.
-        let sql = "SELECT event_type FROM {table} WHERE video_id = $1 AND $2::INT8 IS NOT NULL AND $3::INT8 IS NOT NULL";
-        self.scan(Kind::VideoTypes, Granularity::Day, sql, &[&video_id], start, end, &mut |row| {
+        let sql =
+            "SELECT event_type FROM {table} WHERE video_id = $1 AND $2::INT8 IS NOT NULL AND $3::INT8 IS NOT NULL";
+        self.scan(Kind::VideoTypes, Span { granularity: Granularity::Day, start, end }, sql, &[&video_id], &mut |row| {
             visit(row.get(0));
             Ok(())
         })
