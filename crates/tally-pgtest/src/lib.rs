@@ -53,24 +53,7 @@ impl Postgres {
             &["-D", &data, "-U", "tally", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
         );
         server.start_again();
-        let psql = server.bin.join("psql");
-        let socket = server.dir.path().to_str().unwrap().to_string();
-        let created = Command::new(psql)
-            .args([
-                "-h",
-                &socket,
-                "-p",
-                &server.port.to_string(),
-                "-U",
-                "tally",
-                "-d",
-                "postgres",
-                "-c",
-                "CREATE DATABASE tally",
-            ])
-            .output()
-            .expect("run psql");
-        check("psql CREATE DATABASE", &created);
+        server.sql("postgres", "CREATE DATABASE tally");
         server
     }
 
@@ -103,6 +86,18 @@ impl Postgres {
         let data = self.data().to_str().unwrap().to_string();
         self.run_as_owner("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
         self.running = false;
+    }
+
+    /// Runs `sql` with `psql` in `database` and returns its unaligned output (one row per
+    /// line, columns separated by `|`); a failing statement panics with the error.
+    pub fn sql(&self, database: &str, sql: &str) -> String {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-h", self.dir.path().to_str().unwrap(), "-p", &self.port.to_string(), "-U", "tally"])
+            .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .expect("run psql");
+        check(&format!("psql {sql:?}"), &output);
+        String::from_utf8_lossy(&output.stdout).trim_end().to_string()
     }
 
     /// The server's log, for failure messages.
