@@ -160,6 +160,18 @@ fn check_counts(server: &Server, ledger: &Ledger, when: &str) {
 
 #[test]
 fn sigkill_under_load_loses_nothing_acknowledged_and_counts_nothing_twice() {
+    stop_under_load(CONFIG);
+}
+
+/// The same with the aggregates in PostgreSQL: the server's own data directory keeps
+/// only the log, the checkpoints that say what of it landed live in the database.
+#[test]
+fn sigkill_under_load_with_postgresql_loses_nothing_and_counts_nothing_twice() {
+    let database = tally_pgtest::Postgres::start();
+    stop_under_load(&format!("{CONFIG}\nstore = \"{}\"", database.url()));
+}
+
+fn stop_under_load(config: &str) {
     let seed: u64 = std::env::var("TALLY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("seed {seed} (replay with TALLY_TEST_SEED={seed})");
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -167,7 +179,7 @@ fn sigkill_under_load_loses_nothing_acknowledged_and_counts_nothing_twice() {
     let data = dir.path().join("data");
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut repeated_total = 0;
-    let mut server = start(&data, CONFIG);
+    let mut server = start(&data, config);
     for round in 0..ROUNDS {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..CLIENTS)
@@ -190,7 +202,7 @@ fn sigkill_under_load_loses_nothing_acknowledged_and_counts_nothing_twice() {
         for c in clients {
             c.join().unwrap();
         }
-        server = start(&data, CONFIG);
+        server = start(&data, config);
         {
             let ledger = ledger.lock().unwrap();
             let replayed = server.log().lines().find(|l| l.contains("recovery complete")).unwrap_or("").to_owned();
@@ -215,6 +227,6 @@ fn sigkill_under_load_loses_nothing_acknowledged_and_counts_nothing_twice() {
     );
     let status = server.terminate(STOP_TIMEOUT);
     assert!(status.success());
-    let server = start(&data, CONFIG);
+    let server = start(&data, config);
     check_counts(&server, &ledger, "after a clean restart");
 }

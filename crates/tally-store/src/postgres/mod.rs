@@ -60,6 +60,9 @@ impl PostgresStore {
     /// Brings the schema to `schema::VERSION`, one migration at a time, in one transaction.
     fn migrate(&self) -> Result<(), StoreError> {
         self.pool.get()?.transaction("BEGIN", |connection| {
+            // "already exists, skipping" notices on every start are noise.
+            let quiet = "SET LOCAL client_min_messages TO warning";
+            wait(connection.client.batch_execute(quiet)).map_err(pg_error("set client_min_messages"))?;
             wait(connection.client.batch_execute(schema::META)).map_err(pg_error("create tally_meta"))?;
             let version = meta(connection, "schema_version")?.unwrap_or(0);
             if version > schema::VERSION {

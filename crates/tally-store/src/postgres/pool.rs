@@ -38,7 +38,8 @@ pub(crate) fn wait<F: Future>(future: F) -> F::Output {
 }
 
 pub(crate) struct Pool {
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until dropped (taken to shut it down without blocking).
+    runtime: Option<tokio::runtime::Runtime>,
     config: tokio_postgres::Config,
     options: PoolOptions,
     state: Mutex<PoolState>,
@@ -109,7 +110,7 @@ impl Pool {
             .build()
             .map_err(|e| StoreError::Unavailable { detail: format!("cannot start the PostgreSQL runtime: {e}") })?;
         let state = Mutex::new(PoolState { idle: Vec::new(), open: 0 });
-        Ok(Pool { runtime, config, options, state, freed: Condvar::new() })
+        Ok(Pool { runtime: Some(runtime), config, options, state, freed: Condvar::new() })
     }
 
     /// A connection, reused or new; waits for one to be free at the limit.
@@ -147,7 +148,7 @@ impl Pool {
 
     fn connect(&self) -> Result<Connection, StoreError> {
         let config = self.config.clone();
-        let connecting = self.runtime.spawn(async move {
+        let connecting = self.runtime.as_ref().expect("runtime until dropped").spawn(async move {
             let (client, connection) = config.connect(NoTls).await?;
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
@@ -188,6 +189,17 @@ impl std::ops::Deref for Pooled<'_> {
 impl std::ops::DerefMut for Pooled<'_> {
     fn deref_mut(&mut self) -> &mut Connection {
         self.connection.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Pool {
+    /// The store may be dropped on a thread of another runtime, where waiting for this
+    /// one's threads is not allowed: the connection tasks are told to stop and left to end.
+    fn drop(&mut self) {
+        self.state.get_mut().idle.clear();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
