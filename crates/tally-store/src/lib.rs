@@ -17,7 +17,7 @@ mod redb_store;
 mod tables;
 
 pub use postgres::{PoolOptions, PostgresStore};
-pub use redb_store::{RedbStore, TableUsage};
+pub use redb_store::RedbStore;
 
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
@@ -107,6 +107,19 @@ fn postgres_transient(error: &tokio_postgres::Error) -> bool {
             let code = code.code();
             code.starts_with("53") || matches!(code, "40001" | "40P01" | "55P03" | "58030" | "57014")
         })
+}
+
+/// What one group of store tables takes, for capacity planning (`tally store-stats`):
+/// rows, bytes of rows, and bytes on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableUsage {
+    /// `kind.granularity` (e.g. `counters.minute`) or a single table's name.
+    pub group: String,
+    pub tables: u64,
+    pub rows: u64,
+    pub stored_bytes: u64,
+    /// What the disk holds for them: redb's pages; PostgreSQL's heap, indexes and TOAST.
+    pub page_bytes: u64,
 }
 
 /// Where a partition's flushed state ends.

@@ -18,7 +18,7 @@ use tally_core::{Counter, CounterRow, Cutoffs, Granularity, Span, TOP_SKETCH_ITE
 use crate::file::StoreFile;
 use crate::key::{self, bucket_key, bucket_prefix, decode_counter, encode_counter, ordered_i64};
 use crate::tables::{self, Kind};
-use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError};
+use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TableUsage};
 
 const CHECKPOINTS: TableDefinition<u32, &[u8]> = TableDefinition::new("checkpoints");
 const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
@@ -105,18 +105,6 @@ impl RedbStore {
 fn open_database(path: &Path, cache_bytes: usize, sync_failed: &Arc<AtomicBool>) -> Result<Database, StoreError> {
     let file = StoreFile::open(path, Arc::clone(sync_failed)).map_err(redb_error("open"))?;
     redb::Builder::new().set_cache_size(cache_bytes).create_with_backend(file).map_err(redb_error("open"))
-}
-
-/// What one group of store tables takes: rows, bytes of keys and values, and bytes of
-/// pages (what the disk holds for them).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableUsage {
-    /// `kind.granularity` (e.g. `counters.minute`) or a single table's name.
-    pub group: String,
-    pub tables: u64,
-    pub rows: u64,
-    pub stored_bytes: u64,
-    pub page_bytes: u64,
 }
 
 /// redb's page size.

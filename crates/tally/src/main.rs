@@ -73,20 +73,32 @@ pub struct ServeArgs {
 
 #[derive(clap::Args)]
 pub struct StoreStatsArgs {
-    /// Data directory of a stopped server
+    /// Data directory of a stopped server (its embedded store)
     #[arg(long, default_value = "./tally-data")]
     data_dir: PathBuf,
+    /// A PostgreSQL store instead (postgres://USER@HOST:PORT/DB); the server may run
+    #[arg(long)]
+    store: Option<String>,
     /// Print JSON
     #[arg(long)]
     json: bool,
 }
 
 fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
-    let path = args.data_dir.join(tally_engine::STORE_FILE);
-    anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    // A small cache: this reads each table once.
-    let store = tally_store::RedbStore::open(&path, 64 << 20, false)?;
-    let usage = store.usage()?;
+    let (usage, disk) = match &args.store {
+        Some(url) => {
+            let options = tally_store::PoolOptions { connections_max: 1, ..Default::default() };
+            let store = tally_store::PostgresStore::open(url, options)?;
+            (store.usage()?, format!("database: {} bytes", store.disk_bytes()?))
+        }
+        None => {
+            let path = args.data_dir.join(tally_engine::STORE_FILE);
+            anyhow::ensure!(path.exists(), "no store at {}", path.display());
+            // A small cache: this reads each table once.
+            let store = tally_store::RedbStore::open(&path, 64 << 20, false)?;
+            (store.usage()?, format!("file: {} bytes", store.disk_bytes()?))
+        }
+    };
     if args.json {
         let rows: Vec<serde_json::Value> = usage
             .iter()
@@ -109,7 +121,7 @@ fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
             u.group, u.tables, u.rows, u.stored_bytes, u.page_bytes, per_row
         );
     }
-    println!("file: {} bytes", store.disk_bytes()?);
+    println!("{disk}");
     Ok(())
 }
 

@@ -122,3 +122,40 @@ fn a_database_outage_under_load_loses_nothing_and_counts_catch_up() {
     let server = start_with(&data, CONFIG, &["--store", &database.url()]);
     assert_eq!(counts(&server), Ok(expected), "after SIGKILL and restart");
 }
+
+/// `tally store-stats --json` for either backend: rows per table group.
+fn store_stats(args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(common::tally_binary())
+        .arg("store-stats")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn rows(stats: &serde_json::Value, group: &str) -> u64 {
+    let group = stats.as_array().unwrap().iter().find(|g| g["group"] == group).unwrap_or_else(|| panic!("{stats}"));
+    group["rows"].as_u64().unwrap()
+}
+
+#[test]
+fn store_stats_reads_the_embedded_store_and_postgresql() {
+    let database = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (data, args) in
+        [(dir.path().join("embedded"), vec![]), (dir.path().join("pg"), vec!["--store", &database.url()])]
+    {
+        let mut server = start_with(&data, CONFIG, &args);
+        let body = r#"[{"video_id":"a"},{"video_id":"b"},{"video_id":"c"},{"video_id":"c"}]"#;
+        assert_eq!(server.post_events(body, &[]).status, 200);
+        assert!(server.terminate(Duration::from_secs(30)).success(), "a clean stop flushes everything");
+        let stats = match args.as_slice() {
+            [] => store_stats(&["--data-dir", data.to_str().unwrap()]),
+            _ => store_stats(&args),
+        };
+        assert_eq!((rows(&stats, "counters.minute"), rows(&stats, "counters.day")), (3, 3), "{stats}");
+        assert_eq!(rows(&stats, "videos.day"), 3, "{stats}");
+    }
+}

@@ -15,14 +15,14 @@ mod snapshot;
 
 pub use pool::PoolOptions;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use parking_lot::Mutex;
 use tally_core::Granularity;
 use tally_core::bucket::DAY_MINUTES;
 
 use crate::tables::{self, Kind};
-use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError};
+use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TableUsage};
 use pool::{Connection, Pool, wait};
 
 /// Bounds the generation list a checkpoint may hold; dedup keeps about six alive.
@@ -85,6 +85,33 @@ impl PostgresStore {
         let row = wait(connection.client.query_one("SELECT pg_database_size(current_database())", &[]))
             .map_err(pg_error("database size"))?;
         Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Space per table group (`kind.granularity`, or a fixed table's name), for capacity
+    /// planning (`tally store-stats`). Counts every row; sizes are PostgreSQL's
+    /// (`pg_relation_size`, `pg_total_relation_size`).
+    pub fn usage(&self) -> Result<Vec<TableUsage>, StoreError> {
+        let connection = self.pool.get()?;
+        let registered = wait(connection.client.query("SELECT name, kind, granularity FROM tally_tables", &[]))
+            .map_err(pg_error("read tables"))?;
+        let fixed = ["tally_meta", "tally_checkpoints", "tally_dedup", "tally_types", "tally_tables"];
+        let tables =
+            fixed.iter().map(|name| (name.to_string(), name.to_string())).chain(registered.iter().map(|row| {
+                (row.get::<_, String>(0), format!("{}.{}", row.get::<_, String>(1), row.get::<_, String>(2)))
+            }));
+        let mut groups: BTreeMap<String, TableUsage> = BTreeMap::new();
+        for (name, group) in tables {
+            // Names come from tally's own registry, built by `schema::table`.
+            let sql =
+                format!("SELECT count(*), pg_relation_size('{name}'), pg_total_relation_size('{name}') FROM {name}");
+            let row = wait(connection.client.query_one(sql.as_str(), &[])).map_err(pg_error("table usage"))?;
+            let usage = groups.entry(group.clone()).or_insert_with(|| TableUsage { group, ..TableUsage::default() });
+            usage.tables += 1;
+            usage.rows += row.get::<_, i64>(0) as u64;
+            usage.stored_bytes += row.get::<_, i64>(1) as u64;
+            usage.page_bytes += row.get::<_, i64>(2) as u64;
+        }
+        Ok(groups.into_values().collect())
     }
 
     fn epoch(&self, partition: u32) -> Result<i64, StoreError> {
