@@ -9,6 +9,7 @@
 pub mod bucket;
 pub mod event;
 pub mod hll;
+pub mod log;
 pub mod partition;
 pub mod record;
 pub mod retention;

@@ -13,6 +13,7 @@
 
 mod budget;
 mod checkpoint;
+pub mod local;
 mod partition;
 mod query;
 mod recovery;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tally_aggregate::dedup::request_key;
+use tally_core::log::{Log, LogError};
 use tally_core::{EventRef, RecordWriter, RequestKey, partition_of};
 use tally_store::{CounterStore, StoreError};
 use tally_wal::WalError;
@@ -40,11 +42,7 @@ use partition::{Append, Partition};
 /// allocation of each record, so most batches are encoded without regrowing.
 const RECORD_BYTES_PER_EVENT_ESTIMATE: usize = 48;
 
-/// The store's file inside the data directory.
-pub const STORE_FILE: &str = "store.redb";
-/// Where a new data directory's store is made; renamed to `STORE_FILE` once the whole
-/// directory is (see `recovery::initialize`).
-pub(crate) const STORE_STAGING_FILE: &str = "store.redb.new";
+pub use local::STORE_FILE;
 
 /// What clients are told once a log or store write failed.
 const FAILED_REASON: &str = "a log or store write failed (see the server log); restart the server to recover";
@@ -91,18 +89,6 @@ pub struct EngineConfig {
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
-    /// Where the aggregates live.
-    pub store: StoreLocation,
-}
-
-/// Where the engine keeps its aggregates; the log stays in the data directory either way.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum StoreLocation {
-    /// redb, in `<data_dir>/store.redb`.
-    #[default]
-    Embedded,
-    /// A PostgreSQL-protocol database, `postgres://user@host:port/db`.
-    Postgres { url: String, connections_max: usize },
 }
 
 impl Default for EngineConfig {
@@ -123,7 +109,6 @@ impl Default for EngineConfig {
             disk_free_bytes_min: 256 << 20,
             event_types_max: 1_000,
             accept_log_loss: false,
-            store: StoreLocation::Embedded,
         }
     }
 }
@@ -141,7 +126,7 @@ pub enum EngineError {
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
-    Wal(#[from] WalError),
+    Log(#[from] LogError),
     #[error("idempotency key was already used for a different request body")]
     IdempotencyConflict,
     #[error("outcome unknown: {reason}; retry with the same idempotency key")]
@@ -154,6 +139,12 @@ pub enum EngineError {
     TooExpensive { reason: String },
     #[error("event type {event_type:?} would be new, and this server counts at most {max} event types")]
     TooManyTypes { event_type: String, max: usize },
+}
+
+impl From<WalError> for EngineError {
+    fn from(error: WalError) -> EngineError {
+        EngineError::Log(error.into())
+    }
 }
 
 impl From<StoreError> for EngineError {
@@ -223,9 +214,9 @@ impl Shared {
 }
 
 pub struct Engine {
-    /// Held (flock) for the life of the engine: two processes on one data directory would
-    /// interleave their logs.
-    _lock: std::fs::File,
+    /// The partitions' logs (each writer holds its own partition's): kept for the life
+    /// of the engine, with whatever the log holds (the data directory's lock).
+    _log: Box<dyn Log>,
     shared: Arc<Shared>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     flusher: Mutex<Option<checkpoint::FlusherHandle>>,
@@ -339,11 +330,18 @@ pub struct EngineStats {
 }
 
 impl Engine {
-    /// Opens (or creates) the data directory, replays each partition's log from its
-    /// checkpoint, and starts the writer and flusher threads. Returns once recovery is
-    /// complete: the engine is then ready.
+    /// Opens (or creates) the data directory with its embedded store (`local::open`) and
+    /// starts on it.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
-        recovery::open(config)
+        let (store, log) = local::open(&config)?;
+        Engine::start(config, store, Box::new(log))
+    }
+
+    /// Starts on the store and log given: claims every partition in the store, replays
+    /// each partition's log from its checkpoint, and starts the writer and flusher
+    /// threads. Returns once recovery is complete: the engine is then ready.
+    pub fn start(config: EngineConfig, store: Arc<dyn CounterStore>, log: Box<dyn Log>) -> Result<Engine, EngineError> {
+        recovery::start(config, store, log)
     }
 
     pub fn recovery(&self) -> RecoveryReport {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tally_aggregate::{Applied, Deltas, Outcome, PartitionState};
 use tally_core::RecordReader;
-use tally_wal::Wal;
+use tally_core::log::{LogError, PartitionLog};
 use tokio::sync::oneshot;
 
 use crate::budget::Permit;
@@ -140,8 +140,8 @@ impl Partition {
         self.stalled.load(Ordering::Relaxed)
     }
 
-    fn record_wal_stats(&self, wal: &Wal) {
-        let stats = wal.stats();
+    fn record_wal_stats(&self, wal: &dyn PartitionLog) {
+        let stats = wal.held();
         self.wal_segments.store(stats.segments, Ordering::Relaxed);
         self.wal_bytes.store(stats.bytes, Ordering::Relaxed);
     }
@@ -152,7 +152,7 @@ impl Partition {
 pub(crate) fn run_writer(
     shared: Arc<Shared>,
     partition: Arc<Partition>,
-    mut wal: Wal,
+    mut wal: Box<dyn PartitionLog>,
     appends: mpsc::Receiver<Append>,
 ) {
     let _fail_on_panic = FailOnPanic { shared: &shared, partition: partition.index };
@@ -163,13 +163,13 @@ pub(crate) fn run_writer(
     let accepted_total = metrics::counter!("tally_events_accepted_total");
     let duplicate_total = metrics::counter!("tally_events_duplicate_total");
     let mut removed_before = partition.checkpoint_offset.load(Ordering::Relaxed);
-    partition.record_wal_stats(&wal);
+    partition.record_wal_stats(&*wal);
     let mut group: Vec<Append> = Vec::new();
     loop {
         let first = match appends.recv_timeout(Duration::from_millis(WRITER_IDLE_MS)) {
             Ok(append) => append,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                remove_checkpointed_segments(&partition, &mut wal, &mut removed_before);
+                remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -194,8 +194,9 @@ pub(crate) fn run_writer(
             answer_all(&partition, &mut group, || Err(EngineError::Unavailable { reason: reason.clone() }));
             continue;
         }
-        let Some((end_offset, sync)) = append_group(&shared, &partition, &mut wal, &mut group) else { continue };
-        fsync_seconds.record(sync.as_secs_f64());
+        let Some(appended) = append_group(&shared, &partition, &mut *wal, &mut group) else { continue };
+        let end_offset = appended.end_offset;
+        fsync_seconds.record(appended.sync.as_secs_f64());
         group_records.record(group.len() as f64);
 
         let mut outcomes = Vec::with_capacity(group.len());
@@ -222,10 +223,10 @@ pub(crate) fn run_writer(
             partition.queued.fetch_sub(1, Ordering::Relaxed);
             let _ = append.reply.send(outcome);
         }
-        partition.record_wal_stats(&wal);
-        remove_checkpointed_segments(&partition, &mut wal, &mut removed_before);
+        partition.record_wal_stats(&*wal);
+        remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
     }
-    remove_checkpointed_segments(&partition, &mut wal, &mut removed_before);
+    remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
 }
 
 /// A writer that panics takes its queue with it: the engine must stop acknowledging.
@@ -279,9 +280,9 @@ fn wait_for_room(shared: &Shared, partition: &Partition) -> Result<(), StoreTrou
 fn append_group(
     shared: &Shared,
     partition: &Partition,
-    wal: &mut Wal,
+    wal: &mut dyn PartitionLog,
     group: &mut Vec<Append>,
-) -> Option<(u64, Duration)> {
+) -> Option<tally_core::log::Appended> {
     let records: Vec<&[u8]> = group.iter().map(|a| a.record.as_slice()).collect();
     match wal.append(&records) {
         Ok(appended) => {
@@ -304,36 +305,27 @@ fn append_group(
 
 /// Answers a group whose frame was not written (the log is as it was): a full disk is
 /// remembered for admission, and every request learns that its part counted nothing.
-fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &tally_wal::WalError) {
+fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &LogError) {
     tracing::warn!(partition = partition.index, %error, "log write refused; nothing was written");
     metrics::counter!("tally_wal_writes_refused_total").increment(1);
-    let reason = match error {
-        tally_wal::WalError::NoSpace { free_bytes, needed_bytes, .. } => format!(
-            "the disk holding the log has {free_bytes} bytes free, below the {needed_bytes} a new log segment \
-             needs with the reserve; writes resume once space is freed"
-        ),
-        tally_wal::WalError::Unwritten { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
-            "the disk holding the log is full; writes resume once space is freed".into()
-        }
-        _ => {
-            let reason = "writing the log failed and was undone (see the server log); retry";
-            answer_all(partition, group, || Err(EngineError::Unavailable { reason: reason.into() }));
-            return;
-        }
+    let LogError::Full { reason, .. } = error else {
+        let reason = "writing the log failed and was undone (see the server log); retry";
+        answer_all(partition, group, || Err(EngineError::Unavailable { reason: reason.into() }));
+        return;
     };
     *partition.disk_full_reason.lock() = reason.clone();
     partition.disk_full_since_ms.store(crate::now_ms(), Ordering::Release);
     answer_all(partition, group, || Err(EngineError::DiskFull { reason: reason.clone() }));
 }
 
-fn remove_checkpointed_segments(partition: &Partition, wal: &mut Wal, removed_before: &mut u64) {
+fn remove_checkpointed_segments(partition: &Partition, wal: &mut dyn PartitionLog, removed_before: &mut u64) {
     let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
     if checkpoint <= *removed_before {
         return;
     }
     // A failure is retried when the checkpoint next moves. Nothing acknowledged depends
     // on it: the log only keeps more than it needs.
-    if let Err(error) = wal.remove_segments_before(checkpoint) {
+    if let Err(error) = wal.forget_before(checkpoint) {
         tracing::warn!(partition = partition.index, %error, "removing checkpointed log segments failed");
         metrics::counter!("tally_wal_remove_failures_total").increment(1);
     }

@@ -22,9 +22,11 @@
 //! made durable by fsyncing the directory.
 
 mod frame;
+mod local;
 mod segment;
 
 pub use frame::{FRAME_HEADER_BYTES, FRAME_PAYLOAD_BYTES_MAX, FrameRecords};
+pub use local::LocalLog;
 pub use segment::{Wal, WalOptions, WalStats, free_bytes};
 
 /// Fuzzing entry point: reads `bytes` as a segment file the way recovery does (trailer,

@@ -8,8 +8,18 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 use tally_core::Limits;
-use tally_engine::{EngineConfig, Retention, StoreLocation};
+use tally_engine::{EngineConfig, Retention};
 use tally_server::ServerConfig;
+
+/// Where the aggregates live; the log stays in the data directory either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// redb, in `<data_dir>/store.redb`.
+    #[default]
+    Embedded,
+    /// A PostgreSQL-protocol database, `postgres://user@host:port/db`.
+    Postgres { url: String, connections_max: usize },
+}
 
 /// The `store` setting: `embedded` (or absent), or a PostgreSQL URL.
 fn store_location(store: Option<&str>, connections_max: Option<usize>) -> anyhow::Result<StoreLocation> {
@@ -87,6 +97,7 @@ pub struct ServeConfig {
     pub worker_threads: Option<usize>,
     pub shutdown_drain_ms: u64,
     pub engine: EngineConfig,
+    pub store: StoreLocation,
     pub server: ServerConfig,
 }
 
@@ -129,7 +140,6 @@ impl FileConfig {
             disk_free_bytes_min: self.disk_free_bytes_min.unwrap_or(engine_default.disk_free_bytes_min),
             event_types_max: self.event_types_max.unwrap_or(engine_default.event_types_max),
             accept_log_loss: false,
-            store: store_location(self.store.as_deref(), self.store_connections_max)?,
         };
         let server = ServerConfig {
             body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),
@@ -154,6 +164,7 @@ impl FileConfig {
             worker_threads: self.worker_threads,
             shutdown_drain_ms: self.shutdown_drain_ms.unwrap_or(SHUTDOWN_DRAIN_MS_DEFAULT),
             engine,
+            store: store_location(self.store.as_deref(), self.store_connections_max)?,
             server,
         })
     }

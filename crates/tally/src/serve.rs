@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tally_engine::Engine;
+use tally_engine::{Engine, EngineConfig};
 use tally_server::{AppState, system_clock};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::ServeArgs;
-use crate::config::FileConfig;
+use crate::config::{FileConfig, StoreLocation};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -74,10 +74,10 @@ async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
         tokio::spawn(tally_server::serve_admin(admin, Arc::clone(&state), stop_rx.clone()));
     }
 
-    let engine_config = config.engine;
-    let opening = tokio::task::spawn_blocking(move || Engine::open(engine_config));
+    let (engine_config, store) = (config.engine, config.store);
+    let opening = tokio::task::spawn_blocking(move || open_engine(engine_config, store));
     let engine = tokio::select! {
-        opened = opening => Arc::new(opened?.context("opening the data directory")?),
+        opened = opening => Arc::new(opened??),
         () = stop_signal.recv() => {
             tracing::info!("stopped while recovering; the next start recovers from the same checkpoint");
             // At once: an engine that finished opening meanwhile would flush everything
@@ -107,6 +107,19 @@ async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || engine.shutdown()).await??;
     tracing::info!("stopped: everything flushed and checkpointed");
     Ok(())
+}
+
+/// The engine on the store the configuration chooses, with the data directory's log.
+fn open_engine(config: EngineConfig, store: StoreLocation) -> anyhow::Result<Engine> {
+    match store {
+        StoreLocation::Embedded => Engine::open(config).context("opening the data directory"),
+        StoreLocation::Postgres { url, connections_max } => {
+            let options = tally_store::PoolOptions { connections_max, ..Default::default() };
+            let store = tally_store::PostgresStore::open(&url, options).context("opening the PostgreSQL store")?;
+            let log = tally_engine::local::open_log(&config, &store).context("opening the data directory")?;
+            Engine::start(config, Arc::new(store), Box::new(log)).context("starting on the PostgreSQL store")
+        }
+    }
 }
 
 /// File descriptors kept for everything but client connections: the store, each

@@ -1,0 +1,87 @@
+//! The log seam: what a partition's writer appends to and what recovery replays.
+//!
+//! The engine asks three things of a partition's log, whatever holds it (the local
+//! write-ahead log in `tally-wal`, or a Kafka partition): append a frame of records
+//! durably and say where it ends, replay every frame from an offset, and let go of what
+//! lies behind a checkpoint. Offsets are the log's own and only grow; the store keeps, per
+//! partition, the offset its aggregates reach, and recovery replays the log from there.
+
+use std::time::Duration;
+
+/// A frame of records as replayed; an `Err` item is a frame whose framing is malformed.
+pub type FrameRecords<'a> = dyn Iterator<Item = Result<&'a [u8], String>> + 'a;
+
+/// What recovery does with each replayed frame: `visit(end_offset_of_frame, records)`.
+/// Returning `Stop` ends the replay (the visitor keeps its own reason).
+pub type Visit<'v> = dyn FnMut(u64, &mut FrameRecords<'_>) -> Result<(), Stop> + 'v;
+
+/// A visitor's request to stop replaying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop;
+
+/// A frame made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Where the next frame starts; every offset below it is durable.
+    pub end_offset: u64,
+    /// How long making it durable took (an fsync, or the broker's acknowledgement).
+    pub sync: Duration,
+}
+
+/// What a partition's log holds now, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogHeld {
+    /// Files, segments or whatever unit the log deletes in.
+    pub segments: u64,
+    pub bytes: u64,
+}
+
+/// Why the log could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Nothing was written: the log has no room. `reason` is fit for clients (no paths).
+    #[error("{detail}")]
+    Full { reason: String, detail: String },
+    /// Nothing was written and the log is as it was: a later append may succeed.
+    #[error("{detail}")]
+    Unwritten { detail: String },
+    /// The log must not be used again (a failed sync leaves it in an unknown state), or
+    /// cannot be opened as asked (damaged, or missing what the checkpoint needs).
+    #[error("{detail}")]
+    Failed { detail: String },
+}
+
+impl LogError {
+    /// Whether the log is as it was before the failed call, so a later append may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LogError::Full { .. } | LogError::Unwritten { .. })
+    }
+}
+
+/// One partition's log, as its writer uses it (one writer per partition).
+pub trait PartitionLog: Send {
+    /// Appends one frame holding `records` (at least one) and makes it durable before
+    /// returning. A `Full` or `Unwritten` error leaves the log as it was; after any other
+    /// error the log is not used again.
+    fn append(&mut self, records: &[&[u8]]) -> Result<Appended, LogError>;
+
+    /// Lets go of what lies wholly before `offset`, which the store has checkpointed. It
+    /// may be deleted; a failure only means the log keeps more than it needs.
+    fn forget_before(&mut self, offset: u64) -> Result<(), LogError>;
+
+    fn held(&self) -> LogHeld;
+}
+
+/// The logs of every partition: where recovery opens each one.
+pub trait Log: Send + Sync {
+    /// Opens `partition`'s log and replays every frame from `from` (a checkpoint: a frame
+    /// boundary, or 0) to its end, in order, before returning the log to append to. The
+    /// outer error is the log's (damaged, or not reaching `from`); the inner one says the
+    /// visitor stopped the replay.
+    fn open(
+        &self,
+        partition: u32,
+        from: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<Result<Box<dyn PartitionLog>, Stop>, LogError>;
+}
