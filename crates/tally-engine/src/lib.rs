@@ -15,6 +15,7 @@ mod budget;
 mod checkpoint;
 pub mod local;
 mod partition;
+mod plan;
 mod query;
 mod recovery;
 mod types;
@@ -31,6 +32,7 @@ use tally_core::{EventRef, RecordWriter, RequestKey, partition_of};
 use tally_store::{CounterStore, StoreError};
 use tally_wal::WalError;
 
+pub use plan::Boundaries;
 pub use query::{TopAnswer, TopItem};
 pub use tally_aggregate::{Counter, Outcome};
 pub use tally_core::{Cutoffs, Granularity, MinuteRange, Retention};
@@ -89,6 +91,8 @@ pub struct EngineConfig {
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
+    /// The wall clock retention and query defaults are measured against.
+    pub clock: Clock,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +113,7 @@ impl Default for EngineConfig {
             disk_free_bytes_min: 256 << 20,
             event_types_max: 1_000,
             accept_log_loss: false,
+            clock: Clock::system(),
         }
     }
 }
@@ -188,14 +193,14 @@ pub(crate) struct Shared {
 impl Shared {
     /// The retention cutoffs now: what queries may read.
     pub(crate) fn cutoffs(&self) -> Cutoffs {
-        self.config.retention.cutoffs(now_ms().div_euclid(tally_core::bucket::MINUTE_MS))
+        self.config.retention.cutoffs(self.config.clock.now_ms().div_euclid(tally_core::bucket::MINUTE_MS))
     }
 
     /// The cutoffs flushes and purges apply: `RETENTION_LAG_MINUTES` behind the query
     /// cutoffs, so a query that chose its buckets just before a cutoff moved still finds
     /// them all when it reads.
     pub(crate) fn write_cutoffs(&self) -> Cutoffs {
-        let now = now_ms().div_euclid(tally_core::bucket::MINUTE_MS);
+        let now = self.config.clock.now_ms().div_euclid(tally_core::bucket::MINUTE_MS);
         self.config.retention.cutoffs(now - RETENTION_LAG_MINUTES)
     }
 
@@ -269,11 +274,48 @@ impl Submitted {
 
 type Reply = Result<Result<Outcome, EngineError>, tokio::sync::oneshot::error::RecvError>;
 
-/// Wall-clock milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+/// The wall clock, epoch milliseconds: what retention and query defaults are measured
+/// against. Injected (`EngineConfig::clock`), so tests fix time instead of switching
+/// retention off; the server reads the same one for receive times.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    /// The system's clock.
+    pub fn system() -> Clock {
+        Clock::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        })
+    }
+
+    pub fn new(now_ms: impl Fn() -> i64 + Send + Sync + 'static) -> Clock {
+        Clock(Arc::new(now_ms))
+    }
+
+    /// Always `ms`.
+    pub fn fixed(ms: i64) -> Clock {
+        Clock::new(move || ms)
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock(now = {} ms)", self.now_ms())
+    }
+}
+
+/// Milliseconds since this process first asked: for durations, which the wall clock
+/// must not measure (it may jump).
+pub(crate) fn monotonic_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // Offset by one so that 0 can mean "never".
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as i64 + 1
 }
 
 fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> {
@@ -346,11 +388,6 @@ impl Engine {
 
     pub fn recovery(&self) -> RecoveryReport {
         self.recovery
-    }
-
-    /// The retention cutoffs now: which granularities a query may read where.
-    pub fn cutoffs(&self) -> Cutoffs {
-        self.shared.cutoffs()
     }
 
     /// Validated events in, one record per touched partition out to the writers. Admission

@@ -133,7 +133,8 @@ impl Partition {
     /// Why writes to this partition are refused now, if its disk was found full a moment ago.
     fn disk_full(&self) -> Option<String> {
         let since = self.disk_full_since_ms.load(Ordering::Acquire);
-        (since != 0 && crate::now_ms() - since < DISK_FULL_REFUSE_MS).then(|| self.disk_full_reason.lock().clone())
+        (since != 0 && crate::monotonic_ms() - since < DISK_FULL_REFUSE_MS)
+            .then(|| self.disk_full_reason.lock().clone())
     }
 
     pub(crate) fn stalled(&self) -> bool {
@@ -314,7 +315,7 @@ fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &LogE
         return;
     };
     *partition.disk_full_reason.lock() = reason.clone();
-    partition.disk_full_since_ms.store(crate::now_ms(), Ordering::Release);
+    partition.disk_full_since_ms.store(crate::monotonic_ms(), Ordering::Release);
     answer_all(partition, group, || Err(EngineError::DiskFull { reason: reason.clone() }));
 }
 

@@ -6,10 +6,9 @@
 use std::time::{Duration, Instant};
 
 use tally_core::EventRef;
-use tally_core::retention::Retention;
-use tally_engine::{Engine, EngineConfig, EngineError, MinuteRange};
+use tally_engine::{Clock, Engine, EngineConfig, EngineError, MinuteRange};
 
-/// A fixed instant; retention is off, so it never expires whatever the wall clock says.
+/// The engine's clock, fixed: retention is measured from here, whatever the wall clock says.
 const NOW_MS: i64 = 1_800_000_000_000;
 
 fn submit_videos(engine: &Engine, videos: &[String]) -> Result<tally_engine::Submitted, EngineError> {
@@ -39,7 +38,7 @@ fn a_partition_waiting_for_the_flusher_refuses_new_requests_and_counts_nothing_o
         partitions: 1,
         pending_cells_max: 1000,
         flush_interval_ms: 3_600_000,
-        retention: Retention::KEEP_ALL,
+        clock: Clock::fixed(NOW_MS),
         ..EngineConfig::default()
     })
     .unwrap();

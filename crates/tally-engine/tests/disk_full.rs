@@ -8,8 +8,7 @@
 use std::time::{Duration, Instant};
 
 use tally_core::EventRef;
-use tally_core::retention::Retention;
-use tally_engine::{Engine, EngineConfig, EngineError, MinuteRange};
+use tally_engine::{Clock, Engine, EngineConfig, EngineError, MinuteRange};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
@@ -38,7 +37,7 @@ fn config(dir: &std::path::Path) -> EngineConfig {
         segment_bytes_max: 16 << 10,
         flush_interval_ms: 20,
         disk_free_bytes_min: 1 << 20,
-        retention: Retention::KEEP_ALL,
+        clock: Clock::fixed(NOW_MS),
         ..EngineConfig::default()
     }
 }

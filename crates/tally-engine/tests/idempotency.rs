@@ -5,10 +5,9 @@
 use std::sync::Arc;
 
 use tally_core::EventRef;
-use tally_core::retention::Retention;
-use tally_engine::{Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange};
+use tally_engine::{Clock, Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange};
 
-/// A fixed instant; retention is off, so it never expires whatever the wall clock says.
+/// The engine's clock, fixed: retention is measured from here, whatever the wall clock says.
 const RECEIVE_MS: i64 = 1_800_000_000_000;
 
 #[test]
@@ -18,7 +17,7 @@ fn racing_reuse_of_a_key_counts_exactly_one_body() {
         Engine::open(EngineConfig {
             data_dir: dir.path().into(),
             partitions: 4,
-            retention: Retention::KEEP_ALL,
+            clock: Clock::fixed(RECEIVE_MS),
             ..EngineConfig::default()
         })
         .unwrap(),

@@ -2,12 +2,15 @@
 //! count, series, top list, per-type stats and (small) distinct-viewer count must equal
 //! what plain maps of the accepted events say.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use tally_core::EventRef;
 use tally_engine::{
-    Counter, Engine, EngineConfig, EngineError, Granularity, IdempotencyKey, MinuteRange, Outcome, Retention,
+    Clock, Counter, Engine, EngineConfig, EngineError, Granularity, IdempotencyKey, MinuteRange, Outcome,
 };
 
 const VIDEOS: [&str; 4] = ["a", "b", "video-c", "d/é"];
@@ -136,21 +139,23 @@ impl Model {
     }
 }
 
-fn open(dir: &std::path::Path) -> Engine {
-    Engine::open(EngineConfig {
+fn open(dir: &std::path::Path, database: Option<&str>) -> Engine {
+    let config = EngineConfig {
         data_dir: dir.into(),
         partitions: 3,
         segment_bytes_max: 512,
         flush_interval_ms: 3_600_000,
-        retention: Retention::KEEP_ALL,
+        clock: Clock::fixed(RECEIVE_MS),
         ..EngineConfig::default()
-    })
-    .unwrap()
+    };
+    common::open(config, database)
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// Runs the ops against the engine (its aggregates in `database` when given) and the
+/// model, comparing every answer.
+fn run(ops: Vec<Op>, database: Option<&str>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let mut engine = open(dir.path());
+    let mut engine = open(dir.path(), database);
     let mut model = Model::default();
     for op in ops {
         match op {
@@ -184,7 +189,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Flush => engine.flush().unwrap(),
             Op::Restart => {
                 drop(engine);
-                engine = open(dir.path());
+                engine = open(dir.path(), database);
             }
             Op::Count { video, event_type, start, len } => {
                 let range = MinuteRange { start: BASE_MINUTE + start, end: BASE_MINUTE + start + len };
@@ -234,7 +239,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
-    fn engine_matches_naive_model(ops in proptest::collection::vec(op(), 1..40)) {
-        run(ops)?;
+    fn engine_matches_naive_model(ops in ops()) {
+        run(ops, None)?;
+    }
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(op(), 1..40)
+}
+
+/// The same model over the PostgreSQL store: one server, a fresh database per case.
+#[test]
+fn engine_on_postgresql_matches_naive_model() {
+    let server = tally_pgtest::Postgres::start();
+    let mut runner = TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
+    let outcome = runner.run(&ops(), |ops| run(ops, Some(&server.create_database())));
+    if let Err(failure) = outcome {
+        panic!("{failure}");
     }
 }

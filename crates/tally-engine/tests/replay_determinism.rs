@@ -4,9 +4,12 @@
 //! without a flush, so the log is replayed) at random points in between. Distinct-viewer
 //! sketches must come out identical too.
 
+mod common;
+
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use tally_core::EventRef;
-use tally_engine::{Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange, Outcome, Retention};
+use tally_engine::{Clock, Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange, Outcome};
 
 const VIDEOS: [&str; 3] = ["a", "b", "c"];
 /// A short window, so that generations open and expire within a test case.
@@ -31,23 +34,24 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn open(dir: &std::path::Path) -> Engine {
-    Engine::open(EngineConfig {
+fn open(dir: &std::path::Path, database: Option<&str>) -> Engine {
+    let config = EngineConfig {
         data_dir: dir.into(),
         partitions: 2,
         flush_interval_ms: 3_600_000,
         dedup_window_ms: WINDOW_MS,
         segment_bytes_max: 1024,
-        retention: Retention::KEEP_ALL,
+        clock: Clock::fixed(START_MS),
         ..EngineConfig::default()
-    })
-    .unwrap()
+    };
+    common::open(config, database)
 }
 
-/// Runs the ops; `disturb` decides whether flushes, restarts and crashes happen.
-fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>, Vec<u64>) {
+/// Runs the ops; `disturb` decides whether flushes, restarts and crashes happen. The
+/// aggregates go to `database` when given.
+fn run(ops: &[Op], disturb: bool, database: Option<&str>) -> (Vec<Option<Outcome>>, Vec<u64>, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut engine = open(dir.path());
+    let mut engine = open(dir.path(), database);
     let mut now = START_MS;
     let mut outcomes = Vec::new();
     for op in ops {
@@ -85,12 +89,12 @@ fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>, Vec<u64>) 
             Op::Flush if disturb => engine.flush().unwrap(),
             Op::Restart if disturb => {
                 drop(engine);
-                engine = open(dir.path());
+                engine = open(dir.path(), database);
             }
             Op::Crash if disturb => {
                 engine.halt();
                 drop(engine);
-                engine = open(dir.path());
+                engine = open(dir.path(), database);
             }
             _ => {}
         }
@@ -104,9 +108,30 @@ fn run(ops: &[Op], disturb: bool) -> (Vec<Option<Outcome>>, Vec<u64>, Vec<u64>) 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn restarts_and_crashes_change_no_outcome_and_no_count(ops in proptest::collection::vec(op(), 1..60)) {
-        let straight = run(&ops, false);
-        let disturbed = run(&ops, true);
+    fn restarts_and_crashes_change_no_outcome_and_no_count(ops in ops()) {
+        let straight = run(&ops, false, None);
+        let disturbed = run(&ops, true, None);
         prop_assert_eq!(straight, disturbed);
+    }
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(op(), 1..60)
+}
+
+/// The same over the PostgreSQL store (the undisturbed run stays on the embedded one):
+/// one server, a fresh database per case.
+#[test]
+fn restarts_and_crashes_on_postgresql_change_no_outcome_and_no_count() {
+    let server = tally_pgtest::Postgres::start();
+    let mut runner = TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
+    let outcome = runner.run(&ops(), |ops| {
+        let straight = run(&ops, false, None);
+        let disturbed = run(&ops, true, Some(&server.create_database()));
+        prop_assert_eq!(straight, disturbed);
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
     }
 }

@@ -3,7 +3,7 @@
 //! `exact` must still find the true top.
 
 use tally_core::EventRef;
-use tally_engine::{Engine, EngineConfig, MinuteRange, Retention};
+use tally_engine::{Clock, Engine, EngineConfig, MinuteRange};
 
 const MINUTE: i64 = 29_000_000;
 
@@ -13,7 +13,7 @@ fn a_flat_distribution_is_answered_approximately_with_true_bounds_and_exactly_on
     let engine = Engine::open(EngineConfig {
         data_dir: dir.path().into(),
         flush_interval_ms: 3_600_000,
-        retention: Retention::KEEP_ALL,
+        clock: Clock::fixed(MINUTE * 60_000),
         ..EngineConfig::default()
     })
     .unwrap();

@@ -88,6 +88,15 @@ impl Postgres {
         self.running = false;
     }
 
+    /// A new, empty database on this server; returns its URL. For tests that need many
+    /// fresh databases (one per property-test case) and one server.
+    pub fn create_database(&self) -> String {
+        static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!("case_{}", CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.sql("postgres", &format!("CREATE DATABASE {name}"));
+        format!("postgres://tally@127.0.0.1:{}/{name}", self.port)
+    }
+
     /// Runs `sql` with `psql` in `database` and returns its unaligned output (one row per
     /// line, columns separated by `|`); a failing statement panics with the error.
     pub fn sql(&self, database: &str, sql: &str) -> String {

@@ -75,7 +75,7 @@ pub(crate) async fn ingest(
     let deadline = Duration::from_millis(state.config.body_read_timeout_ms);
     let body = body::read(body, limit, deadline, &state.body_budget).await?;
 
-    let receive_ms = (state.clock)();
+    let receive_ms = engine.now_ms();
     let text = std::str::from_utf8(&body.bytes).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("request body is not valid UTF-8 at byte {}", e.valid_up_to()))
     })?;

@@ -73,30 +73,21 @@ impl Default for ServerConfig {
     }
 }
 
-/// The wall clock, injected so tests can fix time.
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
-pub fn system_clock() -> Clock {
-    Arc::new(|| jiff::Timestamp::now().as_millisecond())
-}
-
 pub struct AppState {
     config: ServerConfig,
     /// Set once recovery is complete; until then every data route answers 503.
     engine: OnceLock<Arc<Engine>>,
-    clock: Clock,
     body_budget: Arc<Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     stopping: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
-    pub fn new(config: ServerConfig, clock: Clock) -> Arc<AppState> {
+    pub fn new(config: ServerConfig) -> Arc<AppState> {
         Arc::new(AppState {
             body_budget: Arc::new(Semaphore::new(config.body_bytes_in_flight_max)),
             config,
             engine: OnceLock::new(),
-            clock,
             metrics: install_metrics(),
             stopping: std::sync::atomic::AtomicBool::new(false),
         })

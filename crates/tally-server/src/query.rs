@@ -73,13 +73,6 @@ pub(crate) fn from_to(
     Ok((from, to))
 }
 
-/// The range to sum for `[from, to)` ms: whole minutes, widened past each retention
-/// tier to the next coarser one; also the coarsest resolution that needed.
-pub(crate) fn retained_range(engine: &Engine, from: i64, to: i64) -> (MinuteRange, Granularity) {
-    engine.cutoffs().widen(MinuteRange::covering(from, to))
-}
-
-/// Instants must lie within years -9999 to 9999, the range answers can be written in.
 fn in_range(field: &'static str, ms: i64) -> Result<i64, ApiError> {
     // Two days short of the limits, so rounding outward to whole days stays representable.
     let limit = jiff::Timestamp::MAX.as_millisecond() - 2 * 86_400_000;
@@ -206,11 +199,12 @@ pub(crate) fn type_param<'a>(p: &'a HashMap<&'static str, String>) -> Result<&'a
 /// before `to`, or the epoch without one.
 pub(crate) fn bounds(
     state: &AppState,
+    engine: &Engine,
     from: Option<i64>,
     to: Option<i64>,
     span_default: Option<i64>,
 ) -> Result<(i64, i64), ApiError> {
-    let to = to.unwrap_or_else(|| (state.clock)() + state.config.limits.clock_skew_max_ms + 1);
+    let to = to.unwrap_or_else(|| engine.now_ms() + state.config.limits.clock_skew_max_ms + 1);
     let from = from.unwrap_or_else(|| span_default.map_or(0, |span| to.saturating_sub(span)));
     if from > to {
         return Err(ApiError::bad_request("invalid_range", "from must not be after to"));
@@ -228,8 +222,8 @@ pub(crate) fn asked_range(
 ) -> Result<(MinuteRange, Granularity), ApiError> {
     let tz = time_zone(p)?;
     let (from, to) = from_to(p, tz.as_ref())?;
-    let (from, to) = bounds(state, from, to, span_default)?;
-    Ok(retained_range(engine, from, to))
+    let (from, to) = bounds(state, engine, from, to, span_default)?;
+    Ok(engine.plan_range(from, to))
 }
 
 /// An answer over a range: `body` plus the aligned range summed and its resolution.
@@ -289,8 +283,9 @@ pub(crate) async fn counts(State(state): State<Arc<AppState>>, body: Body) -> Re
     }
     let event_type = request.event_type.as_deref().unwrap_or(EVENT_TYPE_DEFAULT);
     check_type(event_type)?;
-    let (from, to) = bounds(&state, instant_value("from", &request.from)?, instant_value("to", &request.to)?, None)?;
-    let (range, resolution) = retained_range(engine, from, to);
+    let (from, to) =
+        bounds(&state, engine, instant_value("from", &request.from)?, instant_value("to", &request.to)?, None)?;
+    let (range, resolution) = engine.plan_range(from, to);
     let video_ids: Vec<&str> = request.video_ids.iter().map(String::as_str).collect();
     let counters = engine.counts(event_type, &video_ids, range)?;
     let counts: serde_json::Map<String, Value> =
@@ -320,7 +315,7 @@ pub(crate) async fn series(
         (Some(from), None) => (from, from.saturating_add(SERIES_DEFAULT_POINTS * step_ms)),
         (None, Some(to)) => (to.saturating_sub(SERIES_DEFAULT_POINTS * step_ms), to),
         (None, None) => {
-            let now = (state.clock)();
+            let now = engine.now_ms();
             (now.saturating_sub((SERIES_DEFAULT_POINTS - 1) * step_ms), now + 1)
         }
     };
@@ -330,13 +325,7 @@ pub(crate) async fn series(
     if let (Granularity::Day, Some(tz)) = (granularity, &tz) {
         return local_days(&state, engine, video_id, event_type, tz, p.get("tz").expect("tz given"), from, to);
     }
-    // Past a tier's retention the steps coarsen to the finest tier still holding the start.
-    let minutes = MinuteRange::covering(from, to);
-    let granularity = granularity.max(engine.cutoffs().finest_at(minutes.start).unwrap_or(Granularity::Day));
-    let range = MinuteRange {
-        start: granularity.bucket_of(minutes.start),
-        end: granularity.bucket_of(minutes.end + granularity.minutes() - 1),
-    };
+    let (granularity, range) = engine.plan_series(granularity, from, to);
     let points_max = state.config.series_points_max;
     let points = (range.end - range.start) / granularity.minutes();
     if points > points_max as i64 {
@@ -404,25 +393,11 @@ fn local_days(
         }
         date = date.tomorrow().map_err(unbuildable)?;
     }
-    let cutoffs = engine.cutoffs();
-    let mut exact_boundaries = true;
-    let mut resolution = Granularity::Day;
-    let bounds: Vec<i64> = starts
-        .iter()
-        .map(|start| {
-            let ms = start.timestamp().as_millisecond();
-            let read = cutoffs.floor(ms.div_euclid(MINUTE_MS));
-            exact_boundaries &= read * MINUTE_MS == ms;
-            // The coarsest granularity the boundary is a multiple of.
-            let needs =
-                Granularity::ALL.into_iter().rev().find(|g| read % g.minutes() == 0).unwrap_or(Granularity::Minute);
-            resolution = resolution.min(needs);
-            read
-        })
-        .collect();
+    let instants: Vec<i64> = starts.iter().map(|start| start.timestamp().as_millisecond()).collect();
+    let boundaries = engine.plan_boundaries(&instants);
     let local = |z: &jiff::ZonedDateTime| z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
     let points: Vec<Value> = engine
-        .counts_between(event_type, video_id, &bounds)?
+        .counts_between(event_type, video_id, &boundaries.minutes)?
         .into_iter()
         .zip(&starts)
         .map(|(counter, start)| {
@@ -441,8 +416,8 @@ fn local_days(
         "tz": tz_name,
         "from": local(&starts[0]),
         "to": local(starts.last().expect("at least two starts")),
-        "resolution": resolution.name(),
-        "exact_boundaries": exact_boundaries,
+        "resolution": boundaries.resolution.name(),
+        "exact_boundaries": boundaries.exact,
         "points": points,
     })))
 }

@@ -140,6 +140,7 @@ impl FileConfig {
             disk_free_bytes_min: self.disk_free_bytes_min.unwrap_or(engine_default.disk_free_bytes_min),
             event_types_max: self.event_types_max.unwrap_or(engine_default.event_types_max),
             accept_log_loss: false,
+            clock: engine_default.clock,
         };
         let server = ServerConfig {
             body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tally_engine::{Engine, EngineConfig};
-use tally_server::{AppState, system_clock};
+use tally_server::AppState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -65,7 +65,7 @@ async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let data_dir = std::path::absolute(&config.engine.data_dir)?;
     tracing::info!(address = %format!("http://{address}"), data_dir = %data_dir.display(), "tally listening; recovering");
-    let state = AppState::new(config.server, system_clock());
+    let state = AppState::new(config.server);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(tally_server::serve(listener, Arc::clone(&state), stop_rx.clone()));
     if let Some(admin_listen) = config.admin_listen {
