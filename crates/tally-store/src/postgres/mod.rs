@@ -9,6 +9,7 @@
 //! half a flush, and no flush is applied twice.
 
 mod flush;
+mod numeric;
 mod pool;
 mod schema;
 mod snapshot;
@@ -219,12 +220,18 @@ impl CounterStore for PostgresStore {
         let known = self.tables.lock().clone();
         let mut connection = self.pool.get()?;
         connection.transaction("BEGIN", |connection| {
-            let mut writer = flush::Writer { connection, known: &known, created: &mut created };
+            let mut writer = flush::Writer { connection, known: &known, created: &mut created, fresh: Vec::new() };
             for flush in flushes {
                 writer.move_checkpoint(flush, self.epoch(flush.checkpoint.partition)?)?;
             }
             for granularity in Granularity::ALL {
-                writer.write_tier(tiers(granularity))?;
+                let started = std::time::Instant::now();
+                let rows = tiers(granularity);
+                let rolled_up = started.elapsed();
+                let counters = rows.counters.len();
+                writer.write_tier(rows)?;
+                let (rollup_ms, write_ms) = (rolled_up.as_millis(), (started.elapsed() - rolled_up).as_millis());
+                tracing::debug!(tier = granularity.name(), counters, rollup_ms, write_ms, "flush tier written");
             }
             Ok(())
         })?;

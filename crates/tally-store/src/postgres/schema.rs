@@ -11,17 +11,23 @@
 //!     uniques    (event_type, video_id, bucket, sketch BYTEA)
 //!     top        (event_type, bucket, sketch BYTEA)
 //!     videos     (event_type, day, video_id)            day tier only
-//!     videotypes (video_id, event_type)                 day tier only
 //! ```
+//!
+//! There is no per-video type index (redb's `videotypes`): the types of a video are read
+//! from the day counters, whose key leads with the type, one probe per known type.
 //!
 //! Buckets live in one table per period (see `crate::tables`), so retention drops whole
 //! tables and PostgreSQL gives their space back at once, with no vacuum.
 //!
 //! Only statements PostgreSQL ≥ 13, CockroachDB and YugabyteDB all accept: `CREATE TABLE
 //! IF NOT EXISTS` with a primary key, `INSERT … SELECT FROM unnest(…) ON CONFLICT … DO
-//! UPDATE / DO NOTHING`, `UPDATE … WHERE`, `DELETE`, `DROP TABLE IF EXISTS`, `GREATEST`,
-//! `COALESCE`, `SUM`, casts between `NUMERIC` and `TEXT`, and transactions at `READ
-//! COMMITTED` (writes) and `REPEATABLE READ READ ONLY` (reads). No extensions.
+//! UPDATE / DO NOTHING`, `SELECT … FROM unnest(…) WITH ORDINALITY JOIN …`, `SELECT … FOR
+//! UPDATE`, `UPDATE … WHERE`, `DELETE`, `DROP TABLE IF EXISTS`, `GREATEST`, `COALESCE`,
+//! `SUM`, casts between `NUMERIC` and `TEXT`, `SET LOCAL client_min_messages`, `= ANY($1)`, `COPY … FROM STDIN BINARY`, and
+//! transactions at `READ COMMITTED` (writes) and `REPEATABLE READ READ ONLY` (reads). No
+//! extensions. PostgreSQL-only, and outside the data path: `pg_database_size` and
+//! `pg_relation_size` / `pg_total_relation_size` for `store-stats`. Tested against
+//! PostgreSQL only.
 
 use tally_core::Granularity;
 

@@ -145,11 +145,14 @@ impl Snapshot for PgSnapshot<'_> {
         })
     }
 
+    /// The types with day counters of the video in `[start, end)`: one index probe per
+    /// known type in each period table.
     fn video_types(&self, video_id: &str, start: i64, end: i64, visit: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
-        // The table holds a period of days; the day bounds only pick the tables.
-        let sql =
-            "SELECT event_type FROM {table} WHERE video_id = $1 AND $2::INT8 IS NOT NULL AND $3::INT8 IS NOT NULL";
-        self.scan(Kind::VideoTypes, Span { granularity: Granularity::Day, start, end }, sql, &[&video_id], &mut |row| {
+        let types = self.types()?;
+        let sql = "SELECT DISTINCT event_type FROM {table} \
+                   WHERE event_type = ANY($1) AND video_id = $2 AND bucket >= $3 AND bucket < $4";
+        let span = Span { granularity: Granularity::Day, start, end };
+        self.scan(Kind::Counters, span, sql, &[&types, &video_id], &mut |row| {
             visit(row.get(0));
             Ok(())
         })
