@@ -48,7 +48,7 @@ pub fn open(config: &EngineConfig) -> Result<(Arc<dyn CounterStore>, LocalLog), 
 pub fn open_log(config: &EngineConfig, store: &dyn CounterStore) -> Result<LocalLog, EngineError> {
     let log = lock(config)?;
     for partition in 0..config.partitions {
-        if !log.dir(partition).exists() && store.checkpoint(partition)?.is_none() {
+        if !log.exists(partition) && store.checkpoint(partition)?.is_none() {
             log.create(partition)?;
         }
     }

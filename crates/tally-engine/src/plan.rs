@@ -20,6 +20,11 @@ pub struct Boundaries {
 }
 
 impl Engine {
+    /// Whether its store's reads cross a network (see `CounterStore::is_remote`).
+    pub fn store_is_remote(&self) -> bool {
+        self.shared.store.is_remote()
+    }
+
     /// The engine's wall clock, epoch milliseconds.
     pub fn now_ms(&self) -> i64 {
         self.shared.config.clock.now_ms()

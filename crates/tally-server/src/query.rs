@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_core::bucket::MINUTE_MS;
 use tally_core::event::{EVENT_TYPE_BYTES_MAX, EVENT_TYPE_DEFAULT, VIDEO_ID_BYTES_MAX, check_id, is_event_type};
-use tally_engine::{Engine, Granularity, MinuteRange};
+use tally_engine::{Engine, EngineError, Granularity, MinuteRange};
 
 use crate::{ApiError, AppState, body};
 
@@ -226,6 +226,22 @@ pub(crate) fn asked_range(
     Ok(engine.plan_range(from, to))
 }
 
+/// Runs a store read. The embedded store answers from memory-mapped pages in
+/// microseconds, inline; a database answers over the network, so its reads go to a
+/// blocking thread rather than hold an HTTP worker (a slow database would stall ingest
+/// and health checks with them).
+pub(crate) async fn read<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    work: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if !engine.store_is_remote() {
+        return Ok(work(engine)?);
+    }
+    let engine = Arc::clone(engine);
+    let done = tokio::task::spawn_blocking(move || work(&engine)).await;
+    Ok(done.map_err(|e| ApiError::internal(format!("query task failed: {e}")))??)
+}
+
 /// An answer over a range: `body` plus the aligned range summed and its resolution.
 pub(crate) fn ranged(range: MinuteRange, resolution: Granularity, mut body: Value) -> Json<Value> {
     let fields = body.as_object_mut().expect("answers are objects");
@@ -243,7 +259,8 @@ pub(crate) async fn count(
     let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
-    let counter = engine.count(event_type, video_id, range)?;
+    let (owned_type, owned_video) = (event_type.to_owned(), video_id.to_owned());
+    let counter = read(engine, move |engine| engine.count(&owned_type, &owned_video, range)).await?;
     Ok(ranged(
         range,
         resolution,
@@ -286,8 +303,12 @@ pub(crate) async fn counts(State(state): State<Arc<AppState>>, body: Body) -> Re
     let (from, to) =
         bounds(&state, engine, instant_value("from", &request.from)?, instant_value("to", &request.to)?, None)?;
     let (range, resolution) = engine.plan_range(from, to);
-    let video_ids: Vec<&str> = request.video_ids.iter().map(String::as_str).collect();
-    let counters = engine.counts(event_type, &video_ids, range)?;
+    let (owned_type, owned_ids) = (event_type.to_owned(), request.video_ids.clone());
+    let counters = read(engine, move |engine| {
+        let video_ids: Vec<&str> = owned_ids.iter().map(String::as_str).collect();
+        engine.counts(&owned_type, &video_ids, range)
+    })
+    .await?;
     let counts: serde_json::Map<String, Value> =
         request.video_ids.iter().zip(counters).map(|(video_id, c)| (video_id.clone(), json!(c.count))).collect();
     Ok(ranged(range, resolution, json!({ "type": event_type, "counts": counts })))
@@ -323,7 +344,7 @@ pub(crate) async fn series(
         return Err(ApiError::bad_request("invalid_range", "from must not be after to"));
     }
     if let (Granularity::Day, Some(tz)) = (granularity, &tz) {
-        return local_days(&state, engine, video_id, event_type, tz, p.get("tz").expect("tz given"), from, to);
+        return local_days(&state, engine, video_id, event_type, tz, p.get("tz").expect("tz given"), from, to).await;
     }
     let (granularity, range) = engine.plan_series(granularity, from, to);
     let points_max = state.config.series_points_max;
@@ -335,7 +356,8 @@ pub(crate) async fn series(
         )
         .with("limit", json!(points_max)));
     }
-    let counters = engine.series(event_type, video_id, granularity, range)?;
+    let (owned_type, owned_video) = (event_type.to_owned(), video_id.to_owned());
+    let counters = read(engine, move |engine| engine.series(&owned_type, &owned_video, granularity, range)).await?;
     let points: Vec<Value> = counters
         .iter()
         .enumerate()
@@ -359,9 +381,9 @@ pub(crate) async fn series(
 /// while minute buckets are kept, otherwise rounded down to the hour (and then
 /// `exact_boundaries` is false).
 #[allow(clippy::too_many_arguments)]
-fn local_days(
+async fn local_days(
     state: &AppState,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     video_id: &str,
     event_type: &str,
     tz: &TimeZone,
@@ -396,8 +418,9 @@ fn local_days(
     let instants: Vec<i64> = starts.iter().map(|start| start.timestamp().as_millisecond()).collect();
     let boundaries = engine.plan_boundaries(&instants);
     let local = |z: &jiff::ZonedDateTime| z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
-    let points: Vec<Value> = engine
-        .counts_between(event_type, video_id, &boundaries.minutes)?
+    let (owned_type, owned_video, minutes) = (event_type.to_owned(), video_id.to_owned(), boundaries.minutes);
+    let points: Vec<Value> = read(engine, move |engine| engine.counts_between(&owned_type, &owned_video, &minutes))
+        .await?
         .into_iter()
         .zip(&starts)
         .map(|(counter, start)| {

@@ -90,12 +90,17 @@ impl StoreError {
     }
 }
 
-/// A connection that broke or could not be made (no SQLSTATE), or the server refusing
-/// connections or shutting down.
+/// A connection that broke or could not be made (closed, or an I/O error underneath), the
+/// server refusing connections or shutting down, or a server that cannot take writes
+/// (a primary demoted in a failover: 25006). Other errors without a SQLSTATE (a value
+/// that does not convert, a protocol error) are bugs, never retried.
 fn postgres_unreachable(error: &tokio_postgres::Error) -> bool {
-    let Some(code) = error.code() else { return true };
+    let Some(code) = error.code() else {
+        let io = std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>());
+        return error.is_closed() || io;
+    };
     let code = code.code();
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
 }
 
 /// Worth retrying the transaction: unreachable, out of resources (class 53: disk full,
@@ -174,6 +179,12 @@ pub trait CounterStore: Send + Sync + 'static {
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
     /// A consistent read view.
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError>;
+
+    /// Whether reads cross a network (and so may take long): the server then runs them
+    /// on blocking threads, not on its HTTP workers.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// A consistent, read-only view of the store.

@@ -98,6 +98,7 @@ fn purging_expired_periods_gives_their_space_back() {
     let cutoffs = Cutoffs { minute: old_day + 400 * DAY_MINUTES, hour: old_day + 400 * DAY_MINUTES, day: i64::MIN };
     assert!(store.purge(&cutoffs).unwrap() >= 2);
     let after = store.disk_bytes().unwrap();
+    eprintln!("database bytes: {before} before the purge, {after} after");
     // 50 000 minute and hour rows each, with their primary-key indexes: several MB.
     assert!(before - after > 4 << 20, "database went from {before} to {after} bytes");
     assert_eq!(day_count_at(&store, "video-0", old_day), 1, "the day tier is kept");

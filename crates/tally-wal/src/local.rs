@@ -30,6 +30,14 @@ impl LocalLog {
         self.root.join(format!("p{partition:03}"))
     }
 
+    /// Whether `partition`'s log has a segment: a directory left empty by a first start
+    /// that stopped inside `create` holds no log yet.
+    pub fn exists(&self, partition: u32) -> bool {
+        std::fs::read_dir(self.dir(partition)).is_ok_and(|entries| {
+            entries.filter_map(Result::ok).any(|entry| entry.path().extension().is_some_and(|ext| ext == "wal"))
+        })
+    }
+
     /// Makes `partition`'s log, empty (see `Wal::create`).
     pub fn create(&self, partition: u32) -> Result<(), WalError> {
         Wal::create(&self.dir(partition), self.options)

@@ -50,12 +50,33 @@ impl PostgresStore {
         let pool = Pool::new(config, options)?;
         let store = PostgresStore { pool, tables: Mutex::new(HashSet::new()), epochs: Mutex::new(Vec::new()) };
         store.migrate()?;
+        store.reload_tables()?;
+        Ok(store)
+    }
+
+    fn reload_tables(&self) -> Result<(), StoreError> {
         let rows = {
-            let connection = store.pool.get()?;
+            let connection = self.pool.get()?;
             wait(connection.client.query("SELECT name FROM tally_tables", &[])).map_err(pg_error("read tables"))?
         };
-        store.tables.lock().extend(rows.iter().map(|row| row.get::<_, String>(0)));
-        Ok(store)
+        *self.tables.lock() = rows.iter().map(|row| row.get::<_, String>(0)).collect();
+        Ok(())
+    }
+
+    /// Refuses (`Fenced`) unless every partition this engine claimed is still its own,
+    /// locking their checkpoint rows for the transaction: a fenced engine drops nothing.
+    fn still_owner(&self, connection: &mut Connection) -> Result<(), StoreError> {
+        let epochs = self.epochs.lock().clone();
+        let read = connection.statement("SELECT partition, owner_epoch FROM tally_checkpoints FOR UPDATE")?;
+        let rows = wait(connection.client.query(&read, &[])).map_err(pg_error("read owners"))?;
+        for row in rows {
+            let (partition, stored) = (row.get::<_, i32>(0) as u32, row.get::<_, i64>(1));
+            if epochs.get(partition as usize).is_some_and(|&mine| mine != stored) {
+                let detail = format!("another engine owns it now (owner epoch {stored}); not purging");
+                return Err(StoreError::Fenced { partition, detail });
+            }
+        }
+        Ok(())
     }
 
     /// Brings the schema to `schema::VERSION`, one migration at a time, in one transaction.
@@ -240,9 +261,11 @@ impl CounterStore for PostgresStore {
     }
 
     /// Nothing to reopen: a broken connection is dropped and the next one is new.
+    /// A commit or purge whose outcome is unknown may have changed the tables: read
+    /// them again.
     fn recover(&self) -> Result<(), StoreError> {
         self.pool.clear();
-        Ok(())
+        self.reload_tables()
     }
 
     fn needs_recovery(&self) -> bool {
@@ -254,6 +277,11 @@ impl CounterStore for PostgresStore {
     fn purge(&self, cutoffs: &tally_core::Cutoffs) -> Result<usize, StoreError> {
         let mut connection = self.pool.get()?;
         let dropped = connection.transaction("BEGIN", |connection| {
+            // A reader holding a table would hold the flusher here: give up instead
+            // (55P03, retried at the next interval).
+            let wait_at_most = "SET LOCAL lock_timeout = '5s'";
+            wait(connection.client.batch_execute(wait_at_most)).map_err(pg_error("purge"))?;
+            self.still_owner(connection)?;
             let list = connection.statement("SELECT name, kind, granularity, period FROM tally_tables")?;
             let rows = wait(connection.client.query(&list, &[])).map_err(pg_error("list tables"))?;
             let mut expired = Vec::new();
@@ -287,5 +315,9 @@ impl CounterStore for PostgresStore {
 
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
         Ok(Box::new(snapshot::PgSnapshot::open(self.pool.get()?)?))
+    }
+
+    fn is_remote(&self) -> bool {
+        true
     }
 }

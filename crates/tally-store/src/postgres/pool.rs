@@ -32,6 +32,9 @@ impl Default for PoolOptions {
     }
 }
 
+/// Prepared statements kept per connection.
+const STATEMENTS_MAX: usize = 512;
+
 /// Waits for a future on the calling thread.
 pub(crate) fn wait<F: Future>(future: F) -> F::Output {
     futures_executor::block_on(future)
@@ -67,6 +70,11 @@ impl Connection {
             return Ok(statement.clone());
         }
         let statement = wait(self.client.prepare(sql)).map_err(super::pg_error("prepare"))?;
+        if self.statements.len() >= STATEMENTS_MAX {
+            // Statements name period tables, which come and go: start over, rather
+            // than keep those of dropped tables forever.
+            self.statements.clear();
+        }
         self.statements.insert(sql.to_string(), statement.clone());
         Ok(statement)
     }
@@ -207,7 +215,8 @@ impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let connection = self.connection.take().expect("present until dropped");
         let mut state = self.pool.state.lock();
-        if connection.broken || connection.client.is_closed() {
+        // A panic may have left a transaction open on it: never hand that out again.
+        if connection.broken || connection.client.is_closed() || std::thread::panicking() {
             state.open -= 1;
         } else {
             state.idle.push(connection);
