@@ -39,7 +39,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 fn views(engine: &Engine, n: usize) -> Result<u32, EngineError> {
-    let event = EventRef { video_id: "v", event_type: "view", ts_ms: NOW_MS, value: 0, event_id: None, viewer_id: None };
+    let event =
+        EventRef { video_id: "v", event_type: "view", ts_ms: NOW_MS, value: 0, event_id: None, viewer_id: None };
     engine.submit(&vec![event; n], None, NOW_MS)?.outcome_blocking().map(|outcome| outcome.accepted)
 }
 
