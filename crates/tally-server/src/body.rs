@@ -4,12 +4,18 @@
 //! received (503 once exhausted), so a client that declares a large body and trickles it
 //! holds only what it sent. Each chunk is copied out of hyper's read buffer at once: a
 //! chunk of one byte must not keep a whole buffer alive while the budget counts one byte.
+//!
+//! A gzip body (`Content-Encoding: gzip`) is read under the same limits, then inflated
+//! under them again: at most the body limit decoded (413 past it, so a decompression bomb
+//! counts nothing), each piece charged to the budget as it is produced.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::Read;
+
 use axum::body::{Body, Bytes};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -90,4 +96,64 @@ pub(crate) async fn read(
     }
     let bytes = Bytes::from(bytes);
     Ok(ReadBody { bytes, _budget: permit })
+}
+
+/// How a body is encoded on the wire (`Content-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Identity,
+    Gzip,
+}
+
+/// The body's `Content-Encoding`: none (or `identity`) or `gzip`; anything else is 415.
+pub(crate) fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else { return Ok(Encoding::Identity) };
+    let text = value.to_str().unwrap_or("(not ASCII)").trim();
+    match text.to_ascii_lowercase().as_str() {
+        "" | "identity" => Ok(Encoding::Identity),
+        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            format!(
+                "content encoding {:?} is not supported; use gzip or none",
+                text.chars().take(50).collect::<String>()
+            ),
+        )),
+    }
+}
+
+/// Bytes inflated between two charges to the budget.
+const INFLATE_PIECE_BYTES: usize = 64 << 10;
+
+/// Inflates a gzip body: at most `limit` bytes out (413 past it), each piece charged to
+/// `budget`. The compressed bytes are let go once the body is inflated.
+pub(crate) fn gunzip(body: ReadBody, limit: usize, budget: &Arc<Semaphore>) -> Result<ReadBody, ApiError> {
+    let mut decoder = flate2::read::MultiGzDecoder::new(&body.bytes[..]);
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+    let mut piece = vec![0u8; INFLATE_PIECE_BYTES];
+    loop {
+        let read = decoder.read(&mut piece).map_err(|error| {
+            ApiError::bad_request("invalid_gzip", format!("the gzip request body does not inflate: {error}"))
+        })?;
+        if read == 0 {
+            break;
+        }
+        if bytes.len() + read > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body inflates past the limit of {limit} bytes"),
+            )
+            .with("limit_bytes", json!(limit)));
+        }
+        let more = Arc::clone(budget).try_acquire_many_owned(read as u32).map_err(|_| over_budget())?;
+        match &mut permit {
+            Some(permit) => permit.merge(more),
+            None => permit = Some(more),
+        }
+        bytes.extend_from_slice(&piece[..read]);
+    }
+    Ok(ReadBody { bytes: Bytes::from(bytes), _budget: permit })
 }

@@ -35,14 +35,18 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("content type {shown} is not supported; use application/json or application/x-ndjson"),
+            format!(
+                "content type {shown} is not supported; use application/json, application/x-ndjson, \
+                 or text/plain holding JSON (what navigator.sendBeacon sends)"
+            ),
         )
     };
     let Some(value) = headers.get(header::CONTENT_TYPE) else { return Err(unsupported("(none)")) };
     let text = value.to_str().map_err(|_| unsupported("(not ASCII)"))?;
     let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match essence.as_str() {
-        "application/json" => Ok(BodyFormat::Json),
+        // A beacon's body: JSON sent as text/plain, which needs no CORS preflight.
+        "application/json" | "text/plain" => Ok(BodyFormat::Json),
         "application/x-ndjson" => Ok(BodyFormat::Ndjson),
         _ => Err(unsupported(&format!("\"{}\"", text.chars().take(100).collect::<String>()))),
     }
@@ -65,6 +69,7 @@ pub(crate) async fn ingest(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let engine = Arc::clone(state.engine()?);
     let format = body_format(&headers)?;
+    let encoding = body::encoding(&headers)?;
     let key = idempotency_key(&headers)?;
     let limit = state.config.body_bytes_max;
     let declared =
@@ -73,7 +78,10 @@ pub(crate) async fn ingest(
         return Err(body::too_large(limit));
     }
     let deadline = Duration::from_millis(state.config.body_read_timeout_ms);
-    let body = body::read(body, limit, deadline, &state.body_budget).await?;
+    let mut body = body::read(body, limit, deadline, &state.body_budget).await?;
+    if encoding == body::Encoding::Gzip {
+        body = body::gunzip(body, limit, &state.body_budget)?;
+    }
 
     let receive_ms = engine.now_ms();
     let text = std::str::from_utf8(&body.bytes).map_err(|e| {

@@ -38,7 +38,7 @@ fn ingest_accepts_object_array_and_ndjson_and_counts_at_once() {
 #[test]
 fn wrong_content_type_is_415() {
     let (_dir, server) = server("");
-    for headers in [vec![("content-type", "text/plain")], vec![]] {
+    for headers in [vec![("content-type", "text/html")], vec![]] {
         let answer = request(server.address, "POST", "/v1/events", &headers, br#"{"video_id":"a"}"#).unwrap();
         assert_eq!(answer.status, 415);
         assert_eq!(answer.json()["error"], "unsupported_media_type");

@@ -1,0 +1,83 @@
+//! Bodies as browsers and compressing clients send them: JSON as `text/plain` (what
+//! `navigator.sendBeacon` sends), and gzip, inflated under the body limit so that a
+//! decompression bomb is refused whole.
+
+mod common;
+
+use std::io::Write;
+
+use common::{request, server};
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn post(server: &common::Server, headers: &[(&str, &str)], body: &[u8]) -> common::Answer {
+    request(server.address, "POST", "/v1/events", headers, body).unwrap()
+}
+
+#[test]
+fn a_beacon_body_is_json_sent_as_text_plain() {
+    let (_dir, server) = server("");
+    let body = br#"[{"video_id":"a","event_id":"e1"},{"video_id":"a","event_id":"e2"}]"#;
+    let answer = post(&server, &[("content-type", "text/plain;charset=UTF-8")], body);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["accepted"], 2);
+    // A beacon resent (a reload, a retry) counts nothing twice: its events carry ids.
+    let again = post(&server, &[("content-type", "text/plain")], body);
+    assert_eq!((again.json()["accepted"].as_u64(), again.json()["duplicates"].as_u64()), (Some(0), Some(2)));
+    assert_eq!(server.count("a"), 2);
+}
+
+#[test]
+fn gzip_bodies_are_inflated_and_counted() {
+    let (_dir, server) = server("");
+    let events: Vec<String> = (0..1000).map(|i| format!(r#"{{"video_id":"g","event_id":"{i}"}}"#)).collect();
+    let json = format!("[{}]", events.join(","));
+    let ndjson = (0..10).map(|_| r#"{"video_id":"n"}"#).collect::<Vec<_>>().join("\n");
+    let cases =
+        [("application/json", json.as_bytes(), "g", 1000), ("application/x-ndjson", ndjson.as_bytes(), "n", 10)];
+    for (content_type, body, video, n) in cases {
+        let answer = post(&server, &[("content-type", content_type), ("content-encoding", "gzip")], &gzip(body));
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(server.count(video), n);
+    }
+}
+
+#[test]
+fn a_decompression_bomb_is_413_and_counts_nothing() {
+    let (_dir, server) = server("body_bytes_max = 1048576");
+    // 1,000 events padded with 20 MB of spaces: 20 KB on the wire, 20 times the limit inflated.
+    let mut bomb = String::from("[");
+    bomb.push_str(&(0..1000).map(|_| r#"{"video_id":"bomb"}"#).collect::<Vec<_>>().join(","));
+    bomb.push_str(&" ".repeat(20 << 20));
+    bomb.push(']');
+    let compressed = gzip(bomb.as_bytes());
+    assert!(compressed.len() < 1 << 20, "the compressed body is under the limit: {}", compressed.len());
+    let answer = post(&server, &[("content-type", "application/json"), ("content-encoding", "gzip")], &compressed);
+    assert_eq!(answer.status, 413, "{}", answer.text());
+    assert_eq!(answer.json()["error"], "body_too_large");
+    assert_eq!(answer.json()["limit_bytes"], 1_048_576);
+    assert_eq!(server.count("bomb"), 0);
+    // The budget it was charged is back: an ordinary request goes through.
+    assert_eq!(post(&server, &[("content-type", "application/json")], br#"{"video_id":"after"}"#).status, 200);
+}
+
+#[test]
+fn unknown_encodings_and_broken_gzip_are_refused_and_count_nothing() {
+    let (_dir, server) = server("");
+    let json = br#"{"video_id":"x"}"#;
+    let answer = post(&server, &[("content-type", "application/json"), ("content-encoding", "br")], json);
+    assert_eq!(answer.status, 415, "{}", answer.text());
+    assert_eq!(answer.json()["error"], "unsupported_content_encoding");
+    let mut broken = gzip(json);
+    let middle = broken.len() / 2;
+    broken[middle] ^= 0xff;
+    broken.truncate(broken.len() - 4);
+    let answer = post(&server, &[("content-type", "application/json"), ("content-encoding", "gzip")], &broken);
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert_eq!(answer.json()["error"], "invalid_gzip");
+    assert_eq!(server.count("x"), 0);
+}
