@@ -7,6 +7,7 @@
 
 mod analytics;
 mod body;
+mod cors;
 mod error;
 mod ingest;
 mod listen;
@@ -52,6 +53,9 @@ pub struct ServerConfig {
     pub counts_video_ids_max: usize,
     /// Points one `GET /v1/series` may return.
     pub series_points_max: usize,
+    /// Origins whose pages may call the API and read its answers (CORS); `*` for any.
+    /// Empty: same-origin only (beacons, which need no preflight, still get in).
+    pub cors_origins: Vec<String>,
     pub limits: Limits,
 }
 
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             field_errors_max: 100,
             counts_video_ids_max: 1_000,
             series_points_max: 10_080,
+            cors_origins: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -146,6 +151,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fold(Router::new(), |router, (_, path, handler)| router.route(path, handler))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), cors::cors))
         .layer(axum::middleware::from_fn(monitoring::track_request))
         .with_state(state)
 }

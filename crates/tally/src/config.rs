@@ -83,6 +83,9 @@ pub struct FileConfig {
     pub field_errors_max: Option<usize>,
     pub counts_video_ids_max: Option<usize>,
     pub series_points_max: Option<usize>,
+    /// Origins whose pages may call the API (CORS), e.g. `["https://example.com"]`, or
+    /// `["*"]`; default none.
+    pub cors_origins: Option<Vec<String>>,
     pub lateness_max_ms: Option<i64>,
     pub clock_skew_max_ms: Option<i64>,
 }
@@ -153,6 +156,7 @@ impl FileConfig {
             field_errors_max: self.field_errors_max.unwrap_or(server_default.field_errors_max),
             counts_video_ids_max: self.counts_video_ids_max.unwrap_or(server_default.counts_video_ids_max),
             series_points_max: self.series_points_max.unwrap_or(server_default.series_points_max),
+            cors_origins: self.cors_origins.unwrap_or_default(),
             limits: Limits {
                 lateness_max_ms: self.lateness_max_ms.unwrap_or(limits_default.lateness_max_ms),
                 clock_skew_max_ms: self.clock_skew_max_ms.unwrap_or(limits_default.clock_skew_max_ms),
@@ -169,6 +173,22 @@ impl FileConfig {
             server,
         })
     }
+}
+
+/// An origin is `*` or `scheme://host[:port]`, as browsers send it: no path, no
+/// trailing slash. At most 1,000 of them.
+fn check_origins(origins: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(origins.len() <= 1000, "cors_origins: at most 1000 origins");
+    for origin in origins {
+        let (scheme, rest) = origin.split_once("://").unwrap_or(("", origin));
+        let well_formed = origin == "*"
+            || (matches!(scheme, "http" | "https")
+                && !rest.is_empty()
+                && !rest.contains('/')
+                && rest.bytes().all(|b| b.is_ascii_graphic()));
+        anyhow::ensure!(well_formed, "cors_origins: {origin:?} is not an origin (\"*\" or scheme://host[:port])");
+    }
+    Ok(())
 }
 
 /// Checks every setting's range, and that retention tiers do not shrink.
@@ -223,6 +243,7 @@ fn validate(engine: &EngineConfig, server: &ServerConfig, worker_threads: Option
     within("field_errors_max", server.field_errors_max as u64, 1, 100_000)?;
     within("counts_video_ids_max", server.counts_video_ids_max as u64, 1, 100_000)?;
     within("series_points_max", server.series_points_max as u64, 1, 1_000_000)?;
+    check_origins(&server.cors_origins)?;
     within("lateness_max_ms", non_negative(server.limits.lateness_max_ms), 0, 100 * 365 * 86_400_000)?;
     within("clock_skew_max_ms", non_negative(server.limits.clock_skew_max_ms), 0, 86_400_000)?;
     Ok(())
@@ -242,6 +263,8 @@ mod tests {
     fn out_of_range_settings_are_refused_by_name() {
         for (text, name) in [
             ("pending_cells_max = 0", "pending_cells_max"),
+            ("cors_origins = [\"https://a.example/\"]", "cors_origins"),
+            ("cors_origins = [\"a.example\"]", "cors_origins"),
             ("dedup_window_ms = -5", "dedup_window_ms"),
             ("body_bytes_max = 1073741824", "body_bytes_max"),
             ("minute_retention_days = 30\nhour_retention_days = 10", "retention must not shrink"),
@@ -255,6 +278,7 @@ mod tests {
     fn every_key_is_accepted() {
         let text = r#"
             data_dir = "/tmp/x"
+            cors_origins = ["https://a.example", "http://localhost:3000"]
             listen = "127.0.0.1:0"
             worker_threads = 2
             shutdown_drain_ms = 5000

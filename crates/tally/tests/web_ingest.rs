@@ -81,3 +81,53 @@ fn unknown_encodings_and_broken_gzip_are_refused_and_count_nothing() {
     assert_eq!(answer.json()["error"], "invalid_gzip");
     assert_eq!(server.count("x"), 0);
 }
+
+fn header<'a>(answer: &'a common::Answer, name: &str) -> Option<&'a str> {
+    answer.header(name)
+}
+
+fn preflight(server: &common::Server, origin: &str) -> common::Answer {
+    let headers = [
+        ("origin", origin),
+        ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "content-type, idempotency-key"),
+    ];
+    request(server.address, "OPTIONS", "/v1/events", &headers, b"").unwrap()
+}
+
+#[test]
+fn pages_of_allowed_origins_may_call_the_api_and_read_its_answers() {
+    let (_dir, server) = server(r#"cors_origins = ["https://shop.example"]"#);
+    let answer = preflight(&server, "https://shop.example");
+    assert_eq!(answer.status, 204);
+    assert_eq!(header(&answer, "access-control-allow-origin"), Some("https://shop.example"));
+    assert!(header(&answer, "access-control-allow-methods").is_some_and(|m| m.contains("POST")));
+    assert!(header(&answer, "access-control-allow-headers").is_some_and(|h| h.contains("idempotency-key")));
+
+    let refused = preflight(&server, "https://evil.example");
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["error"], "origin_not_allowed");
+    assert_eq!(header(&refused, "access-control-allow-origin"), None);
+
+    let headers = [("content-type", "application/json"), ("origin", "https://shop.example")];
+    let posted = post(&server, &headers, br#"{"video_id":"c"}"#);
+    assert_eq!(posted.status, 200);
+    assert_eq!(header(&posted, "access-control-allow-origin"), Some("https://shop.example"));
+    assert_eq!(header(&posted, "access-control-expose-headers"), Some("retry-after"));
+    let read = request(server.address, "GET", "/v1/count?video_id=c", &[("origin", "https://shop.example")], b"");
+    assert_eq!(header(&read.unwrap(), "access-control-allow-origin"), Some("https://shop.example"));
+
+    // Another origin's page gets no CORS headers (its browser hides the answer).
+    let other = post(&server, &[("content-type", "application/json"), ("origin", "https://evil.example")], b"{}");
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+}
+
+#[test]
+fn without_cors_origins_no_origin_is_allowed_and_any_origin_with_a_star() {
+    let (_dir, closed) = server("");
+    assert_eq!(preflight(&closed, "https://shop.example").status, 403);
+    let (_dir2, open) = server(r#"cors_origins = ["*"]"#);
+    let answer = preflight(&open, "https://anywhere.example");
+    assert_eq!(answer.status, 204);
+    assert_eq!(header(&answer, "access-control-allow-origin"), Some("*"));
+}

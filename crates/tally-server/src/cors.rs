@@ -1,0 +1,59 @@
+//! Cross-origin requests from web pages (CORS), for the origins `cors_origins` allows
+//! (`*`: any). A preflight (`OPTIONS` with `Access-Control-Request-Method`) is answered
+//! here, 204 for an allowed origin and 403 otherwise; every other answer to an allowed
+//! origin carries `Access-Control-Allow-Origin`, and exposes `Retry-After` so a page can
+//! honour it. Without `cors_origins`, pages of other origins can still send beacons
+//! (`text/plain` needs no preflight) but cannot read the answers.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::{ApiError, AppState};
+
+/// How long a browser may cache a preflight answer, seconds.
+const PREFLIGHT_MAX_AGE_SECONDS: &str = "600";
+const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
+const ALLOWED_HEADERS: &str = "content-type, content-encoding, idempotency-key, authorization";
+
+/// The `Access-Control-Allow-Origin` value for a request's `Origin`, if it is allowed.
+fn allowed(origins: &[String], headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    if origins.iter().any(|allowed| allowed == "*") {
+        return Some(HeaderValue::from_static("*"));
+    }
+    let text = origin.to_str().ok()?;
+    origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(text)).then(|| origin.clone())
+}
+
+pub(crate) async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let origins = &state.config.cors_origins;
+    let allow = allowed(origins, request.headers());
+    let preflight =
+        request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight {
+        let Some(allow) = allow else {
+            return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this origin may not call the API")
+                .into_response();
+        };
+        let mut answer = StatusCode::NO_CONTENT.into_response();
+        let headers = answer.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(ALLOWED_METHODS));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(ALLOWED_HEADERS));
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(PREFLIGHT_MAX_AGE_SECONDS));
+        headers.insert(header::VARY, HeaderValue::from_static("origin"));
+        return answer;
+    }
+    let mut answer = next.run(request).await;
+    if let Some(allow) = allow {
+        let headers = answer.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+        headers.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    answer
+}
