@@ -146,12 +146,14 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    table()
+    let mut router = table()
         .into_iter()
         .fold(Router::new(), |router, (_, path, handler)| router.route(path, handler))
         .fallback(|| async { ApiError::not_found() })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), cors::cors))
-        .layer(axum::middleware::from_fn(monitoring::track_request))
-        .with_state(state)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
+    // Only when configured: a layer costs every request a little.
+    if !state.config.cors_origins.is_empty() {
+        router = router.layer(axum::middleware::from_fn_with_state(Arc::clone(&state), cors::cors));
+    }
+    router.layer(axum::middleware::from_fn(monitoring::track_request)).with_state(state)
 }
