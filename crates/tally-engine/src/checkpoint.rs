@@ -286,10 +286,12 @@ fn store_failed(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>, erro
     if !error.is_transient() {
         return shared.failed(format!("flush: {error}"));
     }
-    let trouble = match () {
-        _ if error.is_disk_full() => StoreTrouble::DiskFull,
-        _ if error.is_unreachable() => StoreTrouble::Unreachable,
-        _ => StoreTrouble::Failing,
+    let trouble = if error.is_disk_full() {
+        StoreTrouble::DiskFull
+    } else if error.is_unreachable() {
+        StoreTrouble::Unreachable
+    } else {
+        StoreTrouble::Failing
     };
     tracing::error!(%error, "store commit failed; nothing acknowledged is lost, retrying");
     *shared.store_trouble.lock() = Some(trouble);

@@ -191,17 +191,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The engine clock's epoch minute.
+    fn now_minute(&self) -> i64 {
+        self.config.clock.now_ms().div_euclid(tally_core::bucket::MINUTE_MS)
+    }
+
     /// The retention cutoffs now: what queries may read.
     pub(crate) fn cutoffs(&self) -> Cutoffs {
-        self.config.retention.cutoffs(self.config.clock.now_ms().div_euclid(tally_core::bucket::MINUTE_MS))
+        self.config.retention.cutoffs(self.now_minute())
     }
 
     /// The cutoffs flushes and purges apply: `RETENTION_LAG_MINUTES` behind the query
     /// cutoffs, so a query that chose its buckets just before a cutoff moved still finds
     /// them all when it reads.
     pub(crate) fn write_cutoffs(&self) -> Cutoffs {
-        let now = self.config.clock.now_ms().div_euclid(tally_core::bucket::MINUTE_MS);
-        self.config.retention.cutoffs(now - RETENTION_LAG_MINUTES)
+        self.config.retention.cutoffs(self.now_minute() - RETENTION_LAG_MINUTES)
     }
 
     /// Stops acknowledging writes for good (until a restart). `detail` goes to the log

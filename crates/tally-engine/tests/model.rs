@@ -7,7 +7,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
 use tally_core::EventRef;
 use tally_engine::{
     Clock, Counter, Engine, EngineConfig, EngineError, Granularity, IdempotencyKey, MinuteRange, Outcome,
@@ -251,10 +250,5 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 /// The same model over the PostgreSQL store: one server, a fresh database per case.
 #[test]
 fn engine_on_postgresql_matches_naive_model() {
-    let server = tally_pgtest::Postgres::start();
-    let mut runner = TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
-    let outcome = runner.run(&ops(), |ops| run(ops, Some(&server.create_database())));
-    if let Err(failure) = outcome {
-        panic!("{failure}");
-    }
+    common::on_postgresql(32, ops(), |ops, database| run(ops, Some(database)));
 }

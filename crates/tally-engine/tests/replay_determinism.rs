@@ -7,7 +7,6 @@
 mod common;
 
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
 use tally_core::EventRef;
 use tally_engine::{Clock, Engine, EngineConfig, EngineError, IdempotencyKey, MinuteRange, Outcome};
 
@@ -123,15 +122,10 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 /// one server, a fresh database per case.
 #[test]
 fn restarts_and_crashes_on_postgresql_change_no_outcome_and_no_count() {
-    let server = tally_pgtest::Postgres::start();
-    let mut runner = TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
-    let outcome = runner.run(&ops(), |ops| {
+    common::on_postgresql(32, ops(), |ops, database| {
         let straight = run(&ops, false, None);
-        let disturbed = run(&ops, true, Some(&server.create_database()));
+        let disturbed = run(&ops, true, Some(database));
         prop_assert_eq!(straight, disturbed);
         Ok(())
     });
-    if let Err(failure) = outcome {
-        panic!("{failure}");
-    }
 }

@@ -45,6 +45,16 @@ fn over_budget() -> ApiError {
     ApiError::unavailable("overloaded", "too many request bodies in flight".into())
 }
 
+/// Adds `bytes` to what `permit` holds of the in-flight budget; 503 once it is spent.
+fn charge(permit: &mut Option<OwnedSemaphorePermit>, budget: &Arc<Semaphore>, bytes: u32) -> Result<(), ApiError> {
+    let more = Arc::clone(budget).try_acquire_many_owned(bytes).map_err(|_| over_budget())?;
+    match permit {
+        Some(permit) => permit.merge(more),
+        None => *permit = Some(more),
+    }
+    Ok(())
+}
+
 /// Reads `body` whole: at most `limit` bytes, within `deadline`, each chunk charged to
 /// `budget` as it arrives.
 pub(crate) async fn read(
@@ -86,12 +96,8 @@ pub(crate) async fn read(
         if bytes.len() + chunk.len() > limit {
             return Err(too_large(limit));
         }
-        let charge = u32::try_from(chunk.len()).map_err(|_| too_large(limit))?;
-        let more = Arc::clone(budget).try_acquire_many_owned(charge).map_err(|_| over_budget())?;
-        match &mut permit {
-            Some(permit) => permit.merge(more),
-            None => permit = Some(more),
-        }
+        let bytes_charged = u32::try_from(chunk.len()).map_err(|_| too_large(limit))?;
+        charge(&mut permit, budget, bytes_charged)?;
         bytes.extend_from_slice(&chunk);
     }
     let bytes = Bytes::from(bytes);
@@ -148,11 +154,7 @@ pub(crate) fn gunzip(body: ReadBody, limit: usize, budget: &Arc<Semaphore>) -> R
             )
             .with("limit_bytes", json!(limit)));
         }
-        let more = Arc::clone(budget).try_acquire_many_owned(read as u32).map_err(|_| over_budget())?;
-        match &mut permit {
-            Some(permit) => permit.merge(more),
-            None => permit = Some(more),
-        }
+        charge(&mut permit, budget, read as u32)?;
         bytes.extend_from_slice(&piece[..read]);
     }
     Ok(ReadBody { bytes: Bytes::from(bytes), _budget: permit })

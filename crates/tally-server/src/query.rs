@@ -227,19 +227,15 @@ pub(crate) fn asked_range(
 }
 
 /// Runs a store read. The embedded store answers from memory-mapped pages in
-/// microseconds, inline; a database answers over the network, so its reads go to a
-/// blocking thread rather than hold an HTTP worker (a slow database would stall ingest
-/// and health checks with them).
-pub(crate) async fn read<T: Send + 'static>(
-    engine: &Arc<Engine>,
-    work: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, ApiError> {
-    if !engine.store_is_remote() {
-        return Ok(work(engine)?);
+/// microseconds, inline; a database answers over the network, so its reads tell the
+/// runtime this worker blocks (`block_in_place`: its other tasks move to another thread),
+/// so that a slow database cannot stall ingest and health checks. The server runs on a
+/// multi-threaded runtime, which that needs.
+pub(crate) fn read<T>(engine: &Engine, work: impl FnOnce(&Engine) -> Result<T, EngineError>) -> Result<T, ApiError> {
+    if engine.store_is_remote() {
+        return Ok(tokio::task::block_in_place(|| work(engine))?);
     }
-    let engine = Arc::clone(engine);
-    let done = tokio::task::spawn_blocking(move || work(&engine)).await;
-    Ok(done.map_err(|e| ApiError::internal(format!("query task failed: {e}")))??)
+    Ok(work(engine)?)
 }
 
 /// An answer over a range: `body` plus the aligned range summed and its resolution.
@@ -259,8 +255,7 @@ pub(crate) async fn count(
     let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "tz"])?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
-    let (owned_type, owned_video) = (event_type.to_owned(), video_id.to_owned());
-    let counter = read(engine, move |engine| engine.count(&owned_type, &owned_video, range)).await?;
+    let counter = read(engine, |engine| engine.count(event_type, video_id, range))?;
     Ok(ranged(
         range,
         resolution,
@@ -303,12 +298,8 @@ pub(crate) async fn counts(State(state): State<Arc<AppState>>, body: Body) -> Re
     let (from, to) =
         bounds(&state, engine, instant_value("from", &request.from)?, instant_value("to", &request.to)?, None)?;
     let (range, resolution) = engine.plan_range(from, to);
-    let (owned_type, owned_ids) = (event_type.to_owned(), request.video_ids.clone());
-    let counters = read(engine, move |engine| {
-        let video_ids: Vec<&str> = owned_ids.iter().map(String::as_str).collect();
-        engine.counts(&owned_type, &video_ids, range)
-    })
-    .await?;
+    let video_ids: Vec<&str> = request.video_ids.iter().map(String::as_str).collect();
+    let counters = read(engine, |engine| engine.counts(event_type, &video_ids, range))?;
     let counts: serde_json::Map<String, Value> =
         request.video_ids.iter().zip(counters).map(|(video_id, c)| (video_id.clone(), json!(c.count))).collect();
     Ok(ranged(range, resolution, json!({ "type": event_type, "counts": counts })))
@@ -344,7 +335,7 @@ pub(crate) async fn series(
         return Err(ApiError::bad_request("invalid_range", "from must not be after to"));
     }
     if let (Granularity::Day, Some(tz)) = (granularity, &tz) {
-        return local_days(&state, engine, video_id, event_type, tz, p.get("tz").expect("tz given"), from, to).await;
+        return local_days(&state, engine, video_id, event_type, tz, p.get("tz").expect("tz given"), from, to);
     }
     let (granularity, range) = engine.plan_series(granularity, from, to);
     let points_max = state.config.series_points_max;
@@ -356,8 +347,7 @@ pub(crate) async fn series(
         )
         .with("limit", json!(points_max)));
     }
-    let (owned_type, owned_video) = (event_type.to_owned(), video_id.to_owned());
-    let counters = read(engine, move |engine| engine.series(&owned_type, &owned_video, granularity, range)).await?;
+    let counters = read(engine, |engine| engine.series(event_type, video_id, granularity, range))?;
     let points: Vec<Value> = counters
         .iter()
         .enumerate()
@@ -381,9 +371,9 @@ pub(crate) async fn series(
 /// while minute buckets are kept, otherwise rounded down to the hour (and then
 /// `exact_boundaries` is false).
 #[allow(clippy::too_many_arguments)]
-async fn local_days(
+fn local_days(
     state: &AppState,
-    engine: &Arc<Engine>,
+    engine: &Engine,
     video_id: &str,
     event_type: &str,
     tz: &TimeZone,
@@ -418,9 +408,7 @@ async fn local_days(
     let instants: Vec<i64> = starts.iter().map(|start| start.timestamp().as_millisecond()).collect();
     let boundaries = engine.plan_boundaries(&instants);
     let local = |z: &jiff::ZonedDateTime| z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
-    let (owned_type, owned_video, minutes) = (event_type.to_owned(), video_id.to_owned(), boundaries.minutes);
-    let points: Vec<Value> = read(engine, move |engine| engine.counts_between(&owned_type, &owned_video, &minutes))
-        .await?
+    let points: Vec<Value> = read(engine, |engine| engine.counts_between(event_type, video_id, &boundaries.minutes))?
         .into_iter()
         .zip(&starts)
         .map(|(counter, start)| {

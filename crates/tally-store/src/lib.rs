@@ -181,7 +181,7 @@ pub trait CounterStore: Send + Sync + 'static {
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError>;
 
     /// Whether reads cross a network (and so may take long): the server then runs them
-    /// on blocking threads, not on its HTTP workers.
+    /// as blocking work, apart from its other requests.
     fn is_remote(&self) -> bool {
         false
     }

@@ -21,10 +21,18 @@ pub enum StoreLocation {
     Postgres { url: String, connections_max: usize },
 }
 
+/// Most connections `store_connections_max` may ask for.
+const STORE_CONNECTIONS_HIGH: usize = 1024;
+/// Most origins `cors_origins` may list.
+const CORS_ORIGINS_MAX: usize = 1000;
+
 /// The `store` setting: `embedded` (or absent), or a PostgreSQL URL.
 fn store_location(store: Option<&str>, connections_max: Option<usize>) -> anyhow::Result<StoreLocation> {
-    let connections_max = connections_max.unwrap_or(16);
-    anyhow::ensure!((1..=1024).contains(&connections_max), "store_connections_max must be 1 to 1024");
+    let connections_max = connections_max.unwrap_or(tally_store::PoolOptions::default().connections_max);
+    anyhow::ensure!(
+        (1..=STORE_CONNECTIONS_HIGH).contains(&connections_max),
+        "store_connections_max must be 1 to {STORE_CONNECTIONS_HIGH}"
+    );
     match store {
         None | Some("embedded") => Ok(StoreLocation::Embedded),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -176,9 +184,9 @@ impl FileConfig {
 }
 
 /// An origin is `*` or `scheme://host[:port]`, as browsers send it: no path, no
-/// trailing slash. At most 1,000 of them.
+/// trailing slash.
 fn check_origins(origins: &[String]) -> anyhow::Result<()> {
-    anyhow::ensure!(origins.len() <= 1000, "cors_origins: at most 1000 origins");
+    anyhow::ensure!(origins.len() <= CORS_ORIGINS_MAX, "cors_origins: at most {CORS_ORIGINS_MAX} origins");
     for origin in origins {
         let (scheme, rest) = origin.split_once("://").unwrap_or(("", origin));
         let well_formed = origin == "*"

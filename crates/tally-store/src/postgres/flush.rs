@@ -1,8 +1,10 @@
 //! The writes of one flush, inside its transaction: the fenced checkpoint move with the
-//! dedup journal, then each tier's rows. Rows go in as arrays, a chunk per statement
-//! (`INSERT … SELECT FROM unnest(…) ON CONFLICT …`): counters add up in SQL, sketches are
-//! read, merged in Rust and written back (a video belongs to one partition, and a
-//! partition to one writer, so nobody else changes them meanwhile).
+//! dedup journal, then each tier's rows, in key order. Into a table the transaction
+//! created, rows go by `COPY … BINARY` (nothing to merge with); into others as arrays, a
+//! chunk per statement, pipelined (`INSERT … SELECT FROM unnest(…) ON CONFLICT …`):
+//! counters add up in SQL, sketches are read, merged in Rust and written back (a video
+//! belongs to one partition, and a partition to one writer, so nobody else changes them
+//! meanwhile).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -32,7 +34,7 @@ pub(super) struct Writer<'t> {
     /// Period tables that existed before this transaction.
     pub(super) known: &'t HashSet<String>,
     /// Period tables this transaction found or created, known once it commits.
-    pub(super) created: &'t mut Vec<String>,
+    pub(super) found: &'t mut Vec<String>,
     /// Period tables this transaction created: empty before it.
     pub(super) fresh: Vec<String>,
 }
@@ -49,7 +51,7 @@ impl Writer<'_> {
              WHERE partition = $1 AND owner_epoch = $2 AND COALESCE(log_offset, 0) = $3",
         )?;
         let generations = encode_generations(&checkpoint.dedup_generation_starts);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        let params: [&(dyn ToSql + Sync); 5] =
             [&partition, &epoch, &(flush.start as i64), &(checkpoint.offset as i64), &generations];
         let moved = wait(self.connection.client.execute(&fenced, &params)).map_err(pg_error("move checkpoint"))?;
         if moved != 1 {
@@ -61,8 +63,7 @@ impl Writer<'_> {
         )?;
         let starts: Vec<i64> = flush.journal.iter().map(|(start, _)| *start).collect();
         let entries: Vec<&[u8]> = flush.journal.iter().map(|(_, entries)| entries.as_slice()).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&partition, &(checkpoint.offset as i64), &starts, &entries];
+        let params: [&(dyn ToSql + Sync); 4] = [&partition, &(checkpoint.offset as i64), &starts, &entries];
         wait(self.connection.client.execute(&journal, &params)).map_err(pg_error("write dedup journal"))?;
         let forget =
             self.connection.statement("DELETE FROM tally_dedup WHERE partition = $1 AND generation_start < $2")?;
@@ -129,7 +130,7 @@ impl Writer<'_> {
     }
 
     /// Whether this transaction created `table`: it held nothing before, so rows go in
-    /// with a plain `INSERT`, without looking for a row to merge with.
+    /// without looking for a row to merge with.
     fn is_new(&self, table: &str) -> bool {
         self.fresh.iter().any(|fresh| fresh == table)
     }
@@ -140,22 +141,21 @@ impl Writer<'_> {
     /// without merging).
     fn table(&mut self, kind: Kind, granularity: Granularity, period: i64) -> Result<String, StoreError> {
         let name = schema::table(kind, granularity, period);
-        if self.known.contains(&name) || self.created.contains(&name) {
+        if self.known.contains(&name) || self.found.contains(&name) {
             return Ok(name);
         }
         let register = self.connection.statement(
             "INSERT INTO tally_tables (name, kind, granularity, period) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO NOTHING",
         )?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&name, &kind.name(), &granularity.name(), &period];
+        let params: [&(dyn ToSql + Sync); 4] = [&name, &kind.name(), &granularity.name(), &period];
         let registered = wait(self.connection.client.execute(&register, &params)).map_err(pg_error("create table"))?;
         if registered == 1 {
             wait(self.connection.client.batch_execute(&schema::create(kind, &name)))
                 .map_err(pg_error("create table"))?;
             self.fresh.push(name.clone());
         }
-        self.created.push(name.clone());
+        self.found.push(name.clone());
         Ok(name)
     }
 
@@ -220,7 +220,7 @@ impl Writer<'_> {
             "INSERT INTO {table} (event_type, video_id, bucket, sketch) \
              SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::INT8[], $4::BYTEA[]){merge}"
         ))?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&types, &videos, &buckets, &sketches];
+        let params: [&(dyn ToSql + Sync); 4] = [&types, &videos, &buckets, &sketches];
         wait(self.connection.client.execute(&write, &params)).map_err(pg_error("flush uniques"))?;
         Ok(())
     }

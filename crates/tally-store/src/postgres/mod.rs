@@ -26,6 +26,10 @@ use crate::tables::{self, Kind};
 use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TableUsage};
 use pool::{Connection, Pool, wait};
 
+/// How long a purge waits for a table lock (a reader holding the table) before giving
+/// up until the next retention interval: it holds the flusher meanwhile.
+const PURGE_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '5s'";
+
 /// Bounds the generation list a checkpoint may hold; dedup keeps about six alive.
 const CHECKPOINT_GENERATIONS_MAX: usize = 64;
 
@@ -237,11 +241,11 @@ impl CounterStore for PostgresStore {
         flushes: &[PartitionFlush<'_>],
         tiers: &mut dyn FnMut(Granularity) -> tally_core::TierRows<'a>,
     ) -> Result<(), StoreError> {
-        let mut created = Vec::new();
+        let mut found = Vec::new();
         let known = self.tables.lock().clone();
         let mut connection = self.pool.get()?;
         connection.transaction("BEGIN", |connection| {
-            let mut writer = flush::Writer { connection, known: &known, created: &mut created, fresh: Vec::new() };
+            let mut writer = flush::Writer { connection, known: &known, found: &mut found, fresh: Vec::new() };
             for flush in flushes {
                 writer.move_checkpoint(flush, self.epoch(flush.checkpoint.partition)?)?;
             }
@@ -256,7 +260,7 @@ impl CounterStore for PostgresStore {
             }
             Ok(())
         })?;
-        self.tables.lock().extend(created);
+        self.tables.lock().extend(found);
         Ok(())
     }
 
@@ -277,10 +281,8 @@ impl CounterStore for PostgresStore {
     fn purge(&self, cutoffs: &tally_core::Cutoffs) -> Result<usize, StoreError> {
         let mut connection = self.pool.get()?;
         let dropped = connection.transaction("BEGIN", |connection| {
-            // A reader holding a table would hold the flusher here: give up instead
-            // (55P03, retried at the next interval).
-            let wait_at_most = "SET LOCAL lock_timeout = '5s'";
-            wait(connection.client.batch_execute(wait_at_most)).map_err(pg_error("purge"))?;
+            // Giving up is 55P03, transient: retried at the next interval.
+            wait(connection.client.batch_execute(PURGE_LOCK_WAIT)).map_err(pg_error("purge"))?;
             self.still_owner(connection)?;
             let list = connection.statement("SELECT name, kind, granularity, period FROM tally_tables")?;
             let rows = wait(connection.client.query(&list, &[])).map_err(pg_error("list tables"))?;

@@ -86,7 +86,9 @@ pub(crate) fn create(kind: Kind, name: &str) -> String {
         Kind::Videos => {
             "event_type TEXT NOT NULL, day BIGINT NOT NULL, video_id TEXT NOT NULL, PRIMARY KEY (event_type, day, video_id)"
         }
-        Kind::VideoTypes => "video_id TEXT NOT NULL, event_type TEXT NOT NULL, PRIMARY KEY (video_id, event_type)",
+        Kind::VideoTypes => {
+            unreachable!("no per-video type tables here: a video's types are read from the day counters")
+        }
     };
     format!("CREATE TABLE IF NOT EXISTS {name} ({columns})")
 }
