@@ -45,6 +45,10 @@ pub enum LogError {
     /// Nothing was written and the log is as it was: a later append may succeed.
     #[error("{detail}")]
     Unwritten { detail: String },
+    /// The append may or may not have reached the log (the broker did not answer in
+    /// time); the log itself is usable. Callers answer "outcome unknown".
+    #[error("{detail}")]
+    Uncertain { detail: String },
     /// The log must not be used again (a failed sync leaves it in an unknown state), or
     /// cannot be opened as asked (damaged, or missing what the checkpoint needs).
     #[error("{detail}")]
@@ -84,4 +88,29 @@ pub trait Log: Send + Sync {
         from: u64,
         visit: &mut Visit<'_>,
     ) -> Result<Result<Box<dyn PartitionLog>, Stop>, LogError>;
+}
+
+/// The engine as the owner of partitions of a log it shares with other nodes (cluster
+/// mode). The log's consumer group decides which partitions this node owns; the log calls
+/// `claim` as a partition arrives (before reading it), hands each record list to `apply`
+/// in offset order, and calls `release` as a partition leaves.
+pub trait Owner: Send + Sync {
+    /// Takes `partition` over: fences its previous owner and restores its state from the
+    /// store. Answers the offset to read from (the stored checkpoint).
+    fn claim(&self, partition: u32) -> Result<u64, String>;
+    /// Gives `partition` up: its state not yet in the store is dropped (the next owner
+    /// replays it from the log).
+    fn release(&self, partition: u32);
+    /// Applies the record list at `offset` of `partition` (`record::encode_list`). Offsets
+    /// below the partition's applied offset, and partitions not owned, are skipped. An
+    /// `Err` says why the list cannot be decoded: nothing of it was applied, and the
+    /// partition moved past it (the log dead-letters it).
+    fn apply(&self, partition: u32, offset: u64, records: &[u8]) -> Result<(), String>;
+    /// The partitions no node has shown to own for `silent` (every owner marks its
+    /// partitions alive in the store each flush interval): a consumer group that left
+    /// them unassigned, which the log should mend by joining the group again.
+    fn unowned(&self, silent: std::time::Duration) -> Result<Vec<u32>, String>;
+    /// Where each owned partition's stored checkpoint is: the log may record it as its own
+    /// progress marker (for lag monitoring; recovery never reads it).
+    fn checkpoints(&self) -> Vec<(u32, u64)>;
 }

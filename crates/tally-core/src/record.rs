@@ -103,6 +103,49 @@ fn put_str16(bytes: &mut Vec<u8>, s: &str) {
     bytes.extend_from_slice(s.as_bytes());
 }
 
+/// Appends a record list, `(u32le record_len | record)*`: the payload of a WAL frame and of
+/// a Kafka message.
+pub fn encode_list(records: &[&[u8]], out: &mut Vec<u8>) {
+    for record in records {
+        let len = u32::try_from(record.len()).expect("record over 4 GiB");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(record);
+    }
+}
+
+/// The records of a record list (`encode_list`). An `Err` item is malformed framing; it
+/// ends the list.
+pub struct ListRecords<'a> {
+    list: &'a [u8],
+}
+
+impl<'a> ListRecords<'a> {
+    pub fn new(list: &'a [u8]) -> ListRecords<'a> {
+        ListRecords { list }
+    }
+}
+
+impl<'a> Iterator for ListRecords<'a> {
+    type Item = Result<&'a [u8], String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.list.is_empty() {
+            return None;
+        }
+        let Some(len) = self.list.get(..4) else {
+            self.list = &[];
+            return Some(Err("record length cut short".into()));
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        let Some(record) = self.list.get(4..4 + len) else {
+            self.list = &[];
+            return Some(Err(format!("record of {len} bytes runs past its list")));
+        };
+        self.list = &self.list[4 + len..];
+        Some(Ok(record))
+    }
+}
+
 /// Reads one record: the header eagerly, the events lazily through `for_each_event`.
 #[derive(Debug, Clone)]
 pub struct RecordReader<'a> {

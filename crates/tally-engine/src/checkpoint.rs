@@ -93,6 +93,11 @@ fn run_flusher(shared: &Shared) {
         }
         // A failed flush has been logged, and is retried here.
         let _ = flush_once(shared);
+        if shared.cluster
+            && let Err(error) = shared.store.touch_partitions()
+        {
+            tracing::debug!(%error, "marking owned partitions alive failed");
+        }
         if shared.store_trouble.lock().is_none() && last_purge.is_none_or(|at| at.elapsed() >= retention_interval) {
             last_purge = Some(Instant::now());
             purge(shared);
@@ -126,6 +131,12 @@ impl FlushState {
     fn retry_wait(&self) -> Option<Duration> {
         let left = self.retry_at?.saturating_duration_since(Instant::now());
         (!left.is_zero()).then_some(left)
+    }
+
+    /// Drops a partition's share of a failed flush: it changed owner (cluster mode), and
+    /// its next owner replays it from the log.
+    pub(crate) fn forget(&mut self, partition: u32) {
+        self.unsettled.retain(|taken| taken.partition.index != partition);
     }
 
     fn schedule_retry(&mut self) {
@@ -175,6 +186,14 @@ impl StoreTrouble {
 fn purge(shared: &Shared) {
     let mut state = shared.flush_lock.lock();
     let started = Instant::now();
+    if shared.cluster {
+        // Idempotency keys claimed across nodes are kept twice as long as any owner
+        // remembers them.
+        let before = shared.config.clock.now_ms().saturating_sub(2 * shared.config.dedup_window_ms);
+        if let Err(error) = shared.store.forget_requests_before(before) {
+            tracing::warn!(%error, "forgetting old idempotency key claims failed; retrying at the next interval");
+        }
+    }
     match shared.store.purge(&shared.write_cutoffs()) {
         Ok(dropped) => {
             metrics::counter!("tally_retention_tables_dropped_total").increment(dropped as u64);
@@ -257,12 +276,39 @@ fn commit(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>) -> Result<
     let committed = shared.store.commit(&flushes, &mut |granularity| rollup(&deltas, &cutoffs, granularity));
     drop(flushes);
     if let Err(error) = committed {
+        if shared.cluster
+            && let StoreError::Fenced { partition, detail } = &error
+        {
+            return commit_unfenced(shared, state, batch, *partition, detail);
+        }
         return Err(store_failed(shared, state, batch, error));
     }
     settle(shared, state, &batch);
     metrics::histogram!("tally_flush_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("tally_flush_cells").record(cells as f64);
     Ok(())
+}
+
+/// Cluster mode: another engine claimed `fenced` since this one did (it was paused, or
+/// the group moved the partition before this engine heard). Nothing of the flush was
+/// written; the partition is dropped here and the rest committed again.
+fn commit_unfenced(
+    shared: &Shared,
+    state: &mut FlushState,
+    batch: Vec<Taken>,
+    fenced: u32,
+    detail: &str,
+) -> Result<(), EngineError> {
+    tracing::warn!(partition = fenced, detail, "another node owns this partition now; dropping it");
+    metrics::counter!("tally_partition_fenced_total").increment(1);
+    let (dropped, rest): (Vec<Taken>, Vec<Taken>) = batch.into_iter().partition(|t| t.partition.index == fenced);
+    for taken in &dropped {
+        crate::cluster::drop_partition(shared, &taken.partition);
+    }
+    if dropped.is_empty() || rest.is_empty() {
+        return Ok(());
+    }
+    commit(shared, state, rest)
 }
 
 /// The flush is in the store: its deltas leave memory and the checkpoints move.

@@ -13,9 +13,11 @@
 
 mod budget;
 mod checkpoint;
+mod cluster;
 pub mod local;
 mod partition;
 mod plan;
+mod position;
 mod query;
 mod recovery;
 mod types;
@@ -33,12 +35,13 @@ use tally_store::{CounterStore, StoreError};
 use tally_wal::WalError;
 
 pub use plan::Boundaries;
+pub use position::Position;
 pub use query::{TopAnswer, TopItem};
 pub use tally_aggregate::{Counter, Outcome};
 pub use tally_core::{Cutoffs, Granularity, MinuteRange, Retention};
 
 use budget::QueueBudget;
-use partition::{Append, Partition};
+use partition::{Acked, Append, Partition};
 
 /// Bytes a typical event takes in a record (short ids, no viewer id): sizes the first
 /// allocation of each record, so most batches are encoded without regrowing.
@@ -140,6 +143,8 @@ pub enum EngineError {
     Recovery { partition: u32, offset: u64, detail: String },
     #[error("data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error("invalid position: {reason}")]
+    InvalidPosition { reason: String },
     #[error("query too expensive: {reason}")]
     TooExpensive { reason: String },
     #[error("event type {event_type:?} would be new, and this server counts at most {max} event types")]
@@ -188,6 +193,9 @@ pub(crate) struct Shared {
     /// seen in the same order everywhere.
     keyed_order: Mutex<()>,
     event_types: types::EventTypes,
+    /// Cluster mode: the log is shared with other nodes; writers only append, and the
+    /// partitions this node owns are applied from the log (`cluster::ClusterOwner`).
+    cluster: bool,
 }
 
 impl Shared {
@@ -225,7 +233,7 @@ impl Shared {
 pub struct Engine {
     /// The partitions' logs (each writer holds its own partition's): kept for the life
     /// of the engine, with whatever the log holds (the data directory's lock).
-    _log: Box<dyn Log>,
+    _log: Option<Box<dyn Log>>,
     shared: Arc<Shared>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     flusher: Mutex<Option<checkpoint::FlusherHandle>>,
@@ -253,30 +261,43 @@ pub struct RecoveryReport {
 pub struct Submitted {
     /// Already known parts of the outcome (a retry answered from dedup memory).
     ready: Outcome,
-    replies: Vec<tokio::sync::oneshot::Receiver<Result<Outcome, EngineError>>>,
+    replies: Vec<(u32, tokio::sync::oneshot::Receiver<Result<Acked, EngineError>>)>,
+}
+
+/// A request made durable: what it did, and where it reached in each partition's log.
+#[derive(Debug, Clone, Default)]
+pub struct Acknowledged {
+    pub outcome: Outcome,
+    pub position: Position,
 }
 
 impl Submitted {
     /// Resolves once every partition holding part of the request has made it durable and
-    /// visible. Past admission, a failure means the outcome is unknown: parts may have
-    /// reached the log. Only a retry with the same idempotency key is then safe.
-    pub async fn outcome(self) -> Result<Outcome, EngineError> {
+    /// (in single-node mode) visible. Past admission, a failure means the outcome is
+    /// unknown: parts may have reached the log. Only a retry with the same idempotency key
+    /// is then safe.
+    pub async fn acknowledged(self) -> Result<Acknowledged, EngineError> {
         let mut parts = Vec::with_capacity(self.replies.len());
-        for reply in self.replies {
-            parts.push(reply.await);
+        for (partition, reply) in self.replies {
+            parts.push((partition, reply.await));
         }
         sum_parts(self.ready, parts)
+    }
+
+    /// `acknowledged`, without the position.
+    pub async fn outcome(self) -> Result<Outcome, EngineError> {
+        self.acknowledged().await.map(|acknowledged| acknowledged.outcome)
     }
 
     /// `outcome` for callers outside an async runtime (tests, tools).
     pub fn outcome_blocking(self) -> Result<Outcome, EngineError> {
         let ready = self.ready;
-        let parts = self.replies.into_iter().map(|reply| reply.blocking_recv()).collect();
-        sum_parts(ready, parts)
+        let parts = self.replies.into_iter().map(|(partition, reply)| (partition, reply.blocking_recv())).collect();
+        sum_parts(ready, parts).map(|acknowledged| acknowledged.outcome)
     }
 }
 
-type Reply = Result<Result<Outcome, EngineError>, tokio::sync::oneshot::error::RecvError>;
+type Reply = Result<Result<Acked, EngineError>, tokio::sync::oneshot::error::RecvError>;
 
 /// The wall clock, epoch milliseconds: what retention and query defaults are measured
 /// against. Injected (`EngineConfig::clock`), so tests fix time instead of switching
@@ -322,16 +343,18 @@ pub(crate) fn monotonic_ms() -> i64 {
     START.get_or_init(std::time::Instant::now).elapsed().as_millis() as i64 + 1
 }
 
-fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> {
+fn sum_parts(ready: Outcome, parts: Vec<(u32, Reply)>) -> Result<Acknowledged, EngineError> {
     let mut total = ready;
+    let mut reached = Vec::with_capacity(parts.len());
     let mut reused = false;
     let mut written = false;
     let mut refused = None;
-    for part in parts {
+    for (partition, part) in parts {
         match part {
-            Ok(Ok(outcome)) => {
+            Ok(Ok(acked)) => {
                 written = true;
-                total.add(outcome);
+                total.add(acked.outcome);
+                reached.push((partition, acked.end_offset));
             }
             Ok(Err(EngineError::IdempotencyConflict)) => reused = true,
             // Nothing of this part was written: the request counted nothing only if no
@@ -349,7 +372,11 @@ fn sum_parts(ready: Outcome, parts: Vec<Reply>) -> Result<Outcome, EngineError> 
     }
     // Keyed requests reach every partition in one order, so a reused key is refused by
     // all of them alike.
-    if reused { Err(EngineError::IdempotencyConflict) } else { Ok(total) }
+    if reused {
+        Err(EngineError::IdempotencyConflict)
+    } else {
+        Ok(Acknowledged { outcome: total, position: Position::new(reached) })
+    }
 }
 
 /// Per-partition figures for monitoring.
@@ -362,6 +389,8 @@ pub struct PartitionStats {
     pub wal_bytes: u64,
     pub applied_offset: u64,
     pub checkpoint_offset: u64,
+    /// Whether this engine applies the partition (always, but in cluster mode).
+    pub owned: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -415,7 +444,15 @@ impl Engine {
         }
         let partitions = shared.config.partitions;
         let key = idempotency_key.map(|k| RequestKey { key: request_key(k.key), fingerprint: k.fingerprint });
-        if let Some(request) = key {
+        if let Some(request) = key
+            && shared.cluster
+        {
+            // Owners on other nodes apply the parts, each in its own log order: the key
+            // is settled across nodes first, so one body wins it everywhere.
+            if !shared.store.claim_request(request.key, request.fingerprint, receive_ms)? {
+                return Err(EngineError::IdempotencyConflict);
+            }
+        } else if let Some(request) = key {
             let mut first = Outcome::default();
             let mut known_everywhere = true;
             for partition in &shared.partitions {
@@ -445,7 +482,11 @@ impl Engine {
         for (index, record) in records.into_iter().enumerate() {
             let Some(record) = record else { continue };
             let partition = &shared.partitions[index];
-            partition.admit(needs_dedup_entry[index], shared.config.dedup_entries_max)?;
+            // In cluster mode the partition's memory may be another node's: only the
+            // shared log's own limits apply.
+            if !shared.cluster {
+                partition.admit(needs_dedup_entry[index], shared.config.dedup_entries_max)?;
+            }
             let record = record.finish();
             total_bytes += record.len();
             appends.push((partition, record));
@@ -467,7 +508,7 @@ impl Engine {
                 // Only a dead writer refuses here; parts already sent may be counted.
                 return Err(if sent == 0 { error } else { EngineError::OutcomeUnknown { reason: error.to_string() } });
             }
-            replies.push(receiver);
+            replies.push((partition.index, receiver));
         }
         Ok(Submitted { ready: Outcome::default(), replies })
     }

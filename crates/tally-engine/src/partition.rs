@@ -23,9 +23,17 @@ const WRITER_IDLE_MS: u64 = 100;
 /// write tries again, milliseconds.
 const DISK_FULL_REFUSE_MS: i64 = 1_000;
 
+/// A request's part made durable (and, in single-node mode, applied): what it did, and
+/// the log offset just past its frame.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Acked {
+    pub(crate) outcome: Outcome,
+    pub(crate) end_offset: u64,
+}
+
 pub(crate) struct Append {
     pub(crate) record: Vec<u8>,
-    pub(crate) reply: oneshot::Sender<Result<Outcome, EngineError>>,
+    pub(crate) reply: oneshot::Sender<Result<Acked, EngineError>>,
     /// Returned to the queue budget when the last part of the request is answered.
     pub(crate) _permit: Arc<Permit>,
 }
@@ -48,7 +56,10 @@ pub(crate) struct Partition {
     /// Signalled by the flusher after it took the deltas.
     pub(crate) drained: Condvar,
     queued: AtomicU64,
-    dedup_entries: AtomicUsize,
+    pub(crate) dedup_entries: AtomicUsize,
+    /// Whether this engine applies the partition's log: always in single-node mode; in
+    /// cluster mode while the consumer group gives it to this node.
+    pub(crate) owned: AtomicBool,
     /// The writer waits for the flusher (its deltas are at `pending_cells_max`): new
     /// requests for this partition are refused rather than queued behind a long flush.
     stalled: AtomicBool,
@@ -74,6 +85,7 @@ impl Partition {
             drained: Condvar::new(),
             queued: AtomicU64::new(0),
             dedup_entries: AtomicUsize::new(dedup_entries),
+            owned: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
             disk_full_since_ms: AtomicI64::new(0),
             disk_full_reason: Mutex::new(String::new()),
@@ -109,6 +121,7 @@ impl Partition {
             wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
             applied_offset: memory.applied_offset,
             checkpoint_offset: self.checkpoint_offset.load(Ordering::Relaxed),
+            owned: self.owned.load(Ordering::Relaxed),
         }
     }
 
@@ -186,7 +199,9 @@ pub(crate) fn run_writer(
                 Err(_) => break,
             }
         }
-        if let Err(trouble) = wait_for_room(&shared, &partition) {
+        if !shared.cluster
+            && let Err(trouble) = wait_for_room(&shared, &partition)
+        {
             // Nothing was written: every request learns that its part counted nothing.
             answer_all(&partition, &mut group, || Err(trouble.error()));
             continue;
@@ -200,34 +215,56 @@ pub(crate) fn run_writer(
         fsync_seconds.record(appended.sync.as_secs_f64());
         group_records.record(group.len() as f64);
 
-        let mut outcomes = Vec::with_capacity(group.len());
-        let mut counted = Outcome::default();
-        {
-            let mut memory = partition.memory.lock();
-            for append in &group {
-                let record = RecordReader::new(&append.record).expect("a record this process encoded must decode");
-                outcomes.push(match memory.state.apply(&record).expect("a record this process encoded must apply") {
-                    Applied::Done(outcome) => {
-                        counted.add(outcome);
-                        Ok(outcome)
-                    }
-                    Applied::Repeated(outcome) => Ok(outcome),
-                    Applied::KeyReused => Err(EngineError::IdempotencyConflict),
-                });
-            }
-            memory.applied_offset = end_offset;
-            partition.dedup_entries.store(memory.state.dedup.entries(), Ordering::Relaxed);
-        }
-        accepted_total.increment(u64::from(counted.accepted));
-        duplicate_total.increment(u64::from(counted.duplicates));
+        let outcomes = if shared.cluster {
+            // The partition's owner (maybe another node) applies it from the log.
+            group.iter().map(|append| Ok(logged(&append.record))).collect()
+        } else {
+            let (outcomes, counted) = apply_group(&partition, &group, end_offset);
+            accepted_total.increment(u64::from(counted.accepted));
+            duplicate_total.increment(u64::from(counted.duplicates));
+            outcomes
+        };
         for (append, outcome) in group.drain(..).zip(outcomes) {
             partition.queued.fetch_sub(1, Ordering::Relaxed);
-            let _ = append.reply.send(outcome);
+            let _ = append.reply.send(outcome.map(|outcome| Acked { outcome, end_offset }));
         }
         partition.record_wal_stats(&*wal);
         remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
     }
     remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
+}
+
+/// Applies a group's records, just made durable at `end_offset`: each one's outcome, and
+/// what they counted now.
+fn apply_group(
+    partition: &Partition,
+    group: &[Append],
+    end_offset: u64,
+) -> (Vec<Result<Outcome, EngineError>>, Outcome) {
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut counted = Outcome::default();
+    let mut memory = partition.memory.lock();
+    for append in group {
+        let record = RecordReader::new(&append.record).expect("a record this process encoded must decode");
+        outcomes.push(match memory.state.apply(&record).expect("a record this process encoded must apply") {
+            Applied::Done(outcome) => {
+                counted.add(outcome);
+                Ok(outcome)
+            }
+            Applied::Repeated(outcome) => Ok(outcome),
+            Applied::KeyReused => Err(EngineError::IdempotencyConflict),
+        });
+    }
+    memory.applied_offset = end_offset;
+    partition.dedup_entries.store(memory.state.dedup.entries(), Ordering::Relaxed);
+    (outcomes, counted)
+}
+
+/// What a record logged for another node to apply is answered: its events, all accepted
+/// (the owner drops duplicates when it applies them; they never count).
+fn logged(record: &[u8]) -> Outcome {
+    let events = RecordReader::new(record).expect("a record this process encoded must decode").event_count;
+    Outcome { accepted: events, duplicates: 0 }
 }
 
 /// A writer that panics takes its queue with it: the engine must stop acknowledging.
@@ -244,7 +281,7 @@ impl Drop for FailOnPanic<'_> {
     }
 }
 
-fn answer_all(partition: &Partition, group: &mut Vec<Append>, answer: impl Fn() -> Result<Outcome, EngineError>) {
+fn answer_all(partition: &Partition, group: &mut Vec<Append>, answer: impl Fn() -> Result<Acked, EngineError>) {
     for append in group.drain(..) {
         partition.queued.fetch_sub(1, Ordering::Relaxed);
         let _ = append.reply.send(answer());
@@ -254,7 +291,7 @@ fn answer_all(partition: &Partition, group: &mut Vec<Append>, answer: impl Fn() 
 /// Blocks the writer while its deltas are over the limit, asking the flusher to run: the
 /// queue then fills and new requests are refused, instead of memory growing. Gives up
 /// when store writes fail: the flusher cannot make room until they succeed again.
-fn wait_for_room(shared: &Shared, partition: &Partition) -> Result<(), StoreTrouble> {
+pub(crate) fn wait_for_room(shared: &Shared, partition: &Partition) -> Result<(), StoreTrouble> {
     let mut memory = partition.memory.lock();
     let mut stalled = false;
     let mut waited = Ok(());
@@ -292,6 +329,13 @@ fn append_group(
         }
         Err(error) if error.is_transient() => {
             refuse_unwritten(partition, group, &error);
+            None
+        }
+        Err(LogError::Uncertain { detail }) => {
+            tracing::warn!(partition = partition.index, %detail, "append outcome unknown");
+            metrics::counter!("tally_log_appends_uncertain_total").increment(1);
+            let reason = "the log did not confirm the write in time";
+            answer_all(partition, group, || Err(EngineError::OutcomeUnknown { reason: reason.into() }));
             None
         }
         Err(error) => {

@@ -25,6 +25,11 @@ impl Engine {
         self.shared.store.is_remote()
     }
 
+    /// Whether this engine is a node of a cluster (`Engine::start_cluster`).
+    pub fn is_cluster(&self) -> bool {
+        self.shared.cluster
+    }
+
     /// The engine's wall clock, epoch milliseconds.
     pub fn now_ms(&self) -> i64 {
         self.shared.config.clock.now_ms()

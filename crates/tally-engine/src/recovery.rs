@@ -9,12 +9,12 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tally_aggregate::{Dedup, PartitionState};
 use tally_core::RecordReader;
-use tally_core::log::{Log, Stop};
+use tally_core::log::{Log, PartitionLog, Stop};
 use tally_store::CounterStore;
 
 use crate::budget::QueueBudget;
 use crate::checkpoint::{FlushSignal, FlushState, FlusherHandle};
-use crate::partition::{Memory, Partition, run_writer};
+use crate::partition::{Append, Memory, Partition, run_writer};
 use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared, types};
 
 pub(crate) fn start(
@@ -31,16 +31,7 @@ pub(crate) fn start(
     let mut replayed_bytes = 0;
     let mut replayed_records = 0;
     for index in 0..config.partitions {
-        let checkpoint = store.checkpoint(index)?;
-        let (offset, starts) = checkpoint.map_or((0, Vec::new()), |c| (c.offset, c.dedup_generation_starts));
-        let mut blobs = Vec::with_capacity(starts.len());
-        for start in starts {
-            blobs.push((start, store.dedup_blobs(index, start)?));
-        }
-        let generations: Vec<(i64, Vec<&[u8]>)> =
-            blobs.iter().map(|(start, blobs)| (*start, blobs.iter().map(Vec::as_slice).collect())).collect();
-        let dedup = Dedup::restore(config.dedup_window_ms, &generations);
-        let mut state = PartitionState::new(dedup);
+        let (offset, mut state) = restore(&*store, &config, index, store.checkpoint(index)?)?;
         let mut applied_offset = offset;
         let mut stopped = None;
         let replay = log.open(index, offset, &mut |end, records| {
@@ -67,6 +58,25 @@ pub(crate) fn start(
         wals.push((wal, receiver));
     }
 
+    let recovery = RecoveryReport { duration: started.elapsed(), replayed_bytes, replayed_records };
+    let engine = launch(config, store, Some(log), partitions, wals, recovery, false)?;
+    tracing::info!(seconds = recovery.duration.as_secs_f64(), replayed_bytes, replayed_records, "recovery complete");
+    Ok(engine)
+}
+
+/// The partitions' writers and receivers, in partition order.
+pub(crate) type Writers = Vec<(Box<dyn PartitionLog>, mpsc::Receiver<Append>)>;
+
+/// Starts the writer threads and the flusher over partitions made ready.
+pub(crate) fn launch(
+    config: EngineConfig,
+    store: Arc<dyn CounterStore>,
+    log: Option<Box<dyn Log>>,
+    partitions: Vec<Arc<Partition>>,
+    wals: Writers,
+    recovery: RecoveryReport,
+    cluster: bool,
+) -> Result<Engine, EngineError> {
     let event_types = types::EventTypes::new(known_types(&*store, &partitions)?, config.event_types_max);
     let shared = Arc::new(Shared {
         budget: QueueBudget::new(config.queue_bytes_max),
@@ -80,6 +90,7 @@ pub(crate) fn start(
         admission: parking_lot::RwLock::new(true),
         keyed_order: Mutex::new(()),
         event_types,
+        cluster,
     });
     let mut writers = Vec::new();
     for (partition, (wal, receiver)) in shared.partitions.iter().zip(wals) {
@@ -93,9 +104,25 @@ pub(crate) fn start(
         );
     }
     let flusher = FlusherHandle::start(Arc::clone(&shared));
-    let recovery = RecoveryReport { duration: started.elapsed(), replayed_bytes, replayed_records };
-    tracing::info!(seconds = recovery.duration.as_secs_f64(), replayed_bytes, replayed_records, "recovery complete");
     Ok(Engine { _log: log, shared, writers: Mutex::new(writers), flusher: Mutex::new(Some(flusher)), recovery })
+}
+
+/// A partition's state as its checkpoint left it: the offset to replay from, and the
+/// dedup memory restored from the journal (no deltas: the store holds them).
+pub(crate) fn restore(
+    store: &dyn CounterStore,
+    config: &EngineConfig,
+    index: u32,
+    checkpoint: Option<tally_store::Checkpoint>,
+) -> Result<(u64, PartitionState), EngineError> {
+    let (offset, starts) = checkpoint.map_or((0, Vec::new()), |c| (c.offset, c.dedup_generation_starts));
+    let mut blobs = Vec::with_capacity(starts.len());
+    for start in starts {
+        blobs.push((start, store.dedup_blobs(index, start)?));
+    }
+    let generations: Vec<(i64, Vec<&[u8]>)> =
+        blobs.iter().map(|(start, blobs)| (*start, blobs.iter().map(Vec::as_slice).collect())).collect();
+    Ok((offset, PartitionState::new(Dedup::restore(config.dedup_window_ms, &generations))))
 }
 
 /// The event types with events: stored, or in a partition's memory.

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tally_core::hll::Hll;
 use tally_engine::Engine;
 
-use crate::query::{asked_range, params, query_pairs, ranged, sum_json, type_param, video_param};
+use crate::query::{asked_range, params, query_pairs, ranged, reach, sum_json, type_param, video_param};
 use crate::{ApiError, AppState};
 
 /// Most videos one top answer lists.
@@ -37,6 +37,7 @@ pub(crate) async fn top(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query.as_deref())?, &["type", "from", "to", "k", "exact", "tz"])?;
+    reach(engine, &p).await?;
     let event_type = type_param(&p)?.to_string();
     let k =
         match p.get("k") {
@@ -82,6 +83,7 @@ pub(crate) async fn uniques(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "tz"])?;
+    reach(engine, &p).await?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let sketch: Hll = {
@@ -106,6 +108,7 @@ pub(crate) async fn stats(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query.as_deref())?, &["video_id", "from", "to", "tz"])?;
+    reach(engine, &p).await?;
     let video_id = video_param(&p)?;
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let by_type = {

@@ -92,6 +92,7 @@ impl From<EngineError> for ApiError {
                 ),
             )
             .with("limit", json!(max)),
+            EngineError::InvalidPosition { reason } => ApiError::invalid_parameter("after", reason),
             EngineError::TooExpensive { reason } => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_expensive", reason)
             }

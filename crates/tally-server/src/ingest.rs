@@ -9,8 +9,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::json;
-use tally_core::EventRef;
-use tally_engine::IdempotencyKey;
+use tally_core::{EventRef, Limits};
+use tally_engine::{Acknowledged, IdempotencyKey};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use serde::de::DeserializeSeed;
@@ -110,14 +110,23 @@ pub(crate) async fn ingest(
     let key = key.map(|key| IdempotencyKey { key, fingerprint: xxh3_64_with_seed(&body.bytes, format as u64) });
     // The accepted and duplicate counters are kept by the partition writers, which know
     // whether a request was counted now or answered again from dedup memory.
-    let submitted = engine.submit(&events, key, receive_ms)?;
+    // In cluster mode a keyed request claims its key in the database first.
+    let submitted = if key.is_some() && engine.is_cluster() {
+        tokio::task::block_in_place(|| engine.submit(&events, key, receive_ms))?
+    } else {
+        engine.submit(&events, key, receive_ms)?
+    };
     // The records are encoded and charged to the queue budget: the body and its decoded
     // events are not needed while the request waits to be written.
     drop(events);
     drop(wire_events);
     drop(body);
-    let outcome = submitted.outcome().await?;
-    Ok(axum::Json(json!({ "accepted": outcome.accepted, "duplicates": outcome.duplicates })))
+    let Acknowledged { outcome, position } = submitted.acknowledged().await?;
+    Ok(axum::Json(json!({
+        "accepted": outcome.accepted,
+        "duplicates": outcome.duplicates,
+        "position": position.to_string(),
+    })))
 }
 
 fn decode<'a>(
@@ -175,6 +184,62 @@ fn decode<'a>(
 }
 
 /// See `crate::fuzz_ingest_body`.
+/// An event decoded and checked outside a request (`decode_events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedEvent {
+    pub video_id: String,
+    pub event_type: String,
+    pub ts_ms: i64,
+    pub value: i64,
+    pub event_id: Option<String>,
+    pub viewer_id: Option<String>,
+}
+
+impl DecodedEvent {
+    pub fn as_ref(&self) -> EventRef<'_> {
+        EventRef {
+            video_id: &self.video_id,
+            event_type: &self.event_type,
+            ts_ms: self.ts_ms,
+            value: self.value,
+            event_id: self.event_id.as_deref(),
+            viewer_id: self.viewer_id.as_deref(),
+        }
+    }
+}
+
+/// Decodes a JSON body of events (one object, or an array) exactly as `POST /v1/events`
+/// does, every rule checked against `limits` at `receive_ms`: the events, or the error
+/// code and message the API would answer (one problem shown).
+pub fn decode_events(
+    text: &str,
+    limits: &Limits,
+    receive_ms: i64,
+    events_max: usize,
+) -> Result<Vec<DecodedEvent>, String> {
+    let decoding = Decoding { limits, receive_ms, problems: RefCell::new(Problems::new(1)) };
+    let events =
+        decode(BodyFormat::Json, text, events_max, &decoding).map_err(|e| format!("{}: {}", e.code, e.message))?;
+    let problems = decoding.problems.into_inner();
+    if let Some(problem) = problems.shown.first() {
+        return Err(format!("invalid_events: event {} field {}: {}", problem.index, problem.field, problem.reason));
+    }
+    Ok(events
+        .iter()
+        .map(|event| {
+            let event = event.resolved();
+            DecodedEvent {
+                video_id: event.video_id.into(),
+                event_type: event.event_type.into(),
+                ts_ms: event.ts_ms,
+                value: event.value,
+                event_id: event.event_id.map(Into::into),
+                viewer_id: event.viewer_id.map(Into::into),
+            }
+        })
+        .collect())
+}
+
 pub(crate) fn fuzz(ndjson: bool, bytes: &[u8]) -> Result<usize, &'static str> {
     const EVENTS_MAX: usize = 100;
     const SHOWN_MAX: usize = 10;

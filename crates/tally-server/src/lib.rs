@@ -114,6 +114,8 @@ impl AppState {
     }
 }
 
+pub use ingest::{DecodedEvent, decode_events};
+
 /// Fuzzing entry point: decodes and checks `bytes` as a `POST /v1/events` body (NDJSON or
 /// JSON) with the default limits, at most 100 events. Returns the events, or the error
 /// code of the 4xx the server would answer; must never panic, whatever the bytes.

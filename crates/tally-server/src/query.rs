@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_core::bucket::MINUTE_MS;
 use tally_core::event::{EVENT_TYPE_BYTES_MAX, EVENT_TYPE_DEFAULT, VIDEO_ID_BYTES_MAX, check_id, is_event_type};
-use tally_engine::{Engine, EngineError, Granularity, MinuteRange};
+use tally_engine::{Engine, EngineError, Granularity, MinuteRange, Position};
 
 use crate::{ApiError, AppState, body};
 
@@ -159,18 +159,29 @@ fn decode_component(text: &str) -> Result<String, ApiError> {
     String::from_utf8(decoded).map_err(|_| invalid("does not decode to UTF-8"))
 }
 
-/// Query string parameters, each at most once, none unknown.
+/// Parameters every query route takes: read-your-writes (`reach`).
+const POSITION_PARAMS: [&str; 2] = ["after", "wait_ms"];
+
+/// How long a query waits for `after` by default, and at most, milliseconds.
+const WAIT_MS_DEFAULT: u64 = 5_000;
+const WAIT_MS_MAX: u64 = 60_000;
+/// How often a waiting query looks again.
+const WAIT_POLL: Duration = Duration::from_millis(10);
+
+/// Query string parameters, each at most once, none unknown (`allowed`, and the
+/// `POSITION_PARAMS`).
 pub(crate) fn params(
     pairs: Vec<(String, String)>,
     allowed: &[&'static str],
 ) -> Result<HashMap<&'static str, String>, ApiError> {
     let mut found = HashMap::new();
     for (name, value) in pairs {
-        let Some(known) = allowed.iter().find(|a| **a == name) else {
+        let Some(known) = allowed.iter().chain(&POSITION_PARAMS).find(|a| **a == name) else {
             let shown: String = name.chars().take(64).collect();
+            let all: Vec<&str> = allowed.iter().chain(&POSITION_PARAMS).copied().collect();
             return Err(ApiError::bad_request(
                 "invalid_parameter",
-                format!("unknown parameter \"{shown}\"; allowed: {}", allowed.join(", ")),
+                format!("unknown parameter \"{shown}\"; allowed: {}", all.join(", ")),
             ));
         };
         if found.insert(*known, value).is_some() {
@@ -178,6 +189,29 @@ pub(crate) fn params(
         }
     }
     Ok(found)
+}
+
+/// Read-your-writes: with `after` (the `position` a write answered), waits until every
+/// partition it names has reached it here, up to `wait_ms`, then answers 503
+/// `position_not_reached`. A query that follows sees the write.
+pub(crate) async fn reach(engine: &Engine, p: &HashMap<&'static str, String>) -> Result<(), ApiError> {
+    let Some(after) = p.get("after") else { return Ok(()) };
+    let position: Position = after.parse().map_err(|e: String| ApiError::invalid_parameter("after", e))?;
+    let wait_ms = match p.get("wait_ms") {
+        None => WAIT_MS_DEFAULT,
+        Some(text) => text.parse().ok().filter(|ms| *ms <= WAIT_MS_MAX).ok_or_else(|| {
+            ApiError::invalid_parameter("wait_ms", format!("wait_ms must be 0 to {WAIT_MS_MAX} milliseconds"))
+        })?,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    while !read(engine, |engine| engine.reached(&position))? {
+        if tokio::time::Instant::now() >= deadline {
+            let message = format!("the data did not reach position {position} within {wait_ms} ms; retry");
+            return Err(ApiError::unavailable("position_not_reached", message));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+    Ok(())
 }
 
 /// The `video_id` parameter (required), checked.
@@ -253,6 +287,7 @@ pub(crate) async fn count(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "tz"])?;
+    reach(engine, &p).await?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let (range, resolution) = asked_range(&state, engine, &p, None)?;
     let counter = read(engine, |engine| engine.count(event_type, video_id, range))?;
@@ -278,8 +313,13 @@ struct CountsRequest {
 /// Bytes of a `POST /v1/counts` body: room for the most ids allowed at their longest.
 const COUNTS_BODY_BYTES_MAX: usize = 2 << 20;
 
-pub(crate) async fn counts(State(state): State<Arc<AppState>>, body: Body) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn counts(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
+    reach(engine, &params(query_pairs(query.as_deref())?, &[])?).await?;
     let deadline = Duration::from_millis(state.config.body_read_timeout_ms);
     let body = body::read(body, COUNTS_BODY_BYTES_MAX, deadline, &state.body_budget).await?;
     let request: CountsRequest = serde_json::from_slice(&body.bytes).map_err(|e| {
@@ -314,6 +354,7 @@ pub(crate) async fn series(
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let p = params(query_pairs(query.as_deref())?, &["video_id", "type", "from", "to", "step", "tz"])?;
+    reach(engine, &p).await?;
     let (video_id, event_type) = (video_param(&p)?, type_param(&p)?);
     let step_name = p.get("step").map_or("minute", String::as_str);
     let granularity = Granularity::from_name(step_name)

@@ -180,6 +180,49 @@ pub trait CounterStore: Send + Sync + 'static {
     /// A consistent read view.
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError>;
 
+    /// Cluster mode: takes ownership of one partition, raising its owner epoch (which
+    /// fences whoever held it: their commits are refused from then on), and reads its
+    /// checkpoint in the same transaction, after any commit of the previous owner. The
+    /// partition count must have been recorded (`tally cluster init`).
+    fn claim_partition(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError> {
+        let _ = partition;
+        Err(StoreError::Config {
+            detail: "this store cannot be shared by several nodes (cluster mode needs PostgreSQL)".into(),
+        })
+    }
+
+    /// Cluster mode: gives a partition up; commits naming it are refused from now on.
+    fn release_partition(&self, partition: u32) {
+        let _ = partition;
+    }
+
+    /// Cluster mode: claims an idempotency key for the body `fingerprint`, across every
+    /// node. True when the key is this body's (claimed now, or before with the same
+    /// fingerprint); false when another body holds it.
+    fn claim_request(&self, key: u128, fingerprint: u64, now_ms: i64) -> Result<bool, StoreError> {
+        let _ = (key, fingerprint, now_ms);
+        Ok(true)
+    }
+
+    /// Cluster mode: marks the partitions this store holds (claimed, not fenced since) as
+    /// alive now, by the database's clock.
+    fn touch_partitions(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Cluster mode: the partitions no owner marked alive for `silent_ms` (by the
+    /// database's clock): the log's group left them unassigned.
+    fn silent_partitions(&self, silent_ms: i64) -> Result<Vec<u32>, StoreError> {
+        let _ = silent_ms;
+        Ok(Vec::new())
+    }
+
+    /// Cluster mode: forgets request claims made before `before_ms`; returns how many.
+    fn forget_requests_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let _ = before_ms;
+        Ok(0)
+    }
+
     /// Whether reads cross a network (and so may take long): the server then runs them
     /// as blocking work, apart from its other requests.
     fn is_remote(&self) -> bool {

@@ -72,13 +72,32 @@ fn a_second_engine_claiming_the_partitions_fences_the_first() {
 fn a_database_of_a_newer_schema_is_refused_with_the_versions() {
     let server = Postgres::start();
     drop(open(&server));
-    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "1");
+    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "2");
     drop(open(&server)); // opening a current database again changes nothing
     server.sql("tally", "UPDATE tally_meta SET value = '99' WHERE key = 'schema_version'");
     let refused = PostgresStore::open(&server.url(), PoolOptions::default()).err().expect("refused");
-    assert!(matches!(refused, StoreError::SchemaVersion { found: 99, expected: 1 }), "{refused:?}");
+    assert!(matches!(refused, StoreError::SchemaVersion { found: 99, expected: 2 }), "{refused:?}");
     let message = refused.to_string();
-    assert!(message.contains("99") && message.contains('1'), "{message}");
+    assert!(message.contains("99") && message.contains('2'), "{message}");
+}
+
+#[test]
+fn a_database_of_schema_1_is_migrated_to_2_keeping_its_checkpoints() {
+    let server = Postgres::start();
+    let store = open(&server);
+    store.claim_partitions(2).unwrap();
+    drop(store);
+    // Back to what schema 1 had: no request claims, no liveness column.
+    server.sql(
+        "tally",
+        "DROP TABLE tally_request_keys; ALTER TABLE tally_checkpoints DROP COLUMN owner_seen_ms; \
+         UPDATE tally_meta SET value = '1' WHERE key = 'schema_version'",
+    );
+    let store = open(&server);
+    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "2");
+    assert_eq!(server.sql("tally", "SELECT count(*) FROM tally_checkpoints WHERE owner_seen_ms = 0"), "2");
+    assert!(store.claim_request(7, 1, 0).unwrap(), "the new table takes claims");
+    assert!(!store.claim_request(7, 2, 0).unwrap(), "another body's claim of the key is refused");
 }
 
 #[test]

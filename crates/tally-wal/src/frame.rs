@@ -13,11 +13,7 @@ const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TLWF");
 pub(crate) fn encode(records: &[&[u8]], out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-    for record in records {
-        let len = u32::try_from(record.len()).expect("record over 4 GiB");
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(record);
-    }
+    tally_core::record::encode_list(records, out);
     let payload_len = out.len() - start - FRAME_HEADER_BYTES;
     assert!(payload_len <= FRAME_PAYLOAD_BYTES_MAX, "frame payload of {payload_len} bytes over the maximum");
     let payload_crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
@@ -110,38 +106,9 @@ fn valid_header_from(bytes: &[u8], from: usize) -> Option<usize> {
         .find(|&i| bytes[i..i + 4] == magic && header_payload_len(&bytes[i..i + FRAME_HEADER_BYTES]).is_some())
 }
 
-/// The records of one frame payload.
-pub struct FrameRecords<'a> {
-    payload: &'a [u8],
-}
-
-impl<'a> FrameRecords<'a> {
-    pub(crate) fn new(payload: &'a [u8]) -> FrameRecords<'a> {
-        FrameRecords { payload }
-    }
-}
-
-impl<'a> Iterator for FrameRecords<'a> {
-    /// `Err` means a checksummed frame holds malformed framing: a bug, not disk damage.
-    type Item = Result<&'a [u8], String>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.payload.is_empty() {
-            return None;
-        }
-        let Some(len) = self.payload.get(..4) else {
-            self.payload = &[];
-            return Some(Err("record length cut short".into()));
-        };
-        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-        let Some(record) = self.payload.get(4..4 + len) else {
-            self.payload = &[];
-            return Some(Err(format!("record of {len} bytes runs past its frame")));
-        };
-        self.payload = &self.payload[4 + len..];
-        Some(Ok(record))
-    }
-}
+/// The records of one frame payload (a record list). `Err` means a checksummed frame
+/// holds malformed framing: a bug, not disk damage.
+pub type FrameRecords<'a> = tally_core::record::ListRecords<'a>;
 
 #[cfg(test)]
 mod tests {

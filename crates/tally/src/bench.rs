@@ -201,6 +201,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
     let sent_per_body: Arc<Vec<AtomicU64>> = Arc::new((0..bodies.len()).map(|_| AtomicU64::new(0)).collect());
     let requests_left = Arc::new(AtomicU64::new(args.events.map_or(u64::MAX, |e| e.div_ceil(args.batch_size as u64))));
     let acknowledged = Arc::new(AtomicU64::new(0));
+    let reached = Arc::new(Reached::default());
     let stop = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
@@ -216,6 +217,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
             Arc::clone(&acknowledged),
             Arc::clone(&stop),
         );
+        let reached = Arc::clone(&reached);
         let run_id = run_id.clone();
         let batch = args.batch_size as u64;
         workers.push(tokio::spawn(async move {
@@ -238,6 +240,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                         latencies.push(sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                         sent[index].fetch_add(1, Ordering::Relaxed);
                         acked.fetch_add(batch, Ordering::Relaxed);
+                        reached.record(&answer.body);
                     }
                     Ok(answer) => {
                         stop.store(true, Ordering::Relaxed);
@@ -291,7 +294,9 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
             expected[*video as usize] += u64::from(*n) * times;
         }
     }
-    let after = count_all(&client, args.videos, &event_type).await?;
+    // After every acknowledged write: a cluster answers from its database, which is at
+    // most a flush behind, and waits for the position.
+    let after = count_all_after(&client, args.videos, &event_type, &reached.position()).await?;
     let mut mismatches = 0u64;
     let mut counted = 0u64;
     for (video, (after, before)) in after.iter().zip(&before).enumerate() {
@@ -412,15 +417,51 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The furthest log position the acknowledgements named, per partition.
+#[derive(Default)]
+struct Reached(std::sync::Mutex<std::collections::BTreeMap<u32, u64>>);
+
+impl Reached {
+    /// Takes the `position` of a write's answer (`partition:offset,…`).
+    fn record(&self, answer: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(answer) else { return };
+        let Some(position) = answer["position"].as_str() else { return };
+        let mut reached = self.0.lock().expect("not poisoned");
+        for part in position.split(',') {
+            if let Some((partition, offset)) = part.split_once(':')
+                && let (Ok(partition), Ok(offset)) = (partition.parse::<u32>(), offset.parse::<u64>())
+            {
+                let furthest = reached.entry(partition).or_default();
+                *furthest = (*furthest).max(offset);
+            }
+        }
+    }
+
+    fn position(&self) -> String {
+        let reached = self.0.lock().expect("not poisoned");
+        reached.iter().map(|(partition, offset)| format!("{partition}:{offset}")).collect::<Vec<_>>().join(",")
+    }
+}
+
 /// The all-time count of every bench video (`v0`…) of one type, a page of ids per request
 /// (the server's default page limit).
 async fn count_all(client: &Client, videos: u32, event_type: &str) -> anyhow::Result<Vec<u64>> {
+    count_all_after(client, videos, event_type, "").await
+}
+
+/// `count_all` once the server has reached `position` (waiting up to a minute).
+async fn count_all_after(client: &Client, videos: u32, event_type: &str, position: &str) -> anyhow::Result<Vec<u64>> {
+    let path = if position.is_empty() {
+        "/v1/counts".to_string()
+    } else {
+        format!("/v1/counts?after={position}&wait_ms=60000")
+    };
     let page = tally_server::ServerConfig::default().counts_video_ids_max as u32;
     let mut counts = Vec::with_capacity(videos as usize);
     for chunk_start in (0..videos).step_by(page as usize) {
         let ids: Vec<String> = (chunk_start..(chunk_start + page).min(videos)).map(|v| format!("v{v}")).collect();
         let answer = client
-            .post_json("/v1/counts", &json!({ "video_ids": ids, "type": event_type }))
+            .post_json(&path, &json!({ "video_ids": ids, "type": event_type }))
             .await
             .context("counts query failed")?;
         counts.extend(ids.iter().map(|id| answer["counts"][id].as_u64().unwrap_or(0)));

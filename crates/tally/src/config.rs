@@ -53,6 +53,20 @@ pub struct FileConfig {
     pub store: Option<String>,
     /// Connections to the database at most (PostgreSQL store); default 16.
     pub store_connections_max: Option<usize>,
+    /// Cluster mode: the Kafka brokers (`host:port,host:port`) holding the log. Needs
+    /// `postgres`.
+    pub kafka: Option<String>,
+    /// The PostgreSQL URL of the store (the same as `store`, under the name cluster mode
+    /// uses).
+    pub postgres: Option<String>,
+    /// Cluster mode: the topic (default `tally-events`).
+    pub topic: Option<String>,
+    /// Cluster mode: how long the group waits for a silent node before moving its
+    /// partitions, milliseconds (default 6,000).
+    pub session_timeout_ms: Option<u64>,
+    /// Cluster mode: this node's URL as others reach it (its Kafka client id, so group
+    /// tools show which node owns which partition); default the listen address.
+    pub advertise: Option<String>,
     pub listen: Option<SocketAddr>,
     /// A second address serving only /healthz, /readyz and /metrics, apart from the
     /// client connections and their limit; default: none.
@@ -102,8 +116,21 @@ pub struct FileConfig {
 pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 10_000;
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 
+/// Cluster mode's settings (`kafka` set).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub brokers: String,
+    pub topic: String,
+    pub session_timeout_ms: u64,
+    pub advertise: String,
+}
+
+pub const TOPIC_DEFAULT: &str = "tally-events";
+const SESSION_TIMEOUT_MS_DEFAULT: u64 = 6_000;
+
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    pub cluster: Option<ClusterSettings>,
     pub admin_listen: Option<SocketAddr>,
     pub worker_threads: Option<usize>,
     pub shutdown_drain_ms: u64,
@@ -171,13 +198,38 @@ impl FileConfig {
             },
         };
         validate(&engine, &server, self.worker_threads)?;
+        let store = match (self.store.as_deref(), self.postgres.as_deref()) {
+            (Some(store), Some(postgres)) if store != postgres => {
+                anyhow::bail!("store and postgres name different databases; give one")
+            }
+            (store, postgres) => store_location(postgres.or(store), self.store_connections_max)?,
+        };
+        let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address"));
+        let cluster = match self.kafka {
+            None => None,
+            Some(brokers) => {
+                anyhow::ensure!(
+                    matches!(store, StoreLocation::Postgres { .. }),
+                    "cluster mode (kafka) needs a PostgreSQL store: give postgres = \"postgres://…\""
+                );
+                let session_timeout_ms = self.session_timeout_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
+                anyhow::ensure!(
+                    (1_000..=300_000).contains(&session_timeout_ms),
+                    "session_timeout_ms must be 1000 to 300000, got {session_timeout_ms}"
+                );
+                let topic = self.topic.unwrap_or_else(|| TOPIC_DEFAULT.into());
+                let advertise = self.advertise.unwrap_or_else(|| format!("http://{listen}"));
+                Some(ClusterSettings { brokers, topic, session_timeout_ms, advertise })
+            }
+        };
         Ok(ServeConfig {
-            listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address")),
+            cluster,
+            listen,
             admin_listen: self.admin_listen,
             worker_threads: self.worker_threads,
             shutdown_drain_ms: self.shutdown_drain_ms.unwrap_or(SHUTDOWN_DRAIN_MS_DEFAULT),
             engine,
-            store: store_location(self.store.as_deref(), self.store_connections_max)?,
+            store,
             server,
         })
     }
@@ -286,6 +338,11 @@ mod tests {
     fn every_key_is_accepted() {
         let text = r#"
             data_dir = "/tmp/x"
+            kafka = "127.0.0.1:9092"
+            postgres = "postgres://tally@127.0.0.1:5432/tally"
+            topic = "views"
+            session_timeout_ms = 10000
+            advertise = "http://10.0.0.5:8080"
             cors_origins = ["https://a.example", "http://localhost:3000"]
             listen = "127.0.0.1:0"
             worker_threads = 2

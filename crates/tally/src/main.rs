@@ -2,7 +2,11 @@
 //! `top`, `uniques`, `stats`, `bench`), and `store-stats` (disk use of a stopped server's store). Thin glue: parse arguments, run the chosen command, map errors to exit codes.
 
 mod bench;
+#[cfg(feature = "cluster")]
+mod bridge;
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod config;
 mod inspect;
 mod send;
@@ -43,6 +47,12 @@ enum Command {
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
+    /// Cluster mode's setup (Kafka topic and database schema).
+    #[cfg(feature = "cluster")]
+    Cluster(cluster::ClusterArgs),
+    /// Re-partition events from an existing Kafka topic into tally's, exactly once.
+    #[cfg(feature = "cluster")]
+    Bridge(bridge::BridgeArgs),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +64,18 @@ pub struct ServeArgs {
     /// PostgreSQL URL, postgres://USER@HOST:PORT/DB [default: embedded]
     #[arg(long)]
     store: Option<String>,
+    /// Cluster mode: Kafka brokers host:port[,host:port…] holding the log (with --postgres)
+    #[arg(long)]
+    kafka: Option<String>,
+    /// The PostgreSQL store, postgres://USER@HOST:PORT/DB (the same as --store)
+    #[arg(long)]
+    postgres: Option<String>,
+    /// Cluster mode: the topic [default: tally-events]
+    #[arg(long)]
+    topic: Option<String>,
+    /// Cluster mode: this node's URL as others reach it [default: the listen address]
+    #[arg(long)]
+    advertise: Option<String>,
     /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080]
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -137,6 +159,10 @@ fn main() -> ExitCode {
         Command::Stats(args) => client_runtime().and_then(|rt| rt.block_on(inspect::stats(args))),
         Command::StoreStats(args) => store_stats(args),
         Command::Bench(args) => client_runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        #[cfg(feature = "cluster")]
+        Command::Cluster(args) => cluster::run(args),
+        #[cfg(feature = "cluster")]
+        Command::Bridge(args) => bridge::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,4 +175,11 @@ fn main() -> ExitCode {
 
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Now, epoch milliseconds (the receive time `tally bridge` stamps).
+#[cfg(feature = "cluster")]
+pub(crate) fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }

@@ -15,14 +15,19 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::ServeArgs;
-use crate::config::{FileConfig, StoreLocation};
+use crate::config::{ClusterSettings, FileConfig, StoreLocation};
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging();
     let mut file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -38,6 +43,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.admin_listen.is_some() {
         file.admin_listen = args.admin_listen;
+    }
+    if args.kafka.is_some() {
+        file.kafka = args.kafka;
+    }
+    if args.postgres.is_some() {
+        file.postgres = args.postgres;
+    }
+    if args.topic.is_some() {
+        file.topic = args.topic;
+    }
+    if args.advertise.is_some() {
+        file.advertise = args.advertise;
     }
     let mut config = file.resolve()?;
     config.engine.accept_log_loss = args.accept_log_loss;
@@ -74,10 +91,13 @@ async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
         tokio::spawn(tally_server::serve_admin(admin, Arc::clone(&state), stop_rx.clone()));
     }
 
-    let (engine_config, store) = (config.engine, config.store);
-    let opening = tokio::task::spawn_blocking(move || open_engine(engine_config, store));
-    let engine = tokio::select! {
-        opened = opening => Arc::new(opened??),
+    let (engine_config, store, cluster) = (config.engine, config.store, config.cluster);
+    let opening = tokio::task::spawn_blocking(move || open_engine(engine_config, store, cluster));
+    let (engine, leave) = tokio::select! {
+        opened = opening => {
+            let (engine, leave) = opened??;
+            (Arc::new(engine), leave)
+        }
         () = stop_signal.recv() => {
             tracing::info!("stopped while recovering; the next start recovers from the same checkpoint");
             // At once: an engine that finished opening meanwhile would flush everything
@@ -104,22 +124,57 @@ async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
         // still answered once the engine has written them, and cut off at exit otherwise.
         Err(_) => tracing::warn!("drain timed out; stopping with requests still open"),
     }
+    if let Some(leave) = leave {
+        // Cluster mode: the partitions owned here are flushed and given up first.
+        tokio::task::spawn_blocking(leave).await?;
+    }
     tokio::task::spawn_blocking(move || engine.shutdown()).await??;
     tracing::info!("stopped: everything flushed and checkpointed");
     Ok(())
 }
 
-/// The engine on the store the configuration chooses, with the data directory's log.
-fn open_engine(config: EngineConfig, store: StoreLocation) -> anyhow::Result<Engine> {
-    match store {
-        StoreLocation::Embedded => Engine::open(config).context("opening the data directory"),
+/// What leaves the cluster before the engine stops (cluster mode).
+type Leave = Option<Box<dyn FnOnce() + Send>>;
+
+/// The engine on the store the configuration chooses, with the data directory's log, or
+/// (cluster mode) a node on the shared log and store.
+fn open_engine(
+    config: EngineConfig,
+    store: StoreLocation,
+    cluster: Option<ClusterSettings>,
+) -> anyhow::Result<(Engine, Leave)> {
+    if let Some(settings) = cluster {
+        let StoreLocation::Postgres { url, connections_max } = store else {
+            anyhow::bail!("cluster mode needs a PostgreSQL store");
+        };
+        return start_node(config, &url, connections_max, &settings);
+    }
+    let engine = match store {
+        StoreLocation::Embedded => Engine::open(config).context("opening the data directory")?,
         StoreLocation::Postgres { url, connections_max } => {
             let options = tally_store::PoolOptions { connections_max, ..Default::default() };
             let store = tally_store::PostgresStore::open(&url, options).context("opening the PostgreSQL store")?;
             let log = tally_engine::local::open_log(&config, &store).context("opening the data directory")?;
-            Engine::start(config, Arc::new(store), Box::new(log)).context("starting on the PostgreSQL store")
+            Engine::start(config, Arc::new(store), Box::new(log)).context("starting on the PostgreSQL store")?
         }
-    }
+    };
+    Ok((engine, None))
+}
+
+#[cfg(feature = "cluster")]
+fn start_node(
+    config: EngineConfig,
+    url: &str,
+    connections_max: usize,
+    settings: &ClusterSettings,
+) -> anyhow::Result<(Engine, Leave)> {
+    let (engine, leave) = crate::cluster::start(config, url, connections_max, settings)?;
+    Ok((engine, Some(leave)))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn start_node(_: EngineConfig, _: &str, _: usize, _: &ClusterSettings) -> anyhow::Result<(Engine, Leave)> {
+    anyhow::bail!("this tally was built without cluster mode (cargo feature \"cluster\")")
 }
 
 /// File descriptors kept for everything but client connections: the store, each

@@ -22,7 +22,9 @@ fn fields(answer: &Value) -> Vec<(u64, String)> {
 fn ingest_accepts_object_array_and_ndjson_and_counts_at_once() {
     let (_dir, server) = server("");
     let one = server.post_events(r#"{"video_id":"a"}"#, &[]);
-    assert_eq!((one.status, one.json()), (200, json!({"accepted": 1, "duplicates": 0})));
+    let position = one.json()["position"].as_str().unwrap().to_owned();
+    assert!(position.contains(':'), "a write answers where it reached: {position:?}");
+    assert_eq!((one.status, one.json()), (200, json!({"accepted": 1, "duplicates": 0, "position": position})));
     assert_eq!(server.count("a"), 1, "counted the moment it was acknowledged");
     let many = server.post_events(r#"[{"video_id":"a"},{"video_id":"b","type":"like","value":7}]"#, &[]);
     assert_eq!(many.json()["accepted"], 2);
@@ -32,7 +34,7 @@ fn ingest_accepts_object_array_and_ndjson_and_counts_at_once() {
     let likes = server.get("/v1/count?video_id=b&type=like").json();
     assert_eq!((likes["count"].clone(), likes["sum"].clone()), (json!(1), json!(7)));
     let empty = server.post_events("[]", &[]);
-    assert_eq!(empty.json(), json!({"accepted": 0, "duplicates": 0}));
+    assert_eq!(empty.json(), json!({"accepted": 0, "duplicates": 0, "position": ""}));
 }
 
 #[test]
@@ -166,10 +168,12 @@ fn idempotency_key_repeats_answer_like_the_first_and_count_once() {
     let (_dir, server) = server("");
     let body = r#"[{"video_id":"a","event_id":"1"},{"video_id":"a","event_id":"1"},{"video_id":"b"}]"#;
     let first = server.post_events(body, &[("idempotency-key", "k-1")]);
-    assert_eq!(first.json(), json!({"accepted": 2, "duplicates": 1}));
+    let position = first.json()["position"].clone();
+    assert_eq!(first.json(), json!({"accepted": 2, "duplicates": 1, "position": position}));
     for _ in 0..3 {
+        // Answered from memory: the first counts, and nothing new written.
         let again = server.post_events(body, &[("idempotency-key", "k-1")]);
-        assert_eq!((again.status, again.json()), (200, first.json()));
+        assert_eq!((again.status, again.json()), (200, json!({"accepted": 2, "duplicates": 1, "position": ""})));
     }
     assert_eq!((server.count("a"), server.count("b")), (1, 1));
     let reused = server.post_events(r#"[{"video_id":"c"}]"#, &[("idempotency-key", "k-1")]);
@@ -187,9 +191,9 @@ fn event_ids_are_deduplicated_within_and_across_requests() {
         r#"[{"video_id":"a","event_id":"x"},{"video_id":"a","event_id":"x"},{"video_id":"b","event_id":"x"}]"#,
         &[],
     );
-    assert_eq!(answer.json(), json!({"accepted": 2, "duplicates": 1}));
+    assert_eq!((answer.json()["accepted"].clone(), answer.json()["duplicates"].clone()), (json!(2), json!(1)));
     let again = server.post_events(r#"{"video_id":"a","event_id":"x"}"#, &[]);
-    assert_eq!(again.json(), json!({"accepted": 0, "duplicates": 1}));
+    assert_eq!((again.json()["accepted"].clone(), again.json()["duplicates"].clone()), (json!(0), json!(1)));
     assert_eq!((server.count("a"), server.count("b")), (1, 1));
 }
 

@@ -3,8 +3,9 @@
 //! created, rows go by `COPY … BINARY` (nothing to merge with); into others as arrays, a
 //! chunk per statement, pipelined (`INSERT … SELECT FROM unnest(…) ON CONFLICT …`):
 //! counters add up in SQL, sketches are read, merged in Rust and written back (a video
-//! belongs to one partition, and a partition to one writer, so nobody else changes them
-//! meanwhile).
+//! belongs to one partition, and a partition to one writer, so nobody else changes its
+//! distinct-viewer sketches meanwhile; a bucket's top-items row, which every partition
+//! adds to, is locked while it is merged).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -226,12 +227,23 @@ impl Writer<'_> {
     }
 
     /// Merges the stored top-items sketches into `rows`, prunes, and writes them back.
+    /// Unlike a video's rows, a bucket's top row gathers every partition, which other
+    /// nodes flush at the same time in cluster mode: the rows are made first (empty),
+    /// then read `FOR UPDATE`, so a racing flush waits for this one and merges into its
+    /// result. Rows are locked in key order, so two flushes cannot deadlock on them.
     fn merge_top(&mut self, table: &str, rows: &mut [TopRow<'_>], items: usize) -> Result<(), StoreError> {
         let types: Vec<&str> = rows.iter().map(|r| r.event_type).collect();
         let buckets: Vec<i64> = rows.iter().map(|r| r.bucket).collect();
+        let make = self.connection.statement(&format!(
+            "INSERT INTO {table} (event_type, bucket, sketch) SELECT e, b, $3 FROM unnest($1::TEXT[], $2::INT8[]) AS r(e, b) \
+             ON CONFLICT (event_type, bucket) DO NOTHING"
+        ))?;
+        let empty = tally_core::topk::TopSketch::default().encode();
+        wait(self.connection.client.execute(&make, &[&types, &buckets, &empty]))
+            .map_err(pg_error("flush top items"))?;
         let read = self.connection.statement(&format!(
             "SELECT r.i, t.sketch FROM unnest($1::TEXT[], $2::INT8[]) WITH ORDINALITY AS r(e, b, i) \
-             JOIN {table} t ON t.event_type = r.e AND t.bucket = r.b"
+             JOIN {table} t ON t.event_type = r.e AND t.bucket = r.b ORDER BY r.i FOR UPDATE OF t"
         ))?;
         let stored =
             wait(self.connection.client.query(&read, &[&types, &buckets])).map_err(pg_error("read top items"))?;

@@ -16,7 +16,7 @@ mod snapshot;
 
 pub use pool::PoolOptions;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use parking_lot::Mutex;
 use tally_core::Granularity;
@@ -30,6 +30,10 @@ use pool::{Connection, Pool, wait};
 /// up until the next retention interval: it holds the flusher meanwhile.
 const PURGE_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '5s'";
 
+/// The database's clock, epoch milliseconds: liveness marks use it, so nodes' clocks do
+/// not matter.
+const NOW_MS: &str = "(extract(epoch FROM now()) * 1000)::BIGINT";
+
 /// Bounds the generation list a checkpoint may hold; dedup keeps about six alive.
 const CHECKPOINT_GENERATIONS_MAX: usize = 64;
 
@@ -37,8 +41,9 @@ pub struct PostgresStore {
     pool: Pool,
     /// The period tables that exist, as committed by this store.
     tables: Mutex<HashSet<String>>,
-    /// The owner epoch this store claimed, by partition (empty before `claim_partitions`).
-    epochs: Mutex<Vec<i64>>,
+    /// The owner epoch this store holds, by partition: every partition after
+    /// `claim_partitions`, the claimed ones in cluster mode (`claim_partition`).
+    epochs: Mutex<HashMap<u32, i64>>,
 }
 
 pub(crate) fn pg_error(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
@@ -52,7 +57,7 @@ impl PostgresStore {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Config { detail: format!("database URL {url:?}: {e}") })?;
         let pool = Pool::new(config, options)?;
-        let store = PostgresStore { pool, tables: Mutex::new(HashSet::new()), epochs: Mutex::new(Vec::new()) };
+        let store = PostgresStore { pool, tables: Mutex::new(HashSet::new()), epochs: Mutex::new(HashMap::new()) };
         store.migrate()?;
         store.reload_tables()?;
         Ok(store)
@@ -67,15 +72,17 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Refuses (`Fenced`) unless every partition this engine claimed is still its own,
-    /// locking their checkpoint rows for the transaction: a fenced engine drops nothing.
+    /// Refuses (`Fenced`) unless every partition this engine holds is still its own,
+    /// locking the checkpoint rows for the transaction: a fenced engine drops nothing.
+    /// (In cluster mode, partitions other nodes own do not stop a purge: every node
+    /// purges by the same rule.)
     fn still_owner(&self, connection: &mut Connection) -> Result<(), StoreError> {
         let epochs = self.epochs.lock().clone();
         let read = connection.statement("SELECT partition, owner_epoch FROM tally_checkpoints FOR UPDATE")?;
         let rows = wait(connection.client.query(&read, &[])).map_err(pg_error("read owners"))?;
         for row in rows {
             let (partition, stored) = (row.get::<_, i32>(0) as u32, row.get::<_, i64>(1));
-            if epochs.get(partition as usize).is_some_and(|&mine| mine != stored) {
+            if epochs.get(&partition).is_some_and(|&mine| mine != stored) {
                 let detail = format!("another engine owns it now (owner epoch {stored}); not purging");
                 return Err(StoreError::Fenced { partition, detail });
             }
@@ -120,7 +127,8 @@ impl PostgresStore {
         let connection = self.pool.get()?;
         let registered = wait(connection.client.query("SELECT name, kind, granularity FROM tally_tables", &[]))
             .map_err(pg_error("read tables"))?;
-        let fixed = ["tally_meta", "tally_checkpoints", "tally_dedup", "tally_types", "tally_tables"];
+        let fixed =
+            ["tally_meta", "tally_checkpoints", "tally_dedup", "tally_types", "tally_tables", "tally_request_keys"];
         let tables =
             fixed.iter().map(|name| (name.to_string(), name.to_string())).chain(registered.iter().map(|row| {
                 (row.get::<_, String>(0), format!("{}.{}", row.get::<_, String>(1), row.get::<_, String>(2)))
@@ -140,12 +148,23 @@ impl PostgresStore {
         Ok(groups.into_values().collect())
     }
 
+    /// Records the partition count and makes the partitions' rows, claiming none
+    /// (`tally cluster init`); false when the database had them already.
+    pub fn prepare_partitions(&self, partitions: u32) -> Result<bool, StoreError> {
+        self.pool.get()?.transaction("BEGIN", |connection| prepare_partitions(connection, partitions))
+    }
+
+    /// The partition count recorded, if any.
+    pub fn partitions(&self) -> Result<Option<u32>, StoreError> {
+        self.pool.get()?.transaction("BEGIN", |connection| Ok(meta(connection, "partitions")?.map(|n| n as u32)))
+    }
+
     fn epoch(&self, partition: u32) -> Result<i64, StoreError> {
         self.epochs
             .lock()
-            .get(partition as usize)
+            .get(&partition)
             .copied()
-            .ok_or_else(|| StoreError::Fenced { partition, detail: "this engine never claimed it".into() })
+            .ok_or_else(|| StoreError::Fenced { partition, detail: "this engine does not hold it".into() })
     }
 }
 
@@ -168,6 +187,25 @@ fn set_meta(connection: &mut Connection, key: &str, value: i64) -> Result<(), St
     Ok(())
 }
 
+/// Records the partition count (refusing another) and makes each partition's
+/// checkpoint row; true when it made them now.
+fn prepare_partitions(connection: &mut Connection, partitions: u32) -> Result<bool, StoreError> {
+    match meta(connection, "partitions")? {
+        Some(stored) if stored != i64::from(partitions) => {
+            return Err(StoreError::PartitionCount { stored: stored as u32, configured: partitions });
+        }
+        Some(_) => return Ok(false),
+        None => set_meta(connection, "partitions", i64::from(partitions))?,
+    }
+    let all: Vec<i32> = (0..partitions as i32).collect();
+    let create = connection.statement(
+        "INSERT INTO tally_checkpoints (partition, log_offset, generations, owner_epoch) \
+         SELECT p, NULL, $2, 0 FROM unnest($1::INT4[]) AS p ON CONFLICT (partition) DO NOTHING",
+    )?;
+    wait(connection.client.execute(&create, &[&all, &Vec::<u8>::new()])).map_err(pg_error("claim"))?;
+    Ok(true)
+}
+
 fn decode_generations(partition: u32, bytes: &[u8]) -> Result<Vec<i64>, StoreError> {
     if !bytes.len().is_multiple_of(8) || bytes.len() / 8 > CHECKPOINT_GENERATIONS_MAX {
         return Err(StoreError::Corrupt {
@@ -187,28 +225,12 @@ impl CounterStore for PostgresStore {
     /// by one, which fences off any engine that claimed it before.
     fn claim_partitions(&self, partitions: u32) -> Result<(), StoreError> {
         let epochs = self.pool.get()?.transaction("BEGIN", |connection| {
-            match meta(connection, "partitions")? {
-                Some(stored) if stored != i64::from(partitions) => {
-                    return Err(StoreError::PartitionCount { stored: stored as u32, configured: partitions });
-                }
-                Some(_) => {}
-                None => set_meta(connection, "partitions", i64::from(partitions))?,
-            }
-            let all: Vec<i32> = (0..partitions as i32).collect();
-            let create = connection.statement(
-                "INSERT INTO tally_checkpoints (partition, log_offset, generations, owner_epoch) \
-                 SELECT p, NULL, $2, 0 FROM unnest($1::INT4[]) AS p ON CONFLICT (partition) DO NOTHING",
-            )?;
-            wait(connection.client.execute(&create, &[&all, &Vec::<u8>::new()])).map_err(pg_error("claim"))?;
+            prepare_partitions(connection, partitions)?;
             let raise = connection.statement(
                 "UPDATE tally_checkpoints SET owner_epoch = owner_epoch + 1 RETURNING partition, owner_epoch",
             )?;
             let rows = wait(connection.client.query(&raise, &[])).map_err(pg_error("claim"))?;
-            let mut epochs = vec![0; partitions as usize];
-            for row in rows {
-                epochs[row.get::<_, i32>(0) as usize] = row.get(1);
-            }
-            Ok(epochs)
+            Ok(rows.iter().map(|row| (row.get::<_, i32>(0) as u32, row.get::<_, i64>(1))).collect())
         })?;
         *self.epochs.lock() = epochs;
         Ok(())
@@ -317,6 +339,72 @@ impl CounterStore for PostgresStore {
 
     fn snapshot(&self) -> Result<Box<dyn Snapshot + '_>, StoreError> {
         Ok(Box::new(snapshot::PgSnapshot::open(self.pool.get()?)?))
+    }
+
+    fn claim_partition(&self, partition: u32) -> Result<Option<Checkpoint>, StoreError> {
+        let row = self.pool.get()?.transaction("BEGIN", |connection| {
+            let raise = connection.statement(&format!(
+                "UPDATE tally_checkpoints SET owner_epoch = owner_epoch + 1, owner_seen_ms = {NOW_MS} \
+                 WHERE partition = $1 RETURNING owner_epoch, log_offset, generations"
+            ))?;
+            wait(connection.client.query_opt(&raise, &[&(partition as i32)])).map_err(pg_error("claim partition"))
+        })?;
+        let Some(row) = row else {
+            let detail = format!("partition {partition} does not exist in the database (run `tally cluster init`)");
+            return Err(StoreError::Config { detail });
+        };
+        self.epochs.lock().insert(partition, row.get(0));
+        let Some(offset) = row.get::<_, Option<i64>>(1) else { return Ok(None) };
+        let dedup_generation_starts = decode_generations(partition, row.get(2))?;
+        Ok(Some(Checkpoint { partition, offset: offset as u64, dedup_generation_starts }))
+    }
+
+    fn release_partition(&self, partition: u32) {
+        self.epochs.lock().remove(&partition);
+    }
+
+    /// One statement: the key's row is made, or (`DO UPDATE` without a change) locked and
+    /// read, waiting for a racing claim to commit first.
+    fn claim_request(&self, key: u128, fingerprint: u64, now_ms: i64) -> Result<bool, StoreError> {
+        let mut connection = self.pool.get()?;
+        let claim = connection.statement(
+            "INSERT INTO tally_request_keys (request_key, fingerprint, claimed_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (request_key) DO UPDATE SET claimed_ms = tally_request_keys.claimed_ms RETURNING fingerprint",
+        )?;
+        let key = key.to_le_bytes().to_vec();
+        let row = wait(connection.client.query_one(&claim, &[&key, &(fingerprint as i64), &now_ms]))
+            .map_err(pg_error("claim idempotency key"))?;
+        Ok(row.get::<_, i64>(0) == fingerprint as i64)
+    }
+
+    fn touch_partitions(&self) -> Result<(), StoreError> {
+        let (partitions, epochs): (Vec<i32>, Vec<i64>) =
+            self.epochs.lock().iter().map(|(&partition, &epoch)| (partition as i32, epoch)).unzip();
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.pool.get()?;
+        let touch = connection.statement(&format!(
+            "UPDATE tally_checkpoints AS t SET owner_seen_ms = {NOW_MS} FROM unnest($1::INT4[], $2::INT8[]) AS o(p, e) \
+             WHERE t.partition = o.p AND t.owner_epoch = o.e"
+        ))?;
+        wait(connection.client.execute(&touch, &[&partitions, &epochs])).map_err(pg_error("mark partitions alive"))?;
+        Ok(())
+    }
+
+    fn silent_partitions(&self, silent_ms: i64) -> Result<Vec<u32>, StoreError> {
+        let mut connection = self.pool.get()?;
+        let read = connection.statement(&format!(
+            "SELECT partition FROM tally_checkpoints WHERE owner_seen_ms < {NOW_MS} - $1 ORDER BY partition"
+        ))?;
+        let rows = wait(connection.client.query(&read, &[&silent_ms])).map_err(pg_error("read partitions' owners"))?;
+        Ok(rows.iter().map(|row| row.get::<_, i32>(0) as u32).collect())
+    }
+
+    fn forget_requests_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut connection = self.pool.get()?;
+        let forget = connection.statement("DELETE FROM tally_request_keys WHERE claimed_ms < $1")?;
+        wait(connection.client.execute(&forget, &[&before_ms])).map_err(pg_error("forget idempotency keys"))
     }
 
     fn is_remote(&self) -> bool {

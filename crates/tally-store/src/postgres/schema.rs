@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! tally_meta         (key, value)                       schema_version, partitions
-//! tally_checkpoints  (partition, log_offset, generations, owner_epoch)
+//! tally_checkpoints  (partition, log_offset, generations, owner_epoch, owner_seen_ms)
 //! tally_dedup        (partition, generation_start, log_offset, entries)
 //! tally_types        (event_type, last_day)
 //! tally_tables       (name, kind, granularity, period)  the period tables that exist
+//! tally_request_keys (request_key, fingerprint, claimed_ms)  idempotency keys claimed in cluster mode
 //! tally_<kind>_<granularity>_<period>                   one per period, like redb's
 //!     counters   (event_type, video_id, bucket, count, sum NUMERIC)
 //!     uniques    (event_type, video_id, bucket, sketch BYTEA)
@@ -23,7 +24,8 @@
 //! IF NOT EXISTS` with a primary key, `INSERT … SELECT FROM unnest(…) ON CONFLICT … DO
 //! UPDATE / DO NOTHING`, `SELECT … FROM unnest(…) WITH ORDINALITY JOIN …`, `SELECT … FOR
 //! UPDATE`, `UPDATE … WHERE`, `DELETE`, `DROP TABLE IF EXISTS`, `GREATEST`, `COALESCE`,
-//! `SUM`, casts between `NUMERIC` and `TEXT`, `SET LOCAL client_min_messages`, `= ANY($1)`, `COPY … FROM STDIN BINARY`, and
+//! `SUM`, casts between `NUMERIC` and `TEXT`, `SET LOCAL client_min_messages`, `= ANY($1)`, `UPDATE … FROM unnest(…)`,
+//! `ALTER TABLE … ADD COLUMN IF NOT EXISTS`, `extract(epoch FROM now())`, `COPY … FROM STDIN BINARY`, and
 //! transactions at `READ COMMITTED` (writes) and `REPEATABLE READ READ ONLY` (reads). No
 //! extensions. PostgreSQL-only, and outside the data path: `pg_database_size` and
 //! `pg_relation_size` / `pg_total_relation_size` for `store-stats`. Tested against
@@ -35,7 +37,7 @@ use crate::tables::Kind;
 
 /// The schema this tally writes. `MIGRATIONS[v]` takes a database from version `v` to
 /// `v + 1`.
-pub(crate) const VERSION: i64 = 1;
+pub(crate) const VERSION: i64 = 2;
 
 pub(crate) const MIGRATIONS: [&str; VERSION as usize] = [
     // 0 → 1: the fixed tables.
@@ -59,6 +61,14 @@ pub(crate) const MIGRATIONS: [&str; VERSION as usize] = [
         granularity TEXT NOT NULL,
         period BIGINT NOT NULL
     );",
+    // 1 → 2: cluster mode: idempotency keys claimed across nodes, and when each
+    // partition's owner last showed it holds it (the database's clock).
+    "CREATE TABLE IF NOT EXISTS tally_request_keys (
+        request_key BYTEA PRIMARY KEY,
+        fingerprint BIGINT NOT NULL,
+        claimed_ms BIGINT NOT NULL
+    );
+    ALTER TABLE tally_checkpoints ADD COLUMN IF NOT EXISTS owner_seen_ms BIGINT NOT NULL DEFAULT 0;",
 ];
 
 pub(crate) const META: &str = "CREATE TABLE IF NOT EXISTS tally_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)";

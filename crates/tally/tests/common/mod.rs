@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -53,10 +55,18 @@ pub fn spawn(data_dir: &Path, config: &str) -> Server {
 
 /// `spawn` with more command-line arguments.
 pub fn spawn_with(data_dir: &Path, config: &str, args: &[&str]) -> Server {
+    let mut all = vec!["--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    spawn_serve(data_dir, config, &all)
+}
+
+/// `tally serve --data-dir DATA_DIR --config (CONFIG written beside it) ARGS…`, returned
+/// once it listens.
+pub fn spawn_serve(data_dir: &Path, config: &str, args: &[&str]) -> Server {
     let config_path = data_dir.with_extension("toml");
     std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(tally_binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--data-dir"])
         .arg(data_dir)
         .arg("--config")
         .arg(&config_path)

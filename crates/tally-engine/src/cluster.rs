@@ -1,0 +1,226 @@
+//! Cluster mode: many engines share one partitioned log (Kafka) and one store
+//! (PostgreSQL). Every engine appends: its writers only make records durable in the
+//! shared log and answer. The log's consumer group gives each partition to one engine,
+//! its owner, which claims it in the store (raising its owner epoch, which fences the
+//! previous owner), restores its dedup memory, and applies the log from the stored
+//! checkpoint through the same `PartitionState::apply` as recovery does. The flusher
+//! commits the owned partitions as in single-node mode; a commit the store refuses
+//! because another engine claimed a partition since drops that partition here, and
+//! commits the others.
+//!
+//! Queries read the store, plus the deltas of the partitions this engine owns that the
+//! store does not hold yet (the rule of `query.rs` holds for them unchanged).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tally_aggregate::{Applied, Dedup, Outcome, PartitionState};
+use tally_core::log::{Owner, PartitionLog};
+use tally_core::record::ListRecords;
+use tally_core::{RecordReader, partition_of};
+use tally_store::CounterStore;
+
+use crate::partition::{Memory, Partition, wait_for_room};
+use crate::{Engine, EngineConfig, EngineError, Position, RecoveryReport, Shared, recovery};
+
+/// How long `apply` sleeps while its partition has no room and the store cannot take a
+/// flush, before it looks again.
+const ROOM_WAIT: Duration = Duration::from_millis(100);
+
+impl Engine {
+    /// Starts a cluster node: `logs` append to the shared log (one per partition); no
+    /// partition is owned until the log's group assigns it (`Engine::owner`).
+    pub fn start_cluster(
+        config: EngineConfig,
+        store: Arc<dyn CounterStore>,
+        logs: Vec<Box<dyn PartitionLog>>,
+    ) -> Result<Engine, EngineError> {
+        assert_eq!(logs.len(), config.partitions as usize, "one log per partition");
+        let mut partitions = Vec::with_capacity(logs.len());
+        let mut writers = Vec::with_capacity(logs.len());
+        for (index, log) in (0..config.partitions).zip(logs) {
+            let (sender, receiver) = mpsc::channel();
+            let partition = Partition::new(index, empty_memory(&config, 0), sender);
+            partition.owned.store(false, Ordering::Relaxed);
+            partitions.push(Arc::new(partition));
+            writers.push((log, receiver));
+        }
+        let started = RecoveryReport { duration: Duration::ZERO, replayed_bytes: 0, replayed_records: 0 };
+        recovery::launch(config, store, None, partitions, writers, started, true)
+    }
+
+    /// What the shared log's consumer calls as partitions come and go, and with each
+    /// record list of an owned partition.
+    pub fn owner(&self) -> Arc<dyn Owner> {
+        Arc::new(ClusterOwner { shared: Arc::clone(&self.shared) })
+    }
+
+    /// Whether a query now sees every write `position` names: each partition's applied
+    /// offset here (where this engine applies it), or else its checkpoint in the store.
+    pub fn reached(&self, position: &Position) -> Result<bool, EngineError> {
+        let shared = &self.shared;
+        let mut snapshot = None;
+        for &(index, offset) in position.parts() {
+            let Some(partition) = shared.partitions.get(index as usize) else {
+                let reason = format!("the position names partition {index}; there are {}", shared.partitions.len());
+                return Err(EngineError::InvalidPosition { reason });
+            };
+            if partition.owned.load(Ordering::Acquire) && partition.memory.lock().applied_offset >= offset {
+                continue;
+            }
+            if !shared.cluster {
+                return Ok(false);
+            }
+            let snapshot = match &mut snapshot {
+                Some(snapshot) => snapshot,
+                None => snapshot.insert(shared.store.snapshot()?),
+            };
+            if snapshot.checkpoint_offset(index)? < offset {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn empty_memory(config: &EngineConfig, offset: u64) -> Memory {
+    let state = PartitionState::new(Dedup::restore(config.dedup_window_ms, &[]));
+    Memory { state, applied_offset: offset, pending_start: offset, flushing: None }
+}
+
+/// Forgets what this engine held of a partition it no longer owns: its deltas, flushed
+/// or not, and its dedup memory. The next owner replays them from the log. The caller
+/// holds the flush lock (no flush of it is under way).
+pub(crate) fn drop_partition(shared: &Shared, partition: &Partition) {
+    partition.owned.store(false, Ordering::Release);
+    shared.store.release_partition(partition.index);
+    let offset = partition.checkpoint_offset.load(Ordering::Acquire);
+    *partition.memory.lock() = empty_memory(&shared.config, offset);
+    partition.dedup_entries.store(0, Ordering::Relaxed);
+    partition.drained.notify_all();
+    metrics::gauge!("tally_partition_owned", "partition" => partition.index.to_string()).set(0.0);
+}
+
+struct ClusterOwner {
+    shared: Arc<Shared>,
+}
+
+impl ClusterOwner {
+    fn partition(&self, index: u32) -> Result<&Arc<Partition>, String> {
+        let count = self.shared.partitions.len();
+        self.shared.partitions.get(index as usize).ok_or_else(|| format!("partition {index} of {count}"))
+    }
+
+    /// Waits until the partition may take more deltas (its writer in single-node mode
+    /// would wait likewise): the log holds what is not read yet. False when the engine
+    /// stops meanwhile.
+    fn wait_for_room(&self, partition: &Partition) -> bool {
+        loop {
+            if !*self.shared.admission.read() || self.shared.failure.lock().is_some() {
+                return false;
+            }
+            match wait_for_room(&self.shared, partition) {
+                Ok(()) => return true,
+                Err(_) => std::thread::sleep(ROOM_WAIT),
+            }
+        }
+    }
+}
+
+impl Owner for ClusterOwner {
+    fn claim(&self, index: u32) -> Result<u64, String> {
+        let partition = self.partition(index)?;
+        let started = Instant::now();
+        let shared = &self.shared;
+        let mut flush_state = shared.flush_lock.lock();
+        let claimed = shared.store.claim_partition(index).map_err(|e| e.to_string())?;
+        let (offset, state) =
+            recovery::restore(&*shared.store, &shared.config, index, claimed).map_err(|e| e.to_string())?;
+        flush_state.forget(index);
+        let entries = state.dedup.entries();
+        *partition.memory.lock() = Memory { state, applied_offset: offset, pending_start: offset, flushing: None };
+        partition.checkpoint_offset.store(offset, Ordering::Release);
+        partition.dedup_entries.store(entries, Ordering::Relaxed);
+        partition.owned.store(true, Ordering::Release);
+        metrics::gauge!("tally_partition_owned", "partition" => index.to_string()).set(1.0);
+        metrics::counter!("tally_partition_claims_total").increment(1);
+        tracing::info!(partition = index, offset, seconds = started.elapsed().as_secs_f64(), "partition claimed");
+        Ok(offset)
+    }
+
+    fn release(&self, index: u32) {
+        let Ok(partition) = self.partition(index) else { return };
+        if !partition.owned.load(Ordering::Acquire) {
+            return;
+        }
+        // What is applied goes to the store first, so the next owner replays little.
+        if let Err(error) = crate::checkpoint::flush_once(&self.shared) {
+            tracing::warn!(partition = index, %error, "flush before giving a partition up failed");
+        }
+        let mut flush_state = self.shared.flush_lock.lock();
+        flush_state.forget(index);
+        drop_partition(&self.shared, partition);
+        tracing::info!(partition = index, "partition released");
+    }
+
+    fn apply(&self, index: u32, offset: u64, list: &[u8]) -> Result<(), String> {
+        let partition = self.partition(index)?;
+        if !partition.owned.load(Ordering::Acquire) || !self.wait_for_room(partition) {
+            return Ok(());
+        }
+        let records = decode(list, index, self.shared.config.partitions);
+        let mut memory = partition.memory.lock();
+        if !partition.owned.load(Ordering::Acquire) || offset < memory.applied_offset {
+            return Ok(());
+        }
+        memory.applied_offset = offset + 1;
+        let records = records?;
+        let mut counted = Outcome::default();
+        for record in &records {
+            match memory.state.apply(record).expect("a record that decoded applies") {
+                Applied::Done(outcome) => counted.add(outcome),
+                Applied::Repeated(_) | Applied::KeyReused => {}
+            }
+        }
+        partition.dedup_entries.store(memory.state.dedup.entries(), Ordering::Relaxed);
+        drop(memory);
+        metrics::counter!("tally_events_accepted_total").increment(u64::from(counted.accepted));
+        metrics::counter!("tally_events_duplicate_total").increment(u64::from(counted.duplicates));
+        Ok(())
+    }
+
+    fn unowned(&self, silent: Duration) -> Result<Vec<u32>, String> {
+        let silent_ms = i64::try_from(silent.as_millis()).unwrap_or(i64::MAX);
+        self.shared.store.silent_partitions(silent_ms).map_err(|e| e.to_string())
+    }
+
+    fn checkpoints(&self) -> Vec<(u32, u64)> {
+        let owned = self.shared.partitions.iter().filter(|p| p.owned.load(Ordering::Acquire));
+        owned.map(|p| (p.index, p.checkpoint_offset.load(Ordering::Acquire))).collect()
+    }
+}
+
+/// Decodes every record of a list read from the shared log, whole, before any is applied:
+/// a list with a malformed record, or an event of another partition's video (which would
+/// give that video a second writer), is refused whole.
+fn decode(list: &[u8], partition: u32, partitions: u32) -> Result<Vec<RecordReader<'_>>, String> {
+    let mut records = Vec::new();
+    for record in ListRecords::new(list) {
+        let reader = RecordReader::new(record?).map_err(|e| e.to_string())?;
+        let mut foreign = None;
+        reader
+            .for_each_event(|event| {
+                if foreign.is_none() && partition_of(event.video_id, partitions) != partition {
+                    foreign = Some(event.video_id.to_string());
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(video) = foreign {
+            return Err(format!("video {video:?} belongs to another partition than {partition}"));
+        }
+        records.push(reader);
+    }
+    Ok(records)
+}

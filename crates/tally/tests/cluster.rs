@@ -1,0 +1,632 @@
+//! Cluster mode end to end, with real parts: a Kafka-protocol broker (tansu), PostgreSQL,
+//! three tally nodes and HAProxy from `deploy/haproxy.cfg`. A load generator with
+//! deterministic event ids and Idempotency-Keys writes through HAProxy and retries every
+//! unanswered or refused request with the same body and key until it is acknowledged;
+//! after each scenario, every node must answer exact minute, hour and day counts equal to
+//! the ledger of everything generated.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::cluster::{Balancer, Broker, all_owned, free_port, init, node};
+use common::{Server, now_ms, request};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tally_pgtest::Postgres;
+
+const PARTITIONS: u32 = 8;
+const VIDEOS: u32 = 24;
+const EVENTS_PER_REQUEST: usize = 100;
+/// Events are spread over this many minutes before now: several hour buckets, maybe two
+/// days.
+const SPREAD_MINUTES: i64 = 150;
+/// A node's settings in these tests: short flushes, and a short session so that a dead
+/// or paused node's partitions move within seconds.
+const NODE_CONFIG: &str = "flush_interval_ms = 200\nsession_timeout_ms = 6000\n";
+/// How long a request may be retried before the test gives up on the cluster.
+const RETRY_FOR: Duration = Duration::from_secs(90);
+
+/// Everything the load generated (each request is retried until acknowledged), and the
+/// furthest position the acknowledgements named.
+#[derive(Default)]
+struct Ledger {
+    /// (video, minute) → events.
+    expected: BTreeMap<(String, i64), u64>,
+    position: BTreeMap<u32, u64>,
+    acknowledged: u64,
+    retries: u64,
+}
+
+impl Ledger {
+    fn record_position(&mut self, position: &str) {
+        for part in position.split(',').filter(|p| !p.is_empty()) {
+            let (partition, offset) = part.split_once(':').expect("partition:offset");
+            let (partition, offset): (u32, u64) = (partition.parse().unwrap(), offset.parse().unwrap());
+            let furthest = self.position.entry(partition).or_default();
+            *furthest = (*furthest).max(offset);
+        }
+    }
+
+    fn position(&self) -> String {
+        self.position.iter().map(|(p, o)| format!("{p}:{o}")).collect::<Vec<_>>().join(",")
+    }
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Fields drop in order: the nodes stop first, the guard that lets the next cluster
+/// start goes last.
+struct Cluster {
+    nodes: Vec<Option<Server>>,
+    balancer: Balancer,
+    broker: Broker,
+    postgres: Postgres,
+    ports: Vec<u16>,
+    ledger: Arc<Mutex<Ledger>>,
+    dir: tempfile::TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// `nodes` nodes, room in the balancer for `spare` more, on a broker whose storage is
+    /// durable (SQLite: it keeps the log across its restarts) or in memory.
+    fn start(nodes: usize, spare: usize, durable: bool) -> Cluster {
+        // One cluster at a time: each is a broker, a database and several nodes under
+        // load, and their session timeouts assume the machine is theirs.
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let postgres = Postgres::start();
+        let broker = Broker::start(&dir.path().join("broker"), durable);
+        let first = init(&broker.address(), &postgres.url(), PARTITIONS);
+        assert!(first.contains("created"), "{first}");
+        let again = init(&broker.address(), &postgres.url(), PARTITIONS);
+        assert!(again.contains("nothing changed") && !again.contains("created ("), "{again}");
+        let ports: Vec<u16> = (0..nodes + spare).map(|_| free_port()).collect();
+        let balancer = Balancer::start(dir.path(), &ports);
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            balancer,
+            broker,
+            postgres,
+            ports,
+            ledger: Arc::default(),
+            dir,
+            _serial: serial,
+        };
+        for index in 0..nodes {
+            cluster.nodes.push(Some(cluster.start_node(index)));
+        }
+        cluster.nodes.extend((0..spare).map(|_| None));
+        cluster.wait_all_owned();
+        cluster
+    }
+
+    /// Node 1 flushes every 5 s, so that whenever it is paused it holds deltas to flush.
+    fn start_node(&self, index: usize) -> Server {
+        let name = format!("node{index}");
+        let config = if index == 1 { format!("{NODE_CONFIG}flush_interval_ms = 5000\n") } else { NODE_CONFIG.into() };
+        let config = config.replacen("flush_interval_ms = 200\n", "", usize::from(index == 1));
+        node(self.dir.path(), &name, self.ports[index], &self.broker.address(), &self.postgres.url(), &config)
+    }
+
+    fn alive(&self) -> Vec<&Server> {
+        self.nodes.iter().flatten().collect()
+    }
+
+    fn wait_all_owned(&self) -> Duration {
+        let started = Instant::now();
+        while !all_owned(&self.alive(), PARTITIONS) {
+            assert!(started.elapsed() < Duration::from_secs(60), "partitions left unowned: {}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        started.elapsed()
+    }
+
+    /// Waits until every partition is owned and no node claimed or released one for
+    /// `quiet` (the group settled).
+    fn wait_settled(&self, quiet: Duration) {
+        let started = Instant::now();
+        let moves = || -> usize {
+            self.alive()
+                .iter()
+                .map(|n| n.log().matches("partition claimed").count() + n.log().matches("partition released").count())
+                .sum()
+        };
+        let (mut seen, mut since) = (moves(), Instant::now());
+        loop {
+            assert!(started.elapsed() < Duration::from_secs(120), "the group never settled: {}", self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+            let now = moves();
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= quiet && all_owned(&self.alive(), PARTITIONS) {
+                return;
+            }
+        }
+    }
+
+    fn logs(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().flatten().map(|n| n.log()).collect();
+        format!("{}\nbroker:\n{}", nodes.join("\n----\n"), self.broker.log())
+    }
+
+    /// Every alive node answers, for every video, series at minute, hour and day steps
+    /// equal to the ledger (after waiting for the position of every acknowledgement).
+    fn check_exact(&self) {
+        let ledger = self.ledger.lock().unwrap();
+        let position = ledger.position();
+        let minutes = ledger.expected.keys().map(|(_, minute)| *minute);
+        let (from, to) = (minutes.clone().min().unwrap() * 60_000, (minutes.max().unwrap() + 1) * 60_000);
+        for node in self.alive() {
+            for video in 0..VIDEOS {
+                let video = format!("v{video}");
+                for (step, minutes) in [("minute", 1), ("hour", 60), ("day", 1440)] {
+                    let (from, to) = (align(from, minutes), align(to + minutes * 60_000 - 1, minutes));
+                    let path = format!(
+                        "/v1/series?video_id={video}&step={step}&from={from}&to={to}&after={position}&wait_ms=30000"
+                    );
+                    let answer = request(node.address, "GET", &path, &[], b"").unwrap();
+                    assert_eq!(answer.status, 200, "{path}: {}\n{}", answer.text(), self.logs());
+                    let got: BTreeMap<i64, u64> = answer.json()["points"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|p| p["count"].as_u64().unwrap() > 0)
+                        .map(|p| (minute_of(p["t"].as_str().unwrap()), p["count"].as_u64().unwrap()))
+                        .collect();
+                    let mut want: BTreeMap<i64, u64> = BTreeMap::new();
+                    for ((v, minute), events) in ledger.expected.range((video.clone(), i64::MIN)..) {
+                        if *v != video {
+                            break;
+                        }
+                        *want.entry(minute.div_euclid(minutes) * minutes).or_default() += events;
+                    }
+                    assert_eq!(got, want, "node {} video {video} step {step}", node.address);
+                }
+            }
+        }
+    }
+}
+
+fn align(ms: i64, minutes: i64) -> i64 {
+    ms.div_euclid(minutes * 60_000) * minutes * 60_000
+}
+
+fn minute_of(rfc3339: &str) -> i64 {
+    let ts: jiff::Timestamp = rfc3339.parse().unwrap();
+    ts.as_millisecond().div_euclid(60_000)
+}
+
+/// Clients writing through the balancer until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Requests generated so far, over every load: keys and event ids stay unique.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+impl Load {
+    fn start(address: SocketAddr, clients: usize, ledger: &Arc<Mutex<Ledger>>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|client| {
+                let (stop, ledger) = (Arc::clone(&stop), Arc::clone(ledger));
+                std::thread::spawn(move || run_client(address, client as u64, &stop, &ledger))
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            thread.join().expect("a load client failed");
+        }
+    }
+}
+
+fn run_client(address: SocketAddr, client: u64, stop: &AtomicBool, ledger: &Mutex<Ledger>) {
+    let mut rng = SmallRng::seed_from_u64(client);
+    while !stop.load(Ordering::Acquire) {
+        let number = REQUESTS.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let mut events = Vec::with_capacity(EVENTS_PER_REQUEST);
+        let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
+        for i in 0..EVENTS_PER_REQUEST {
+            let video = format!("v{}", rng.random_range(0..VIDEOS));
+            let ts = now - rng.random_range(0..SPREAD_MINUTES * 60_000);
+            events.push(format!(r#"{{"video_id":"{video}","ts":{ts},"event_id":"r{number}-{i}"}}"#));
+            *counts.entry((video, ts.div_euclid(60_000))).or_default() += 1;
+        }
+        let body = format!("[{}]", events.join(","));
+        {
+            let mut ledger = ledger.lock().unwrap();
+            for (key, n) in counts {
+                *ledger.expected.entry(key).or_default() += n;
+            }
+        }
+        let position = send_until_acknowledged(address, &body, &format!("k{number}"), ledger);
+        let mut ledger = ledger.lock().unwrap();
+        ledger.acknowledged += 1;
+        ledger.record_position(&position);
+    }
+}
+
+/// Posts until answered 200 (same body, same key); the answer's position.
+fn send_until_acknowledged(address: SocketAddr, body: &str, key: &str, ledger: &Mutex<Ledger>) -> String {
+    let started = Instant::now();
+    let headers = [("content-type", "application/json"), ("idempotency-key", key)];
+    loop {
+        let last = match request(address, "POST", "/v1/events", &headers, body.as_bytes()) {
+            Ok(answer) if answer.status == 200 => return answer.json()["position"].as_str().unwrap().to_string(),
+            Ok(answer) => {
+                assert!(
+                    matches!(answer.status, 429 | 502 | 503 | 504),
+                    "refused for good: {} {}",
+                    answer.status,
+                    answer.text()
+                );
+                format!("{} {}", answer.status, answer.text())
+            }
+            Err(error) => error.to_string(),
+        };
+        assert!(started.elapsed() < RETRY_FOR, "request {key} never acknowledged; last: {last}");
+        ledger.lock().unwrap().retries += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric_sum(server: &Server, name: &str) -> f64 {
+    let Ok(answer) = request(server.address, "GET", "/metrics", &[], b"") else { return 0.0 };
+    answer
+        .text()
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn three_nodes_behind_haproxy_count_exactly_through_crashes_pauses_and_moves() {
+    let mut cluster = Cluster::start(3, 1, false);
+
+    eprintln!("scenario 1");
+    // 1. Steady state.
+    let load = Load::start(cluster.balancer.address, 4, &cluster.ledger);
+    std::thread::sleep(Duration::from_secs(4));
+    load.finish();
+    cluster.check_exact();
+
+    eprintln!("scenario 2");
+    // 2. kill -9 of a node under load; clients retry through HAProxy with the same keys.
+    let load = Load::start(cluster.balancer.address, 4, &cluster.ledger);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.nodes[0].as_mut().unwrap().kill();
+    cluster.nodes[0] = None;
+    let takeover = cluster.wait_all_owned();
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish();
+    eprintln!("takeover after kill -9: {takeover:?}");
+    cluster.check_exact();
+    cluster.nodes[0] = Some(cluster.start_node(0));
+    cluster.wait_all_owned();
+
+    eprintln!("scenario 3");
+    // 3. A node paused past its session: the others take its partitions; once resumed,
+    // its late flush is refused and it drops them.
+    cluster.wait_settled(Duration::from_secs(5));
+    let load = Load::start(cluster.balancer.address, 4, &cluster.ledger);
+    std::thread::sleep(Duration::from_secs(2));
+    let paused = cluster.nodes[1].as_ref().unwrap();
+    assert!(metric_sum(paused, "tally_partition_owned") >= 1.0, "node 1 owns nothing to flush late");
+    paused.signal(libc::SIGSTOP);
+    // Past the session timeout, and past the time the others take to mend the group.
+    std::thread::sleep(Duration::from_secs(16));
+    cluster.nodes[1].as_ref().unwrap().signal(libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(4));
+    load.finish();
+    let paused = cluster.nodes[1].as_ref().unwrap();
+    assert!(
+        paused.logged("another node owns this partition now"),
+        "the paused node's late flush was not refused: {}",
+        paused.log()
+    );
+    cluster.wait_all_owned();
+    cluster.check_exact();
+
+    eprintln!("scenario 4");
+    // 4. A fourth node joins under load, then one leaves with SIGTERM.
+    let load = Load::start(cluster.balancer.address, 4, &cluster.ledger);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.nodes[3] = Some(cluster.start_node(3));
+    cluster.wait_settled(Duration::from_secs(3));
+    let status = cluster.nodes[2].as_mut().unwrap().terminate(Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM did not stop node 2 cleanly");
+    cluster.nodes[2] = None;
+    cluster.wait_all_owned();
+    std::thread::sleep(Duration::from_secs(2));
+    load.finish();
+    cluster.check_exact();
+
+    eprintln!("scenario 6");
+    // 6. PostgreSQL restarted under load: writes go on into the log, flushes wait.
+    let load = Load::start(cluster.balancer.address, 4, &cluster.ledger);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.postgres.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    cluster.postgres.start_again();
+    std::thread::sleep(Duration::from_secs(4));
+    load.finish();
+    cluster.wait_all_owned();
+    cluster.check_exact();
+    let ledger = cluster.ledger.lock().unwrap();
+    eprintln!("acknowledged {} requests, {} retries", ledger.acknowledged, ledger.retries);
+}
+
+#[test]
+fn a_broker_restart_under_load_loses_nothing_acknowledged() {
+    let mut cluster = Cluster::start(2, 0, true);
+    // 5. The broker killed and restarted (its storage is durable) under load.
+    let load = Load::start(cluster.balancer.address, 4, &cluster.ledger);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.broker.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.broker.start_again();
+    std::thread::sleep(Duration::from_secs(5));
+    load.finish();
+    cluster.wait_all_owned();
+    cluster.check_exact();
+}
+
+#[test]
+fn one_idempotency_key_with_two_bodies_racing_through_two_nodes_counts_one() {
+    let cluster = Cluster::start(2, 0, false);
+    let nodes = cluster.alive();
+    for round in 0..20 {
+        let key = format!("race-{round}");
+        let bodies = [
+            format!(r#"[{{"video_id":"race-a-{round}"}},{{"video_id":"race-b-{round}"}}]"#),
+            format!(
+                r#"[{{"video_id":"race-a-{round}"}},{{"video_id":"race-c-{round}"}},{{"video_id":"race-d-{round}"}}]"#
+            ),
+        ];
+        let answers: Vec<u16> = std::thread::scope(|scope| {
+            let sent: Vec<_> = nodes
+                .iter()
+                .zip(&bodies)
+                .map(|(node, body)| {
+                    let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
+                    scope.spawn(move || request(node.address, "POST", "/v1/events", &headers, body.as_bytes()))
+                })
+                .collect();
+            sent.into_iter().map(|s| s.join().unwrap().unwrap().status).collect()
+        });
+        let mut sorted = answers.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [200, 422], "round {round}: {answers:?}");
+        let winner = answers.iter().position(|s| *s == 200).unwrap();
+        let count = |video: String| -> u64 {
+            let path = format!("/v1/count?video_id={video}&from=0");
+            // The winner's write reaches the store within a flush; wait for it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let answer = request(nodes[0].address, "GET", &path, &[], b"").unwrap();
+                let n = answer.json()["count"].as_u64().unwrap();
+                if n > 0 || Instant::now() > deadline {
+                    return n;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let a = count(format!("race-a-{round}"));
+        assert_eq!(a, 1, "round {round}");
+        let loser_only = if winner == 0 { format!("race-c-{round}") } else { format!("race-b-{round}") };
+        // The winner's events are in (a is); the loser's own video must stay at zero.
+        let path = format!("/v1/count?video_id={loser_only}&from=0");
+        let answer = request(nodes[1].address, "GET", &path, &[], b"").unwrap();
+        assert_eq!(answer.json()["count"].as_u64(), Some(0), "round {round}: the refused body counted");
+    }
+}
+
+#[test]
+fn a_query_after_a_write_sees_it_on_every_node_and_old_ids_count_zero_after_a_move() {
+    let mut cluster = Cluster::start(3, 0, false);
+    // 9. Read-your-writes across nodes.
+    for round in 0..30 {
+        let writer = &cluster.alive()[round % 3];
+        let reader = &cluster.alive()[(round + 1) % 3];
+        let body = format!(r#"[{{"video_id":"ryw-{round}","event_id":"e{round}"}},{{"video_id":"ryw-{round}"}}]"#);
+        let answer = writer.post_events(&body, &[]);
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let position = answer.json()["position"].as_str().unwrap().to_string();
+        assert!(!position.is_empty());
+        let path = format!("/v1/count?video_id=ryw-{round}&from=0&after={position}");
+        let answer = reader.get(&path);
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json()["count"].as_u64(), Some(2), "round {round}: the read missed the write");
+    }
+    // A position no partition reaches: a clear 503 once the wait is over.
+    let answer = cluster.alive()[0].get("/v1/count?video_id=x&after=0:999999999&wait_ms=200");
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.json()["error"], "position_not_reached");
+
+    // 8. Event ids resent after their partition moved to another node count zero.
+    let ids: Vec<String> = (0..50).map(|i| format!(r#"{{"video_id":"moved-{}","event_id":"m{i}"}}"#, i % 10)).collect();
+    let body = format!("[{}]", ids.join(","));
+    let first = cluster.alive()[0].post_events(&body, &[]);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let position = first.json()["position"].as_str().unwrap().to_string();
+    // Stop a node cleanly: its partitions move (SIGTERM flushes and leaves the group).
+    let status = cluster.nodes[2].as_mut().unwrap().terminate(Duration::from_secs(60));
+    assert!(status.success());
+    cluster.nodes[2] = None;
+    cluster.wait_all_owned();
+    let again = cluster.alive()[1].post_events(&body, &[]);
+    assert_eq!(again.status, 200, "{}", again.text());
+    let position_again = again.json()["position"].as_str().unwrap().to_string();
+    for node in cluster.alive() {
+        for video in 0..10 {
+            let path = format!("/v1/count?video_id=moved-{video}&from=0&after={position_again}");
+            let answer = node.get(&path);
+            assert_eq!(answer.json()["count"].as_u64(), Some(5), "{path} (first write at {position})");
+        }
+    }
+    let duplicates: f64 = cluster.alive().iter().map(|n| metric_sum(n, "tally_events_duplicate_total")).sum();
+    assert!(duplicates >= 50.0, "the resent ids were not counted as duplicates: {duplicates}");
+}
+
+/// Produces `messages` to `topic` (created with 3 partitions if absent), each acknowledged.
+fn produce(brokers: &str, topic: &str, messages: &[String]) {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let _ = futures_executor_block_on(admin.create_topics([&new], &options));
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("acks", "all").create().unwrap();
+    for (i, message) in messages.iter().enumerate() {
+        let key = format!("k{}", i % 7);
+        let record = FutureRecord::to(topic).key(&key).payload(message);
+        futures_executor_block_on(producer.send(record, Duration::from_secs(10))).expect("produced");
+    }
+}
+
+fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+}
+
+/// Distinct source messages (partition, offset) in tally's dead-letter topic that came
+/// from `source_topic` (a message dead-lettered again after a crash counts once).
+fn dead_letters_from(brokers: &str, source_topic: &str) -> usize {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "test-dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["tally-events-dlq"]).unwrap();
+    let mut found = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut idle_since = Instant::now();
+    while Instant::now() < deadline && idle_since.elapsed() < Duration::from_secs(5) {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        idle_since = Instant::now();
+        let header = |name: &str| {
+            message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            })
+        };
+        if header("source_topic").as_deref() == Some(source_topic) {
+            found.insert((
+                header("source_partition").expect("a partition"),
+                header("source_offset").expect("an offset"),
+            ));
+        }
+    }
+    found.len()
+}
+
+fn bridge(brokers: &str, from_topic: &str, log: &Path) -> std::process::Child {
+    std::process::Command::new(common::tally_binary())
+        .args(["bridge", "--kafka", brokers, "--from-topic", from_topic])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start tally bridge")
+}
+
+/// The platform's messages of one phase: single events without ids, arrays with and
+/// without ids, and bad messages; adds the good events to `expected`.
+fn platform_messages(phase: usize, expected: &mut BTreeMap<String, u64>) -> (Vec<String>, usize) {
+    let mut messages = Vec::new();
+    let mut bad = 0;
+    for i in 0..600 {
+        let video = format!("b{}", (i * 7 + phase) % 13);
+        let message = match i % 10 {
+            0 => {
+                bad += 1;
+                if i % 20 == 0 { "{not json".to_string() } else { r#"{"type":"view"}"#.to_string() }
+            }
+            1 => format!(r#"[{{"video_id":"{video}"}},{{"video_id":"{video}"}},{{"video_id":"x{video}"}}]"#),
+            2 => format!(r#"{{"video_id":"{video}","event_id":"p{phase}-{i}"}}"#),
+            _ => format!(r#"{{"video_id":"{video}"}}"#),
+        };
+        match i % 10 {
+            0 => {}
+            1 => {
+                *expected.entry(video.clone()).or_default() += 2;
+                *expected.entry(format!("x{video}")).or_default() += 1;
+            }
+            _ => *expected.entry(video).or_default() += 1,
+        }
+        messages.push(message);
+    }
+    (messages, bad)
+}
+
+#[test]
+fn the_bridge_killed_and_restarted_mid_topic_counts_every_source_event_once() {
+    let cluster = Cluster::start(2, 0, false);
+    let brokers = cluster.broker.address();
+    let mut expected = BTreeMap::new();
+    let (first, bad_first) = platform_messages(0, &mut expected);
+    produce(&brokers, "platform-views", &first);
+    let log = cluster.dir.path().join("bridge.log");
+    let mut running = bridge(&brokers, "platform-views", &log);
+    // Killed as soon as some events are counted: mid-topic, maybe between an append and
+    // its commit.
+    let reader = cluster.alive()[0];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reader.count("b0") == 0 {
+        assert!(Instant::now() < deadline, "the bridge counted nothing: {}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.kill().unwrap();
+    running.wait().unwrap();
+    let (second, bad_second) = platform_messages(1, &mut expected);
+    produce(&brokers, "platform-views", &second);
+    let log2 = log.with_extension("2.log");
+    let mut running = bridge(&brokers, "platform-views", &log2);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for node in cluster.alive() {
+        for (video, count) in &expected {
+            while node.count(video) != *count {
+                assert!(
+                    Instant::now() < deadline,
+                    "{video}: {} of {count}; the bridge said: {}",
+                    node.count(video),
+                    std::fs::read_to_string(&log2).unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // Nothing more arrives later (no event counted twice after a settle).
+    std::thread::sleep(Duration::from_secs(2));
+    for (video, count) in &expected {
+        assert_eq!(reader.count(video), *count, "{video}");
+    }
+    // SIGTERM: the bridge appends what it holds, commits, and exits 0.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(running.id() as i32, libc::SIGTERM) };
+    assert!(running.wait().unwrap().success());
+    assert_eq!(dead_letters_from(&brokers, "platform-views"), bad_first + bad_second);
+}
