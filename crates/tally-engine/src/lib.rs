@@ -445,28 +445,9 @@ impl Engine {
         let partitions = shared.config.partitions;
         let key = idempotency_key.map(|k| RequestKey { key: request_key(k.key), fingerprint: k.fingerprint });
         if let Some(request) = key
-            && shared.cluster
+            && let Some(first) = self.settle_key(request, receive_ms)?
         {
-            // Owners on other nodes apply the parts, each in its own log order: the key
-            // is settled across nodes first, so one body wins it everywhere.
-            if !shared.store.claim_request(request.key, request.fingerprint, receive_ms)? {
-                return Err(EngineError::IdempotencyConflict);
-            }
-        } else if let Some(request) = key {
-            let mut first = Outcome::default();
-            let mut known_everywhere = true;
-            for partition in &shared.partitions {
-                match partition.memory.lock().state.dedup.request_outcome(request.key) {
-                    Some((_, fingerprint)) if fingerprint != request.fingerprint => {
-                        return Err(EngineError::IdempotencyConflict);
-                    }
-                    Some((outcome, _)) => first.add(outcome),
-                    None => known_everywhere = false,
-                }
-            }
-            if known_everywhere {
-                return Ok(Submitted { ready: first, replies: Vec::new() });
-            }
+            return Ok(Submitted { ready: first, replies: Vec::new() });
         }
         let capacity = events.len() / partitions as usize * RECORD_BYTES_PER_EVENT_ESTIMATE;
         let mut records: Vec<Option<RecordWriter>> =
@@ -511,6 +492,33 @@ impl Engine {
             replies.push((partition.index, receiver));
         }
         Ok(Submitted { ready: Outcome::default(), replies })
+    }
+
+    /// What a keyed request's key already decided: its first outcome when every
+    /// partition answered it already (a retry), `IdempotencyConflict` when another body
+    /// holds it, nothing when it must be written. In cluster mode owners on other nodes
+    /// apply the parts, each in its own log order, so the key is claimed across nodes in
+    /// the store first: one body wins it everywhere.
+    fn settle_key(&self, request: RequestKey, receive_ms: i64) -> Result<Option<Outcome>, EngineError> {
+        let shared = &self.shared;
+        if shared.cluster {
+            return match shared.store.claim_request(request.key, request.fingerprint, receive_ms)? {
+                true => Ok(None),
+                false => Err(EngineError::IdempotencyConflict),
+            };
+        }
+        let mut first = Outcome::default();
+        let mut known_everywhere = true;
+        for partition in &shared.partitions {
+            match partition.memory.lock().state.dedup.request_outcome(request.key) {
+                Some((_, fingerprint)) if fingerprint != request.fingerprint => {
+                    return Err(EngineError::IdempotencyConflict);
+                }
+                Some((outcome, _)) => first.add(outcome),
+                None => known_everywhere = false,
+            }
+        }
+        Ok(known_everywhere.then_some(first))
     }
 
     pub fn stats(&self) -> EngineStats {

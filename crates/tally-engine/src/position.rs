@@ -26,6 +26,13 @@ impl Position {
         Position(parts)
     }
 
+    /// Adds `other`'s parts, keeping the furthest offset of each partition.
+    pub fn extend(&mut self, other: &Position) {
+        let mut parts = std::mem::take(&mut self.0);
+        parts.extend_from_slice(&other.0);
+        *self = Position::new(parts);
+    }
+
     pub fn parts(&self) -> &[(u32, u64)] {
         &self.0
     }
@@ -79,5 +86,8 @@ mod tests {
         assert_eq!("".parse::<Position>().unwrap(), Position::default());
         assert!("0:7,x".parse::<Position>().unwrap_err().contains("partition:offset"));
         assert!("0:-1".parse::<Position>().is_err());
+        let mut furthest = position.clone();
+        furthest.extend(&"3:11,5:2".parse().unwrap());
+        assert_eq!(furthest.to_string(), "0:7,3:12,5:2");
     }
 }

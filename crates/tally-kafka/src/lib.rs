@@ -92,7 +92,12 @@ pub fn topic_partitions(brokers: &str, topic: &str) -> Result<usize, KafkaError>
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(client("admin client"))?;
     let metadata = admin.inner().fetch_metadata(Some(topic), ADMIN_TIMEOUT).map_err(client("read metadata"))?;
-    Ok(metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len()))
+    Ok(partitions_in(&metadata, topic))
+}
+
+/// Partitions of `topic` in the broker's metadata (0 if it is not there).
+pub(crate) fn partitions_in(metadata: &rdkafka::metadata::Metadata, topic: &str) -> usize {
+    metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len())
 }
 
 /// Partitions of `topic`, from the broker's metadata (it may take a moment to show a new
@@ -101,7 +106,7 @@ fn partition_count(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Re
     let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
     loop {
         let metadata = admin.inner().fetch_metadata(Some(topic), ADMIN_TIMEOUT).map_err(client("read metadata"))?;
-        let found = metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+        let found = partitions_in(&metadata, topic);
         if found > 0 || std::time::Instant::now() >= deadline {
             return Ok(found);
         }

@@ -39,7 +39,7 @@ impl Source {
             .map_err(client("source consumer"))?;
         let metadata =
             consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT).map_err(client("read the source topic's metadata"))?;
-        let partitions = metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+        let partitions = crate::partitions_in(&metadata, topic);
         if partitions == 0 {
             return Err(KafkaError::Other { detail: format!("source topic {topic} does not exist") });
         }

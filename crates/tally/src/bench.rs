@@ -419,27 +419,18 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
 
 /// The furthest log position the acknowledgements named, per partition.
 #[derive(Default)]
-struct Reached(std::sync::Mutex<std::collections::BTreeMap<u32, u64>>);
+struct Reached(std::sync::Mutex<tally_engine::Position>);
 
 impl Reached {
-    /// Takes the `position` of a write's answer (`partition:offset,…`).
+    /// Takes the `position` of a write's answer.
     fn record(&self, answer: &[u8]) {
         let Ok(answer) = serde_json::from_slice::<serde_json::Value>(answer) else { return };
-        let Some(position) = answer["position"].as_str() else { return };
-        let mut reached = self.0.lock().expect("not poisoned");
-        for part in position.split(',') {
-            if let Some((partition, offset)) = part.split_once(':')
-                && let (Ok(partition), Ok(offset)) = (partition.parse::<u32>(), offset.parse::<u64>())
-            {
-                let furthest = reached.entry(partition).or_default();
-                *furthest = (*furthest).max(offset);
-            }
-        }
+        let Some(Ok(position)) = answer["position"].as_str().map(str::parse) else { return };
+        self.0.lock().expect("not poisoned").extend(&position);
     }
 
     fn position(&self) -> String {
-        let reached = self.0.lock().expect("not poisoned");
-        reached.iter().map(|(partition, offset)| format!("{partition}:{offset}")).collect::<Vec<_>>().join(",")
+        self.0.lock().expect("not poisoned").to_string()
     }
 }
 

@@ -127,6 +127,10 @@ pub struct ClusterSettings {
 
 pub const TOPIC_DEFAULT: &str = "tally-events";
 const SESSION_TIMEOUT_MS_DEFAULT: u64 = 6_000;
+/// The range `session_timeout_ms` may take (Kafka's brokers refuse less than 6,000 by
+/// default, `group.min.session.timeout.ms`, and more than 300,000).
+const SESSION_TIMEOUT_MS_LOW: u64 = 1_000;
+const SESSION_TIMEOUT_MS_HIGH: u64 = 300_000;
 
 pub struct ServeConfig {
     pub listen: SocketAddr,
@@ -205,23 +209,8 @@ impl FileConfig {
             (store, postgres) => store_location(postgres.or(store), self.store_connections_max)?,
         };
         let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address"));
-        let cluster = match self.kafka {
-            None => None,
-            Some(brokers) => {
-                anyhow::ensure!(
-                    matches!(store, StoreLocation::Postgres { .. }),
-                    "cluster mode (kafka) needs a PostgreSQL store: give postgres = \"postgres://…\""
-                );
-                let session_timeout_ms = self.session_timeout_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
-                anyhow::ensure!(
-                    (1_000..=300_000).contains(&session_timeout_ms),
-                    "session_timeout_ms must be 1000 to 300000, got {session_timeout_ms}"
-                );
-                let topic = self.topic.unwrap_or_else(|| TOPIC_DEFAULT.into());
-                let advertise = self.advertise.unwrap_or_else(|| format!("http://{listen}"));
-                Some(ClusterSettings { brokers, topic, session_timeout_ms, advertise })
-            }
-        };
+        let cluster =
+            cluster_settings(self.kafka, self.topic, self.session_timeout_ms, self.advertise, &store, listen)?;
         Ok(ServeConfig {
             cluster,
             listen,
@@ -233,6 +222,30 @@ impl FileConfig {
             server,
         })
     }
+}
+
+/// Cluster mode's settings, when `kafka` is set (it needs a PostgreSQL store).
+fn cluster_settings(
+    kafka: Option<String>,
+    topic: Option<String>,
+    session_timeout_ms: Option<u64>,
+    advertise: Option<String>,
+    store: &StoreLocation,
+    listen: SocketAddr,
+) -> anyhow::Result<Option<ClusterSettings>> {
+    let Some(brokers) = kafka else { return Ok(None) };
+    anyhow::ensure!(
+        matches!(store, StoreLocation::Postgres { .. }),
+        "cluster mode (kafka) needs a PostgreSQL store: give postgres = \"postgres://…\""
+    );
+    let session_timeout_ms = session_timeout_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
+    anyhow::ensure!(
+        (SESSION_TIMEOUT_MS_LOW..=SESSION_TIMEOUT_MS_HIGH).contains(&session_timeout_ms),
+        "session_timeout_ms must be {SESSION_TIMEOUT_MS_LOW} to {SESSION_TIMEOUT_MS_HIGH}, got {session_timeout_ms}"
+    );
+    let topic = topic.unwrap_or_else(|| TOPIC_DEFAULT.into());
+    let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
+    Ok(Some(ClusterSettings { brokers, topic, session_timeout_ms, advertise }))
 }
 
 /// An origin is `*` or `scheme://host[:port]`, as browsers send it: no path, no

@@ -26,36 +26,28 @@ pub fn init_logging() {
         .init();
 }
 
+/// A setting given by flag replaces the file's.
+fn override_with<T>(setting: &mut Option<T>, flag: Option<T>) {
+    if flag.is_some() {
+        *setting = flag;
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let mut file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    if args.data_dir.is_some() {
-        file.data_dir = args.data_dir;
-    }
-    if args.listen.is_some() {
-        file.listen = args.listen;
-    }
-    if args.store.is_some() {
-        file.store = args.store;
-    }
-    if args.admin_listen.is_some() {
-        file.admin_listen = args.admin_listen;
-    }
-    if args.kafka.is_some() {
-        file.kafka = args.kafka;
-    }
-    if args.postgres.is_some() {
-        file.postgres = args.postgres;
-    }
-    if args.topic.is_some() {
-        file.topic = args.topic;
-    }
-    if args.advertise.is_some() {
-        file.advertise = args.advertise;
-    }
+    // Flags override the file.
+    override_with(&mut file.data_dir, args.data_dir);
+    override_with(&mut file.listen, args.listen);
+    override_with(&mut file.store, args.store);
+    override_with(&mut file.admin_listen, args.admin_listen);
+    override_with(&mut file.kafka, args.kafka);
+    override_with(&mut file.postgres, args.postgres);
+    override_with(&mut file.topic, args.topic);
+    override_with(&mut file.advertise, args.advertise);
     let mut config = file.resolve()?;
     config.engine.accept_log_loss = args.accept_log_loss;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

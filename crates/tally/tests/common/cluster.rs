@@ -17,7 +17,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A program on `PATH` or in `~/.cargo/bin`, or a failure naming how to install it.
-fn program(name: &str, install: &str) -> PathBuf {
+pub fn program(name: &str, install: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let cargo_bin = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin"));
     std::env::split_paths(&path)
