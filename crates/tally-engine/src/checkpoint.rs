@@ -302,10 +302,17 @@ fn commit_unfenced(
     tracing::warn!(partition = fenced, detail, "another node owns this partition now; dropping it");
     metrics::counter!("tally_partition_fenced_total").increment(1);
     let (dropped, rest): (Vec<Taken>, Vec<Taken>) = batch.into_iter().partition(|t| t.partition.index == fenced);
+    if dropped.is_empty() {
+        // The store named a partition this flush does not hold: nothing can be retried
+        // safely (the rest would stay "flushing" for ever); the log keeps it all.
+        return Err(
+            shared.failed(format!("the store fenced partition {fenced}, which the flush does not hold: {detail}"))
+        );
+    }
     for taken in &dropped {
         crate::cluster::drop_partition(shared, &taken.partition);
     }
-    if dropped.is_empty() || rest.is_empty() {
+    if rest.is_empty() {
         return Ok(());
     }
     commit(shared, state, rest)

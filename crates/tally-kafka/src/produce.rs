@@ -6,6 +6,7 @@ use parking_lot::RwLock;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::Producer as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -53,8 +54,15 @@ impl Producer {
     }
 
     /// Replaces the producer after a fatal error (once, however many writers saw it).
-    fn renew_if_fatal(&self, used: &FutureProducer) {
-        let Some((code, reason)) = used.client().fatal_error() else { return };
+    /// Fatal is what librdkafka says is, or a fenced producer id (which it retries for
+    /// ever without a new one: seen with a producer resumed after a long pause).
+    fn renew_if_fatal(&self, used: &FutureProducer, failed: Option<&rdkafka::error::KafkaError>) {
+        let fenced = failed.and_then(|e| e.rdkafka_error_code()) == Some(RDKafkaErrorCode::ProducerFenced);
+        let Some((code, reason)) = used.client().fatal_error().or_else(|| {
+            fenced.then(|| (RDKafkaErrorCode::ProducerFenced, "the broker fenced this producer id".to_string()))
+        }) else {
+            return;
+        };
         let mut inner = self.inner.write();
         if !std::ptr::eq(inner.client().native_ptr(), used.client().native_ptr()) {
             return;
@@ -89,7 +97,7 @@ impl Producer {
             Ok(delivery) => delivery,
             // Not queued: nothing was written.
             Err((error, _)) => {
-                self.renew_if_fatal(&producer);
+                self.renew_if_fatal(&producer, Some(&error));
                 return Err(LogError::Unwritten { detail: format!("producing to {topic}: {error}") });
             }
         };
@@ -101,10 +109,13 @@ impl Producer {
                 format!("producing to {topic}: the broker had the message already and did not say at which offset")
             }
             Ok(Ok(delivery)) => return Ok(delivery.offset),
-            Ok(Err((error, _))) => format!("producing to {topic}: {error}"),
+            Ok(Err((error, _))) => {
+                self.renew_if_fatal(&producer, Some(&error));
+                return Err(LogError::Uncertain { detail: format!("producing to {topic}: {error}") });
+            }
             Err(_) => format!("producing to {topic}: the producer went away"),
         };
-        self.renew_if_fatal(&producer);
+        self.renew_if_fatal(&producer, None);
         Err(LogError::Uncertain { detail: delivered })
     }
 
