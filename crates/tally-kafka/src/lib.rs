@@ -32,6 +32,24 @@ use rdkafka::error::RDKafkaErrorCode;
 
 /// How long an admin call or metadata request may take before it is abandoned.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest wait between two attempts to reach a broker that went away (librdkafka's
+/// default grows to 10 s, longer than the producer's delivery timeout allows for a broker
+/// that restarts in seconds).
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The settings every client of tally's starts from: where the brokers are, and how soon
+/// it reconnects. `TALLY_KAFKA_DEBUG` turns on librdkafka's own debug contexts (e.g.
+/// `cgrp,fetch,msg`), for diagnosing the brokers and the group.
+fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX.as_millis().to_string());
+    if let Ok(contexts) = std::env::var("TALLY_KAFKA_DEBUG") {
+        config.set("debug", contexts);
+    }
+    config
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
@@ -63,8 +81,7 @@ pub struct TopicInit {
 /// Creates `topic` with `partitions` partitions and its dead-letter topic, unless they
 /// exist; an existing topic with another partition count is an error.
 pub fn init(brokers: &str, topic: &str, partitions: u32, replication: i32) -> Result<Vec<TopicInit>, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(client("admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers).create().map_err(client("admin client"))?;
     let dlq = dead_letter_topic(topic);
     let wanted = [(topic, partitions as i32), (dlq.as_str(), 1)];
     let new: Vec<NewTopic<'_>> =
@@ -89,8 +106,7 @@ pub fn init(brokers: &str, topic: &str, partitions: u32, replication: i32) -> Re
 
 /// Partitions of `topic` (0 if it does not exist).
 pub fn topic_partitions(brokers: &str, topic: &str) -> Result<usize, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(client("admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers).create().map_err(client("admin client"))?;
     let metadata = admin.inner().fetch_metadata(Some(topic), ADMIN_TIMEOUT).map_err(client("read metadata"))?;
     Ok(partitions_in(&metadata, topic))
 }

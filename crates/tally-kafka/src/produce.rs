@@ -5,7 +5,6 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::Producer as _;
@@ -35,8 +34,7 @@ pub struct Producer {
 }
 
 fn idempotent_producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    crate::client_config(brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         // Writers gather requests into one message each; this adds little.

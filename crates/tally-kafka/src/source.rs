@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -30,8 +29,7 @@ impl Source {
     /// Reads every partition of `topic` from the offsets committed for `group` (the
     /// earliest, the first time).
     pub fn new(brokers: &str, topic: &str, group: &str) -> Result<Source, KafkaError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let consumer: BaseConsumer = crate::client_config(brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
