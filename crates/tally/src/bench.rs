@@ -12,6 +12,10 @@
 //!
 //! Top mode asks `GET /v1/top` for the `--top-k` most-viewed videos of the last
 //! `--top-hours` hours, and reports latency percentiles and how many answers were exact.
+//!
+//! Fresh mode measures freshness: each worker writes one event of a new video to
+//! `--server`, and from its acknowledgement asks `GET /v1/count` of `--read-server`
+//! (without `after`) until the event counts; it reports the percentiles of that delay.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,8 +33,9 @@ use crate::client::{Client, encode_query};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to load: `write` (POST /v1/events), `read` (GET /v1/count) or `top`
-    /// (GET /v1/top over the last --top-hours)
+    /// What to load: `write` (POST /v1/events), `read` (GET /v1/count), `top`
+    /// (GET /v1/top over the last --top-hours) or `fresh` (the delay from a write's
+    /// acknowledgement until --read-server counts it)
     #[arg(long, value_enum, default_value = "write")]
     mode: Mode,
     /// Distinct videos
@@ -80,6 +85,9 @@ pub struct BenchArgs {
     /// Server URL
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "TALLY_SERVER")]
     server: String,
+    /// Where fresh mode reads (another node of a cluster); default: --server
+    #[arg(long)]
+    read_server: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -87,6 +95,7 @@ enum Mode {
     Write,
     Read,
     Top,
+    Fresh,
 }
 
 /// Step between the bodies one worker sends in turn: a prime, so each worker cycles through
@@ -178,6 +187,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.mode {
         Mode::Write => write(args, client, seed).await,
         Mode::Read | Mode::Top => read(args, client, seed).await,
+        Mode::Fresh => fresh(args, client, seed).await,
     }
 }
 
@@ -417,6 +427,76 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// How often fresh mode asks whether a write counts yet: the resolution of its figures.
+const FRESH_POLL: Duration = Duration::from_millis(2);
+/// How long fresh mode waits for one write to count before it fails.
+const FRESH_WAIT_MAX: Duration = Duration::from_secs(60);
+
+async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
+    let reader = Client::new(args.read_server.as_deref().unwrap_or(&args.server))?;
+    let writes_left = Arc::new(AtomicU64::new(args.events.unwrap_or(u64::MAX)));
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let bar = spinner();
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let (client, reader, left) = (client.clone(), reader.clone(), Arc::clone(&writes_left));
+        workers.push(tokio::spawn(async move {
+            let mut delays = Vec::new();
+            while Instant::now() < deadline
+                && left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+            {
+                let video = format!("fresh-{seed:x}-{worker}-{}", delays.len());
+                delays.push(time_to_visible(&client, &reader, &video).await?);
+            }
+            anyhow::Ok(delays)
+        }));
+    }
+    let mut delays = Vec::new();
+    for worker in workers {
+        delays.append(&mut worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    delays.sort_unstable();
+    let delays = Latencies(delays);
+    let result = json!({
+        "mode": "fresh",
+        "seed": seed,
+        "concurrency": args.concurrency,
+        "seconds": elapsed,
+        "requests": delays.0.len(),
+        "requests_per_second": delays.0.len() as f64 / elapsed,
+        "latency_ms": {
+            "p50": delays.percentile_ms(0.50), "p90": delays.percentile_ms(0.90),
+            "p99": delays.percentile_ms(0.99), "p999": delays.percentile_ms(0.999),
+            "max": delays.percentile_ms(1.0),
+        },
+    });
+    print_result(&args, &result);
+    Ok(())
+}
+
+/// Writes one event of `video` and asks `reader` for its count until it is 1: the
+/// microseconds from the acknowledgement until then.
+async fn time_to_visible(writer: &Client, reader: &Client, video: &str) -> anyhow::Result<u32> {
+    let body = Bytes::from(json!([{ "video_id": video }]).to_string());
+    let headers = [("content-type", "application/json"), ("idempotency-key", video)];
+    let answer = writer.request_retrying(Method::POST, "/v1/events", &headers, body, WRITE_ATTEMPTS).await?;
+    anyhow::ensure!(answer.status.is_success(), "write failed: {}", answer.error_text());
+    let acknowledged = Instant::now();
+    let path = format!("/v1/count?video_id={}&from=0", encode_query(video));
+    loop {
+        let count = reader.get_json(&path).await?["count"].as_u64().unwrap_or(0);
+        if count > 0 {
+            anyhow::ensure!(count == 1, "{video} counts {count}, written once");
+            return Ok(acknowledged.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+        anyhow::ensure!(acknowledged.elapsed() < FRESH_WAIT_MAX, "{video} did not count within {FRESH_WAIT_MAX:?}");
+        tokio::time::sleep(FRESH_POLL).await;
+    }
+}
+
 /// The furthest log position the acknowledgements named, per partition.
 #[derive(Default)]
 struct Reached(std::sync::Mutex<tally_engine::Position>);
@@ -466,6 +546,14 @@ fn print_result(args: &BenchArgs, result: &serde_json::Value) {
         return;
     }
     let l = &result["latency_ms"];
+    if result["mode"] == "fresh" {
+        println!("{} writes in {:.1} s", result["requests"], result["seconds"].as_f64().unwrap_or(0.0));
+        println!(
+            "acknowledged to visible, ms: p50 {} p90 {} p99 {} p99.9 {} max {}",
+            l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
+        );
+        return;
+    }
     if result["mode"] == "write" {
         println!(
             "{} events in {:.1} s: {:.0} events/s, {:.0} requests/s",

@@ -149,3 +149,29 @@ fn bench_checks_counts_on_a_fresh_and_an_existing_type() {
     let total: u64 = counts.json()["counts"].as_object().unwrap().values().map(|c| c.as_u64().unwrap()).sum();
     assert_eq!(total, 40_000);
 }
+
+#[test]
+fn bench_fresh_mode_times_writes_until_they_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let args = ["bench", "--mode", "fresh", "--events", "12", "--concurrency", "3", "--seed", "7", "--json"];
+    let out = tally(&server, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["mode"], "fresh");
+    assert_eq!(result["requests"], 12);
+    let latency = &result["latency_ms"];
+    assert!(latency["p50"].as_f64().unwrap() <= latency["max"].as_f64().unwrap(), "{latency}");
+    // Each write was one event of its own video (`fresh-<seed>-<worker>-<n>`, the workers
+    // sharing the 12 writes in any split), counted once.
+    let mut counted = 0;
+    for worker in 0..3 {
+        for n in 0..12 {
+            let video = format!("fresh-7-{worker}-{n}");
+            let count = server.get(&format!("/v1/count?video_id={video}&from=0")).json()["count"].as_u64().unwrap();
+            assert!(count <= 1, "{video} counted {count}");
+            counted += count;
+        }
+    }
+    assert_eq!(counted, 12);
+}
