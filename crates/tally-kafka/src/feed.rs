@@ -26,10 +26,6 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one poll waits for a message.
 const POLL_WAIT: Duration = Duration::from_millis(100);
-/// How long the broker may hold a fetch that finds nothing new (`fetch.wait.max.ms`;
-/// librdkafka's default is 500 ms). Brokers that do not answer a waiting fetch as soon as
-/// data arrives (tansu 0.6) make this a floor of every write's delay to visibility.
-const FETCH_WAIT_MAX: Duration = Duration::from_millis(50);
 
 /// How a node joins the owners' group.
 #[derive(Debug, Clone)]
@@ -72,7 +68,6 @@ impl Feed {
             .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", heartbeat.as_millis().to_string())
             .set("statistics.interval.ms", "5000")
-            .set("fetch.wait.max.ms", FETCH_WAIT_MAX.as_millis().to_string())
             .create_with_context(context)
             .map_err(client("consumer"))?;
         consumer.subscribe(&[&settings.topic]).map_err(client("subscribe"))?;

@@ -191,7 +191,16 @@ impl Cluster {
                         }
                         *want.entry(minute.div_euclid(minutes) * minutes).or_default() += events;
                     }
-                    assert_eq!(got, want, "node {} video {video} step {step}", node.address);
+                    if got != want {
+                        let anomalies: f64 =
+                            self.alive().iter().map(|n| metric_sum(n, "tally_log_anomalies_total")).sum();
+                        panic!(
+                            "node {} video {video} step {step}: got {got:?}, want {want:?}; log anomalies the \
+                             owners saw (offsets skipped or repeated by the broker): {anomalies}\n{}",
+                            node.address,
+                            self.logs()
+                        );
+                    }
                 }
             }
         }
