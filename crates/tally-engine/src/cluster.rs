@@ -212,10 +212,12 @@ impl Owner for ClusterOwner {
 /// 506 was acknowledged to a writer; the second 507 is not applied). Either means counts
 /// short of what was acknowledged.
 fn check_sequence(partition: u32, expected: u64, got: u64) {
-    let kind = match got {
-        _ if got > expected => "gap",
-        _ if got + 1 == expected => "repeated_offset",
-        _ => return,
+    let kind = if got > expected {
+        "gap"
+    } else if got + 1 == expected {
+        "repeated_offset"
+    } else {
+        return;
     };
     metrics::counter!("tally_log_anomalies_total", "kind" => kind).increment(1);
     tracing::error!(

@@ -164,9 +164,20 @@ fn build_bodies(args: &BenchArgs, event_type: &str, rng: &mut SmallRng) -> Vec<B
         .collect()
 }
 
+/// Latencies in microseconds, sorted.
 struct Latencies(Vec<u32>);
 
 impl Latencies {
+    fn sorted(mut micros: Vec<u32>) -> Latencies {
+        micros.sort_unstable();
+        Latencies(micros)
+    }
+
+    /// A duration as the microseconds a latency holds (saturating at `u32::MAX`, 71 min).
+    fn micros(elapsed: Duration) -> u32 {
+        elapsed.as_micros().min(u128::from(u32::MAX)) as u32
+    }
+
     fn percentile_ms(&self, p: f64) -> f64 {
         if self.0.is_empty() {
             return 0.0;
@@ -174,6 +185,20 @@ impl Latencies {
         let index = ((self.0.len() as f64 - 1.0) * p).round() as usize;
         f64::from(self.0[index]) / 1000.0
     }
+
+    /// The `latency_ms` object of a result.
+    fn summary(&self) -> serde_json::Value {
+        json!({
+            "p50": self.percentile_ms(0.50), "p90": self.percentile_ms(0.90),
+            "p99": self.percentile_ms(0.99), "p999": self.percentile_ms(0.999),
+            "max": self.percentile_ms(1.0),
+        })
+    }
+}
+
+/// Takes one request from what is left to send; false once nothing is left.
+fn take_one(left: &AtomicU64) -> bool {
+    left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -234,7 +259,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
             let mut latencies = Vec::new();
             let mut sequence = 0u64;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
+                if !take_one(&left) {
                     break;
                 }
                 let index = (worker + sequence as usize * BODY_STRIDE) % bodies.len();
@@ -247,7 +272,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                     .await
                 {
                     Ok(answer) if answer.status.is_success() => {
-                        latencies.push(sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        latencies.push(Latencies::micros(sent_at.elapsed()));
                         sent[index].fetch_add(1, Ordering::Relaxed);
                         acked.fetch_add(batch, Ordering::Relaxed);
                         reached.record(&answer.body);
@@ -292,8 +317,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
     if let Some(error) = first_error {
         return Err(error);
     }
-    latencies.sort_unstable();
-    let latencies = Latencies(latencies);
+    let latencies = Latencies::sorted(latencies);
     let events = acknowledged.load(Ordering::Relaxed);
 
     // Exact check: what the server counts must equal what it acknowledged.
@@ -332,11 +356,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
         "requests": latencies.0.len(),
         "events_per_second": events as f64 / elapsed,
         "requests_per_second": latencies.0.len() as f64 / elapsed,
-        "latency_ms": {
-            "p50": latencies.percentile_ms(0.50), "p90": latencies.percentile_ms(0.90),
-            "p99": latencies.percentile_ms(0.99), "p999": latencies.percentile_ms(0.999),
-            "max": latencies.percentile_ms(1.0),
-        },
+        "latency_ms": latencies.summary(),
         "fresh_type": fresh_type,
         "counted": counted,
         "mismatched_videos": mismatches,
@@ -368,7 +388,7 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
             let mut latencies = Vec::new();
             let mut exact_answers = 0u64;
             while Instant::now() < deadline {
-                if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
+                if !take_one(&left) {
                     break;
                 }
                 let path = if top {
@@ -386,7 +406,7 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
                 let sent_at = Instant::now();
                 let answer = client.request(Method::GET, &path, &[], Bytes::new()).await?;
                 anyhow::ensure!(answer.status.is_success(), "query failed: {}", answer.error_text());
-                latencies.push(sent_at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                latencies.push(Latencies::micros(sent_at.elapsed()));
                 if top && answer.json()?["exact"] == true {
                     exact_answers += 1;
                 }
@@ -403,8 +423,7 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
     }
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    latencies.sort_unstable();
-    let latencies = Latencies(latencies);
+    let latencies = Latencies::sorted(latencies);
     let result = json!({
         "mode": if top { "top" } else { "read" },
         "top_k": top.then_some(top_k),
@@ -417,11 +436,7 @@ async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> 
         "seconds": elapsed,
         "requests": latencies.0.len(),
         "requests_per_second": latencies.0.len() as f64 / elapsed,
-        "latency_ms": {
-            "p50": latencies.percentile_ms(0.50), "p90": latencies.percentile_ms(0.90),
-            "p99": latencies.percentile_ms(0.99), "p999": latencies.percentile_ms(0.999),
-            "max": latencies.percentile_ms(1.0),
-        },
+        "latency_ms": latencies.summary(),
     });
     print_result(&args, &result);
     Ok(())
@@ -443,9 +458,7 @@ async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
         let (client, reader, left) = (client.clone(), reader.clone(), Arc::clone(&writes_left));
         workers.push(tokio::spawn(async move {
             let mut delays = Vec::new();
-            while Instant::now() < deadline
-                && left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
-            {
+            while Instant::now() < deadline && take_one(&left) {
                 let video = format!("fresh-{seed:x}-{worker}-{}", delays.len());
                 delays.push(time_to_visible(&client, &reader, &video).await?);
             }
@@ -458,8 +471,7 @@ async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
     }
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    delays.sort_unstable();
-    let delays = Latencies(delays);
+    let delays = Latencies::sorted(delays);
     let result = json!({
         "mode": "fresh",
         "seed": seed,
@@ -467,11 +479,7 @@ async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
         "seconds": elapsed,
         "requests": delays.0.len(),
         "requests_per_second": delays.0.len() as f64 / elapsed,
-        "latency_ms": {
-            "p50": delays.percentile_ms(0.50), "p90": delays.percentile_ms(0.90),
-            "p99": delays.percentile_ms(0.99), "p999": delays.percentile_ms(0.999),
-            "max": delays.percentile_ms(1.0),
-        },
+        "latency_ms": delays.summary(),
     });
     print_result(&args, &result);
     Ok(())
@@ -490,7 +498,7 @@ async fn time_to_visible(writer: &Client, reader: &Client, video: &str) -> anyho
         let count = reader.get_json(&path).await?["count"].as_u64().unwrap_or(0);
         if count > 0 {
             anyhow::ensure!(count == 1, "{video} counts {count}, written once");
-            return Ok(acknowledged.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            return Ok(Latencies::micros(acknowledged.elapsed()));
         }
         anyhow::ensure!(acknowledged.elapsed() < FRESH_WAIT_MAX, "{video} did not count within {FRESH_WAIT_MAX:?}");
         tokio::time::sleep(FRESH_POLL).await;
@@ -546,12 +554,11 @@ fn print_result(args: &BenchArgs, result: &serde_json::Value) {
         return;
     }
     let l = &result["latency_ms"];
+    let percentiles =
+        format!("p50 {} p90 {} p99 {} p99.9 {} max {}", l["p50"], l["p90"], l["p99"], l["p999"], l["max"]);
     if result["mode"] == "fresh" {
         println!("{} writes in {:.1} s", result["requests"], result["seconds"].as_f64().unwrap_or(0.0));
-        println!(
-            "acknowledged to visible, ms: p50 {} p90 {} p99 {} p99.9 {} max {}",
-            l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
-        );
+        println!("acknowledged to visible, ms: {percentiles}");
         return;
     }
     if result["mode"] == "write" {
@@ -570,7 +577,7 @@ fn print_result(args: &BenchArgs, result: &serde_json::Value) {
             result["requests_per_second"].as_f64().unwrap_or(0.0)
         );
     }
-    println!("latency ms: p50 {} p90 {} p99 {} p99.9 {} max {}", l["p50"], l["p90"], l["p99"], l["p999"], l["max"]);
+    println!("latency ms: {percentiles}");
     if result["mode"] == "top" {
         println!("exact answers: {} of {}", result["exact_answers"], result["requests"]);
     }

@@ -160,8 +160,9 @@ fn bench_fresh_mode_times_writes_until_they_count() {
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["mode"], "fresh");
     assert_eq!(result["requests"], 12);
+    // Every delay includes at least the read that saw the write.
     let latency = &result["latency_ms"];
-    assert!(latency["p50"].as_f64().unwrap() <= latency["max"].as_f64().unwrap(), "{latency}");
+    assert!(latency["p50"].as_f64().unwrap() > 0.0, "{latency}");
     // Each write was one event of its own video (`fresh-<seed>-<worker>-<n>`, the workers
     // sharing the 12 writes in any split), counted once.
     let mut counted = 0;

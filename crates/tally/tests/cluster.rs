@@ -33,6 +33,9 @@ const SPREAD_MINUTES: i64 = 150;
 const NODE_CONFIG: &str = "flush_interval_ms = 200\nsession_timeout_ms = 6000\n";
 /// How long a request may be retried before the test gives up on the cluster.
 const RETRY_FOR: Duration = Duration::from_secs(90);
+/// The `wait_ms` of the tests' reads with `after`: long enough for a partition on the move
+/// to be claimed by its new owner (the server's default, 5 s, is not).
+const AFTER_WAIT_MS: u64 = 30_000;
 
 /// Everything the load generated (each request is retried until acknowledged), and the
 /// furthest position the acknowledgements named.
@@ -173,7 +176,7 @@ impl Cluster {
                 for (step, minutes) in [("minute", 1), ("hour", 60), ("day", 1440)] {
                     let (from, to) = (align(from, minutes), align(to + minutes * 60_000 - 1, minutes));
                     let path = format!(
-                        "/v1/series?video_id={video}&step={step}&from={from}&to={to}&after={position}&wait_ms=30000"
+                        "/v1/series?video_id={video}&step={step}&from={from}&to={to}&after={position}&wait_ms={AFTER_WAIT_MS}"
                     );
                     let answer = request(node.address, "GET", &path, &[], b"").unwrap();
                     assert_eq!(answer.status, 200, "{path}: {}\n{}", answer.text(), self.logs());
@@ -447,7 +450,7 @@ fn a_query_after_a_write_sees_it_on_every_node_and_old_ids_count_zero_after_a_mo
     let mut cluster = Cluster::start(3, 0, false);
     // The nodes joined one after the other: let the group's rebalances end, so that the
     // reads below wait for flushes, not for partitions on the move (a read during a move
-    // waits for the new owner's claim, which the 30 s bound below also covers).
+    // waits for the new owner's claim, which `AFTER_WAIT_MS` also covers).
     cluster.wait_settled(Duration::from_secs(3));
     // 9. Read-your-writes across nodes.
     for round in 0..30 {
@@ -458,7 +461,7 @@ fn a_query_after_a_write_sees_it_on_every_node_and_old_ids_count_zero_after_a_mo
         assert_eq!(answer.status, 200, "{}", answer.text());
         let position = answer.json()["position"].as_str().unwrap().to_string();
         assert!(!position.is_empty());
-        let path = format!("/v1/count?video_id=ryw-{round}&from=0&after={position}&wait_ms=30000");
+        let path = format!("/v1/count?video_id=ryw-{round}&from=0&after={position}&wait_ms={AFTER_WAIT_MS}");
         let answer = reader.get(&path);
         assert_eq!(answer.status, 200, "{}", answer.text());
         assert_eq!(answer.json()["count"].as_u64(), Some(2), "round {round}: the read missed the write");
@@ -484,7 +487,8 @@ fn a_query_after_a_write_sees_it_on_every_node_and_old_ids_count_zero_after_a_mo
     let position_again = again.json()["position"].as_str().unwrap().to_string();
     for node in cluster.alive() {
         for video in 0..10 {
-            let path = format!("/v1/count?video_id=moved-{video}&from=0&after={position_again}&wait_ms=30000");
+            let path =
+                format!("/v1/count?video_id=moved-{video}&from=0&after={position_again}&wait_ms={AFTER_WAIT_MS}");
             let answer = node.get(&path);
             assert_eq!(answer.json()["count"].as_u64(), Some(5), "{path} (first write at {position})");
         }
