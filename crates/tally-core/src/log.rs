@@ -74,6 +74,12 @@ pub trait PartitionLog: Send {
     fn forget_before(&mut self, offset: u64) -> Result<(), LogError>;
 
     fn held(&self) -> LogHeld;
+
+    /// The largest record one append takes, bytes. The engine refuses a request whose
+    /// record for this partition is larger before anything of it is written.
+    fn record_bytes_max(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// The logs of every partition: where recovery opens each one.
@@ -106,6 +112,13 @@ pub trait Owner: Send + Sync {
     /// `Err` says why the list cannot be decoded: nothing of it was applied, and the
     /// partition moved past it (the log dead-letters it).
     fn apply(&self, partition: u32, offset: u64, records: &[u8]) -> Result<(), String>;
+    /// The offset `apply` expects next for an owned `partition` (none when not owned). A
+    /// log that delivers a later one has skipped records: it reads them again before
+    /// `apply` is given the later offset.
+    fn next_offset(&self, partition: u32) -> Option<u64>;
+    /// Whether the engine stopped for good (a failed append or store, `Engine::is_healthy`):
+    /// it applies nothing more, so the log should give its partitions to other nodes.
+    fn failed(&self) -> bool;
     /// The partitions no node has shown to own for `silent` (every owner marks its
     /// partitions alive in the store each flush interval): a consumer group that left
     /// them unassigned, which the log should mend by joining the group again.

@@ -195,6 +195,16 @@ impl Owner for ClusterOwner {
         Ok(())
     }
 
+    fn next_offset(&self, index: u32) -> Option<u64> {
+        let partition = self.partition(index).ok()?;
+        let memory = partition.memory.lock();
+        partition.owned.load(Ordering::Acquire).then_some(memory.applied_offset)
+    }
+
+    fn failed(&self) -> bool {
+        self.shared.failure.lock().is_some()
+    }
+
     fn unowned(&self, silent: Duration) -> Result<Vec<u32>, String> {
         let silent_ms = i64::try_from(silent.as_millis()).unwrap_or(i64::MAX);
         self.shared.store.silent_partitions(silent_ms).map_err(|e| e.to_string())

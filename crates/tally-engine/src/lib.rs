@@ -147,6 +147,11 @@ pub enum EngineError {
     InvalidPosition { reason: String },
     #[error("query too expensive: {reason}")]
     TooExpensive { reason: String },
+    /// One partition's part of a request is larger than its log takes in one record.
+    #[error(
+        "the request's events for partition {partition} take {bytes} bytes in the log, which takes at most {max} per partition and request; send fewer events per request"
+    )]
+    RecordTooLarge { partition: u32, bytes: usize, max: usize },
     #[error("event type {event_type:?} would be new, and this server counts at most {max} event types")]
     TooManyTypes { event_type: String, max: usize },
 }
@@ -193,6 +198,8 @@ pub(crate) struct Shared {
     /// seen in the same order everywhere.
     keyed_order: Mutex<()>,
     event_types: types::EventTypes,
+    /// The largest record every partition's log takes (`PartitionLog::record_bytes_max`).
+    record_bytes_max: usize,
     /// Cluster mode: the log is shared with other nodes; writers only append, and the
     /// partitions this node owns are applied from the log (`cluster::ClusterOwner`).
     cluster: bool,
@@ -469,6 +476,10 @@ impl Engine {
                 partition.admit(needs_dedup_entry[index], shared.config.dedup_entries_max)?;
             }
             let record = record.finish();
+            if record.len() > shared.record_bytes_max {
+                let (bytes, max) = (record.len(), shared.record_bytes_max);
+                return Err(EngineError::RecordTooLarge { partition: index as u32, bytes, max });
+            }
             total_bytes += record.len();
             appends.push((partition, record));
         }

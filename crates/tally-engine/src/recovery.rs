@@ -78,6 +78,7 @@ pub(crate) fn launch(
     cluster: bool,
 ) -> Result<Engine, EngineError> {
     let event_types = types::EventTypes::new(known_types(&*store, &partitions)?, config.event_types_max);
+    let record_bytes_max = wals.iter().map(|(wal, _)| wal.record_bytes_max()).min().unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         budget: QueueBudget::new(config.queue_bytes_max),
         config,
@@ -90,6 +91,7 @@ pub(crate) fn launch(
         admission: parking_lot::RwLock::new(true),
         keyed_order: Mutex::new(()),
         event_types,
+        record_bytes_max,
         cluster,
     });
     let mut writers = Vec::new();

@@ -1,6 +1,7 @@
 //! The partition owners' side: a consumer-group member that claims what the group assigns
 //! and applies it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -26,6 +27,9 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one poll waits for a message.
 const POLL_WAIT: Duration = Duration::from_millis(100);
+/// How often a partition is read again from the offset its owner expects when the log
+/// delivers a later one, before the hole is taken as real (records deleted by retention).
+const HOLE_REFETCHES: u32 = 5;
 
 /// How a node joins the owners' group.
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct FeedSettings {
     /// How long the group waits for a silent member before it gives its partitions to
     /// others (`session.timeout.ms`): the takeover time after a crash.
     pub session_timeout: Duration,
+    /// How long the broker may hold a fetch that finds nothing new (`fetch.wait.max.ms`).
+    pub fetch_wait: Duration,
     /// How this member is named to the group (`client.id`; the group tools show it).
     pub client_id: Option<String>,
 }
@@ -68,6 +74,7 @@ impl Feed {
             .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", heartbeat.as_millis().to_string())
             .set("statistics.interval.ms", "5000")
+            .set("fetch.wait.max.ms", settings.fetch_wait.as_millis().to_string())
             .create_with_context(context)
             .map_err(client("consumer"))?;
         consumer.subscribe(&[&settings.topic]).map_err(client("subscribe"))?;
@@ -146,25 +153,23 @@ fn run(
     stop: &AtomicBool,
 ) {
     let topic = settings.topic.as_str();
-    let dead_letters = metrics::counter!("tally_dead_letters_total");
     let mut committed = Vec::new();
     let mut last_commit = Instant::now();
     let mut mend = Mend { session_timeout: settings.session_timeout, last_check: Instant::now(), last_rejoin: None };
     // When a claim last failed.
     let mut last_claim: Option<Instant> = None;
     let mut last_reclaim = Instant::now();
+    let mut holes = Holes::default();
     while !stop.load(Ordering::Acquire) {
+        if owner.failed() {
+            tracing::error!("the engine failed; leaving the owners' group so that other nodes take its partitions");
+            break;
+        }
         match consumer.poll(POLL_WAIT) {
             Some(Ok(message)) => {
                 let (partition, offset) = (message.partition() as u32, message.offset() as u64);
-                let payload = message.payload().unwrap_or_default();
-                if let Err(reason) = owner.apply(partition, offset, payload) {
-                    tracing::warn!(partition, offset, %reason, "message does not decode; dead-lettered");
-                    dead_letters.increment(1);
-                    if let Err(error) = producer.dead_letter(partition, offset, payload, &reason) {
-                        tracing::error!(partition, offset, %error, "dead-lettering failed; the message is skipped");
-                        metrics::counter!("tally_dead_letter_failures_total").increment(1);
-                    }
+                if !holes.refetch(consumer, topic, owner, partition, offset) {
+                    apply(owner, producer, partition, offset, message.payload().unwrap_or_default());
                 }
             }
             Some(Err(error)) => tracing::debug!(%error, "consumer"),
@@ -193,6 +198,80 @@ fn run(
         }
     }
     // Dropping the consumer leaves the group; its revocation releases every partition.
+    // A failed engine leaves now, not when the node stops.
+    if owner.failed() {
+        consumer.unsubscribe();
+        while !stop.load(Ordering::Acquire) {
+            let _ = consumer.poll(POLL_WAIT);
+        }
+    }
+}
+
+/// Applies one message of an owned partition; one that does not decode goes to the
+/// dead-letter topic.
+fn apply(owner: &dyn Owner, producer: &Producer, partition: u32, offset: u64, payload: &[u8]) {
+    let Err(reason) = owner.apply(partition, offset, payload) else { return };
+    tracing::warn!(partition, offset, %reason, "message does not decode; dead-lettered");
+    metrics::counter!("tally_dead_letters_total").increment(1);
+    if let Err(error) = producer.dead_letter(partition, offset, payload, &reason) {
+        tracing::error!(partition, offset, %error, "dead-lettering failed; the message is skipped");
+        metrics::counter!("tally_dead_letter_failures_total").increment(1);
+    }
+}
+
+/// Reads a partition again when the log skips offsets its owner has not applied: a Kafka
+/// partition has no holes while its records are retained (the idempotent producer writes
+/// no control records), so a skip is the broker's fault. tansu 0.6's memory storage, under
+/// produce from several nodes, now and then delivers offsets 505, 507, 507, with 506
+/// acknowledged to a writer; reading again from 506 gets it. A hole still there after
+/// `HOLE_REFETCHES` reads is real (retention deleted the records): the owner applies past
+/// it and reports it (`tally_log_anomalies_total{kind="gap"}`).
+#[derive(Default)]
+struct Holes {
+    /// Per partition: the offset its owner expects, and how often it was read again.
+    tries: HashMap<u32, (u64, u32)>,
+}
+
+impl Holes {
+    /// Whether the message at `offset` is dropped because its partition is read again
+    /// from the offset the owner expects.
+    fn refetch(
+        &mut self,
+        consumer: &BaseConsumer<OwnerContext>,
+        topic: &str,
+        owner: &dyn Owner,
+        partition: u32,
+        offset: u64,
+    ) -> bool {
+        let Some(expected) = self.seek_to(owner.next_offset(partition), partition, offset) else { return false };
+        tracing::warn!(partition, expected, offset, "the log skipped offsets; reading the partition again");
+        metrics::counter!("tally_log_refetches_total").increment(1);
+        if let Err(error) = consumer.seek(topic, partition as i32, Offset::Offset(expected as i64), SEEK_TIMEOUT) {
+            tracing::error!(partition, %error, "seeking back to the skipped offset failed");
+        }
+        true
+    }
+
+    /// Where to read `partition` again from, given the offset its owner expects and the
+    /// one the log delivered; none to apply what was delivered.
+    fn seek_to(&mut self, expected: Option<u64>, partition: u32, offset: u64) -> Option<u64> {
+        let expected = match expected {
+            Some(expected) if offset > expected => expected,
+            _ => {
+                self.tries.remove(&partition);
+                return None;
+            }
+        };
+        let tries = self.tries.entry(partition).or_insert((expected, 0));
+        if tries.0 != expected {
+            *tries = (expected, 0);
+        }
+        if tries.1 >= HOLE_REFETCHES {
+            return None;
+        }
+        tries.1 += 1;
+        Some(expected)
+    }
 }
 
 /// Commits the store's checkpoints as the group's offsets (monitoring only: recovery
@@ -326,5 +405,34 @@ fn reclaim_dropped(consumer: &BaseConsumer<OwnerContext>, owner: &dyn Owner) {
 fn log_assignment(result: KafkaResult<()>, what: &'static str) {
     if let Err(error) = result {
         tracing::error!(%error, what, "changing the consumer's assignment failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hole_is_read_again_a_few_times_then_taken_as_real() {
+        let mut holes = Holes::default();
+        for _ in 0..HOLE_REFETCHES {
+            assert_eq!(holes.seek_to(Some(506), 5, 507), Some(506));
+        }
+        assert_eq!(holes.seek_to(Some(506), 5, 507), None, "applied past the hole");
+        // The next hole of the partition gets its own tries.
+        assert_eq!(holes.seek_to(Some(600), 5, 602), Some(600));
+    }
+
+    #[test]
+    fn in_order_repeated_and_unowned_offsets_are_applied_and_reset_the_tries() {
+        let mut holes = Holes::default();
+        assert_eq!(holes.seek_to(Some(506), 5, 510), Some(506));
+        assert_eq!(holes.seek_to(Some(506), 5, 506), None, "the skipped offset arrived");
+        assert!(holes.tries.is_empty());
+        assert_eq!(holes.seek_to(Some(508), 5, 507), None, "a repeated offset is the owner's to skip");
+        assert_eq!(holes.seek_to(None, 5, 900), None, "not owned here");
+        assert_eq!(holes.seek_to(Some(10), 6, 11), Some(10), "partitions are tracked apart");
+        assert_eq!(holes.seek_to(Some(506), 5, 507), Some(506));
+        assert_eq!(holes.tries.len(), 2);
     }
 }

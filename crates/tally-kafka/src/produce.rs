@@ -191,4 +191,10 @@ impl PartitionLog for KafkaPartitionLog {
     fn held(&self) -> LogHeld {
         LogHeld::default()
     }
+
+    /// A record is never split across messages (a keyed request's part must be applied
+    /// whole), so one message holds it with its length.
+    fn record_bytes_max(&self) -> usize {
+        MESSAGE_BYTES_MAX - 4
+    }
 }

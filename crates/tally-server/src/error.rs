@@ -92,6 +92,12 @@ impl From<EngineError> for ApiError {
                 ),
             )
             .with("limit", json!(max)),
+            error @ EngineError::RecordTooLarge { max, .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "record_too_large",
+                format!("{error}; nothing was counted"),
+            )
+            .with("limit_bytes", json!(max)),
             EngineError::InvalidPosition { reason } => ApiError::invalid_parameter("after", reason),
             EngineError::TooExpensive { reason } => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_expensive", reason)

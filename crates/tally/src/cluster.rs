@@ -87,6 +87,7 @@ pub fn start(
             topic: settings.topic.clone(),
             group: format!("{}-owners", settings.topic),
             session_timeout: Duration::from_millis(settings.session_timeout_ms),
+            fetch_wait: Duration::from_millis(settings.fetch_wait_ms),
             client_id: Some(settings.advertise.clone()),
         },
         engine.owner(),

@@ -64,6 +64,11 @@ pub struct FileConfig {
     /// Cluster mode: how long the group waits for a silent node before moving its
     /// partitions, milliseconds (default 6,000).
     pub session_timeout_ms: Option<u64>,
+    /// Cluster mode: how long the broker may hold an owner's fetch that finds nothing new,
+    /// milliseconds (Kafka's `fetch.wait.max.ms`; default 500). Brokers that answer a
+    /// waiting fetch only when this runs out (tansu) add it to every write's delay to
+    /// visibility on other nodes.
+    pub fetch_wait_ms: Option<u64>,
     /// Cluster mode: this node's URL as others reach it (its Kafka client id, so group
     /// tools show which node owns which partition); default the listen address.
     pub advertise: Option<String>,
@@ -122,6 +127,7 @@ pub struct ClusterSettings {
     pub brokers: String,
     pub topic: String,
     pub session_timeout_ms: u64,
+    pub fetch_wait_ms: u64,
     pub advertise: String,
 }
 
@@ -132,6 +138,8 @@ pub const TOPIC_DEFAULT: &str = "tally-events";
 /// a second and the p99 about a second (1.3 s at 1 s; the README's freshness figures).
 const CLUSTER_FLUSH_INTERVAL_MS_DEFAULT: u64 = 500;
 const SESSION_TIMEOUT_MS_DEFAULT: u64 = 6_000;
+/// librdkafka's default.
+const FETCH_WAIT_MS_DEFAULT: u64 = 500;
 /// The range `session_timeout_ms` may take (Kafka's brokers refuse less than 6,000 by
 /// default, `group.min.session.timeout.ms`, and more than 300,000).
 const SESSION_TIMEOUT_MS_LOW: u64 = 1_000;
@@ -218,8 +226,14 @@ impl FileConfig {
             (store, postgres) => store_location(postgres.or(store), self.store_connections_max)?,
         };
         let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address"));
-        let cluster =
-            cluster_settings(self.kafka, self.topic, self.session_timeout_ms, self.advertise, &store, listen)?;
+        let keys = ClusterKeys {
+            kafka: self.kafka,
+            topic: self.topic,
+            session_timeout_ms: self.session_timeout_ms,
+            fetch_wait_ms: self.fetch_wait_ms,
+            advertise: self.advertise,
+        };
+        let cluster = cluster_settings(keys, &store, listen)?;
         Ok(ServeConfig {
             cluster,
             listen,
@@ -233,28 +247,36 @@ impl FileConfig {
     }
 }
 
-/// Cluster mode's settings, when `kafka` is set (it needs a PostgreSQL store).
-fn cluster_settings(
+/// The configuration file's cluster keys, as given.
+struct ClusterKeys {
     kafka: Option<String>,
     topic: Option<String>,
     session_timeout_ms: Option<u64>,
+    fetch_wait_ms: Option<u64>,
     advertise: Option<String>,
+}
+
+/// Cluster mode's settings, when `kafka` is set (it needs a PostgreSQL store).
+fn cluster_settings(
+    keys: ClusterKeys,
     store: &StoreLocation,
     listen: SocketAddr,
 ) -> anyhow::Result<Option<ClusterSettings>> {
-    let Some(brokers) = kafka else { return Ok(None) };
+    let Some(brokers) = keys.kafka else { return Ok(None) };
     anyhow::ensure!(
         matches!(store, StoreLocation::Postgres { .. }),
         "cluster mode (kafka) needs a PostgreSQL store: give postgres = \"postgres://…\""
     );
-    let session_timeout_ms = session_timeout_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
+    let session_timeout_ms = keys.session_timeout_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
     anyhow::ensure!(
         (SESSION_TIMEOUT_MS_LOW..=SESSION_TIMEOUT_MS_HIGH).contains(&session_timeout_ms),
         "session_timeout_ms must be {SESSION_TIMEOUT_MS_LOW} to {SESSION_TIMEOUT_MS_HIGH}, got {session_timeout_ms}"
     );
-    let topic = topic.unwrap_or_else(|| TOPIC_DEFAULT.into());
-    let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
-    Ok(Some(ClusterSettings { brokers, topic, session_timeout_ms, advertise }))
+    let fetch_wait_ms = keys.fetch_wait_ms.unwrap_or(FETCH_WAIT_MS_DEFAULT);
+    anyhow::ensure!((1..=10_000).contains(&fetch_wait_ms), "fetch_wait_ms must be 1 to 10000, got {fetch_wait_ms}");
+    let topic = keys.topic.unwrap_or_else(|| TOPIC_DEFAULT.into());
+    let advertise = keys.advertise.unwrap_or_else(|| format!("http://{listen}"));
+    Ok(Some(ClusterSettings { brokers, topic, session_timeout_ms, fetch_wait_ms, advertise }))
 }
 
 /// An origin is `*` or `scheme://host[:port]`, as browsers send it: no path, no
@@ -348,6 +370,7 @@ mod tests {
             ("cors_origins = [\"https://a.example/\"]", "cors_origins"),
             ("cors_origins = [\"a.example\"]", "cors_origins"),
             ("dedup_window_ms = -5", "dedup_window_ms"),
+            ("kafka = \"k:9092\"\npostgres = \"postgres://t@h/d\"\nfetch_wait_ms = 0", "fetch_wait_ms"),
             ("body_bytes_max = 1073741824", "body_bytes_max"),
             ("minute_retention_days = 30\nhour_retention_days = 10", "retention must not shrink"),
         ] {
@@ -364,6 +387,7 @@ mod tests {
             postgres = "postgres://tally@127.0.0.1:5432/tally"
             topic = "views"
             session_timeout_ms = 10000
+            fetch_wait_ms = 100
             advertise = "http://10.0.0.5:8080"
             cors_origins = ["https://a.example", "http://localhost:3000"]
             listen = "127.0.0.1:0"
@@ -399,6 +423,7 @@ mod tests {
         "#;
         let config = toml::from_str::<FileConfig>(text).unwrap().resolve().unwrap();
         assert_eq!(config.engine.partitions, 8);
+        assert_eq!(config.cluster.unwrap().fetch_wait_ms, 100);
         assert_eq!(config.server.limits.clock_skew_max_ms, 1000);
     }
 }

@@ -443,6 +443,21 @@ fn one_idempotency_key_with_two_bodies_racing_through_two_nodes_counts_one() {
         let answer = request(nodes[1].address, "GET", &path, &[], b"").unwrap();
         assert_eq!(answer.json()["count"].as_u64(), Some(0), "round {round}: the refused body counted");
     }
+
+    // One video's events larger than a log message holds: 413, nothing counted, on any
+    // node, and a smaller batch of the same video is taken.
+    let event = |i: usize| format!(r#"{{"video_id":"big","event_id":"{i:0>128}","viewer_id":"{i:0>256}"}}"#);
+    let body = format!("[{}]", (0..3_000).map(event).collect::<Vec<_>>().join(","));
+    let refused = nodes[0].post_events(&body, &[]);
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "record_too_large");
+    assert!(refused.json()["limit_bytes"].as_u64().unwrap() < body.len() as u64);
+    let body = format!("[{}]", (3_000..3_100).map(event).collect::<Vec<_>>().join(","));
+    let taken = nodes[1].post_events(&body, &[]);
+    assert_eq!(taken.status, 200, "{}", taken.text());
+    let position = taken.json()["position"].as_str().unwrap().to_string();
+    let answer = nodes[0].get(&format!("/v1/count?video_id=big&from=0&after={position}&wait_ms={AFTER_WAIT_MS}"));
+    assert_eq!(answer.json()["count"].as_u64(), Some(100), "only the smaller batch counts: {}", answer.text());
 }
 
 #[test]

@@ -32,6 +32,11 @@ impl Default for PoolOptions {
     }
 }
 
+/// A session left idle inside a transaction (its process paused or hung mid-flush) is
+/// ended by the server after this, which frees the rows it locked: a node's claim of a
+/// partition waits at most this long for the old owner's paused flush.
+const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Prepared statements kept per connection.
 const STATEMENTS_MAX: usize = 512;
 
@@ -111,6 +116,9 @@ impl Pool {
         config.keepalives_idle(Duration::from_secs(10));
         config.tcp_user_timeout(Duration::from_secs(30));
         config.application_name("tally");
+        let timeout = IDLE_IN_TRANSACTION_TIMEOUT.as_millis();
+        let given = config.get_options().map(|given| format!("{given} ")).unwrap_or_default();
+        config.options(format!("{given}-c idle_in_transaction_session_timeout={timeout}"));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("tally-postgres")
