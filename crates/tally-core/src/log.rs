@@ -119,6 +119,10 @@ pub trait Owner: Send + Sync {
     /// Whether the engine stopped for good (a failed append or store, `Engine::is_healthy`):
     /// it applies nothing more, so the log should give its partitions to other nodes.
     fn failed(&self) -> bool;
+    /// The log stops feeding this owner (the node leaves the group): an `apply` waiting for
+    /// room (the store unreachable) gives up, applying nothing of its list, and later ones
+    /// apply nothing. What was applied is flushed as the partitions are released.
+    fn interrupt(&self);
     /// The partitions no node has shown to own for `silent` (every owner marks its
     /// partitions alive in the store each flush interval): a consumer group that left
     /// them unassigned, which the log should mend by joining the group again.

@@ -12,7 +12,7 @@
 //! store does not hold yet (the rule of `query.rs` holds for them unchanged).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,7 @@ impl Engine {
     /// What the shared log's consumer calls as partitions come and go, and with each
     /// record list of an owned partition.
     pub fn owner(&self) -> Arc<dyn Owner> {
-        Arc::new(ClusterOwner { shared: Arc::clone(&self.shared) })
+        Arc::new(ClusterOwner { shared: Arc::clone(&self.shared), interrupted: AtomicBool::new(false) })
     }
 
     /// Whether a query now sees every write `position` names: each partition's applied
@@ -105,6 +105,8 @@ pub(crate) fn drop_partition(shared: &Shared, partition: &Partition) {
 
 struct ClusterOwner {
     shared: Arc<Shared>,
+    /// Set by `Owner::interrupt`: nothing more is applied.
+    interrupted: AtomicBool,
 }
 
 impl ClusterOwner {
@@ -115,10 +117,13 @@ impl ClusterOwner {
 
     /// Waits until the partition may take more deltas (its writer in single-node mode
     /// would wait likewise): the log holds what is not read yet. False when the engine
-    /// stops meanwhile.
+    /// stops or the log stops feeding it meanwhile.
     fn wait_for_room(&self, partition: &Partition) -> bool {
         loop {
-            if !*self.shared.admission.read() || self.shared.failure.lock().is_some() {
+            if !*self.shared.admission.read()
+                || self.shared.failure.lock().is_some()
+                || self.interrupted.load(Ordering::Acquire)
+            {
                 return false;
             }
             match wait_for_room(&self.shared, partition) {
@@ -199,6 +204,10 @@ impl Owner for ClusterOwner {
         let partition = self.partition(index).ok()?;
         let memory = partition.memory.lock();
         partition.owned.load(Ordering::Acquire).then_some(memory.applied_offset)
+    }
+
+    fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::Release);
     }
 
     fn failed(&self) -> bool {

@@ -49,6 +49,7 @@ pub struct FeedSettings {
 
 /// The running member; dropping it leaves the group (its partitions are released).
 pub struct Feed {
+    owner: Arc<dyn Owner>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -79,12 +80,12 @@ impl Feed {
             .map_err(client("consumer"))?;
         consumer.subscribe(&[&settings.topic]).map_err(client("subscribe"))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = Arc::clone(&stop);
+        let (thread_stop, thread_owner) = (Arc::clone(&stop), Arc::clone(&owner));
         let thread = std::thread::Builder::new()
             .name("tally-owner".into())
-            .spawn(move || run(&consumer, &settings, &*owner, &producer, &thread_stop))
+            .spawn(move || run(&consumer, &settings, &*thread_owner, &producer, &thread_stop))
             .expect("spawn owner thread");
-        Ok(Feed { stop, thread: Some(thread) })
+        Ok(Feed { owner, stop, thread: Some(thread) })
     }
 
     /// Leaves the group: the partitions owned here are flushed and released.
@@ -94,6 +95,8 @@ impl Feed {
 
     fn stop_now(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // An apply waiting for the database to make room would hold the thread.
+        self.owner.interrupt();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

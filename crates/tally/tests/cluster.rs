@@ -396,6 +396,52 @@ fn a_broker_restart_under_load_loses_nothing_acknowledged() {
 }
 
 #[test]
+fn a_node_whose_owner_waits_for_the_database_stops_on_sigterm_and_loses_nothing() {
+    let mut cluster = Cluster::start(1, 1, false);
+    // A second node with little room for deltas: while the database is down, its owner
+    // fills up and waits for room to apply more.
+    let config = format!("{NODE_CONFIG}pending_cells_max = 1000\n");
+    let (broker, postgres) = (cluster.broker.address(), cluster.postgres.url());
+    cluster.nodes[1] = Some(node(cluster.dir.path(), "tight", cluster.ports[1], &broker, &postgres, &config));
+    cluster.wait_settled(Duration::from_secs(3));
+    let tight = cluster.nodes[1].as_ref().unwrap();
+    assert!(metric_sum(tight, "tally_partition_owned") >= 1.0, "the second node owns nothing");
+    cluster.postgres.stop();
+    // 100 videos x 100 minutes: about 1,250 cells per partition. Unkeyed writes need no
+    // database.
+    let now = now_ms();
+    let mut position = Position::default();
+    for minute in 0..100 {
+        let ts = now - minute * 60_000;
+        let events: Vec<String> = (0..100).map(|v| format!(r#"{{"video_id":"d{v}","ts":{ts}}}"#)).collect();
+        let answer = tight.post_events(&format!("[{}]", events.join(",")), &[]);
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        position.extend(&answer.json()["position"].as_str().unwrap().parse().unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let full = |line: &str| {
+        line.starts_with("tally_partition_pending_cells{")
+            && line.rsplit_once(' ').and_then(|(_, n)| n.parse::<f64>().ok()).is_some_and(|n| n >= 1000.0)
+    };
+    while !tight.get("/metrics").text().lines().any(full) {
+        assert!(Instant::now() < deadline, "no partition filled up: {}", tight.get("/metrics").text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its owner now waits for the database; SIGTERM still stops the node (the final flush
+    // fails, so the exit status says so), and the other node replays what it applied.
+    cluster.nodes[1].as_mut().unwrap().terminate(Duration::from_secs(60));
+    cluster.nodes[1] = None;
+    cluster.postgres.start_again();
+    cluster.wait_all_owned();
+    let reader = &cluster.alive()[0];
+    for video in 0..100 {
+        let path = format!("/v1/count?video_id=d{video}&from=0&after={position}&wait_ms={AFTER_WAIT_MS}");
+        let answer = reader.get(&path);
+        assert_eq!(answer.json()["count"].as_u64(), Some(100), "{path}: {}", answer.text());
+    }
+}
+
+#[test]
 fn one_idempotency_key_with_two_bodies_racing_through_two_nodes_counts_one() {
     let cluster = Cluster::start(2, 0, false);
     let nodes = cluster.alive();
