@@ -13,6 +13,7 @@ mod ingest;
 mod listen;
 mod monitoring;
 mod query;
+mod web;
 mod wire;
 
 use std::sync::{Arc, OnceLock};
@@ -126,7 +127,7 @@ pub fn fuzz_ingest_body(ndjson: bool, bytes: &[u8]) -> Result<usize, &'static st
 
 /// Every route: method, path and handler. The router is built from this table alone, and
 /// the OpenAPI document is checked against it (`routes`), so neither can drift.
-fn table() -> [(&'static str, &'static str, MethodRouter<Arc<AppState>>); 11] {
+fn table() -> [(&'static str, &'static str, MethodRouter<Arc<AppState>>); 12] {
     [
         ("post", "/v1/events", post(ingest::ingest)),
         ("get", "/v1/count", get(query::count)),
@@ -136,6 +137,7 @@ fn table() -> [(&'static str, &'static str, MethodRouter<Arc<AppState>>); 11] {
         ("get", "/v1/uniques", get(analytics::uniques)),
         ("get", "/v1/stats", get(analytics::stats)),
         ("get", "/v1/openapi.json", get(monitoring::openapi)),
+        ("get", "/v1/tally.js", get(web::tally_js)),
         ("get", "/healthz", get(monitoring::healthz)),
         ("get", "/readyz", get(monitoring::readyz)),
         ("get", "/metrics", get(monitoring::metrics)),

@@ -133,3 +133,18 @@ fn without_cors_origins_no_origin_is_allowed_and_any_origin_with_a_star() {
     assert_eq!(answer.status, 204);
     assert_eq!(header(&answer, "access-control-allow-origin"), Some("*"));
 }
+
+#[test]
+fn the_beacon_script_is_served_cached_and_gzipped() {
+    let (_dir, server) = server("");
+    let script = server.get("/v1/tally.js");
+    assert_eq!(script.status, 200);
+    assert_eq!(header(&script, "content-type"), Some("text/javascript; charset=utf-8"));
+    assert!(script.text().contains("navigator.sendBeacon"), "{}", script.text());
+    let etag = header(&script, "etag").expect("an ETag").to_string();
+    let again = request(server.address, "GET", "/v1/tally.js", &[("if-none-match", &etag)], b"").unwrap();
+    assert_eq!(again.status, 304);
+    let zipped = request(server.address, "GET", "/v1/tally.js", &[("accept-encoding", "gzip")], b"").unwrap();
+    assert_eq!(header(&zipped, "content-encoding"), Some("gzip"));
+    assert!(zipped.body.len() < script.body.len() / 2, "{} of {} bytes", zipped.body.len(), script.body.len());
+}

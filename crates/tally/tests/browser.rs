@@ -1,0 +1,108 @@
+//! In a real browser: headless Chromium (Debian's `chromium`), driven by puppeteer-core
+//! (`tests/browser/`, installed with `npm ci` when missing), loads a page of another origin
+//! that includes the beacon script from the server and tracks events across a reload. Every
+//! batch is delivered twice (the page doubles `navigator.sendBeacon`), and still each event
+//! counts once. The screenshot is kept in the target directory.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Server, metric, server};
+
+/// The page: a stub that queues calls made before the script loads (as the README's
+/// snippet does), the script from the server, and a beacon that delivers twice.
+fn page(tally: &Server) -> String {
+    format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>beacon test</title>
+<script>
+  window.tally = window.tally || {{ q: [], track: function () {{ this.q.push(arguments); }} }};
+  tally.track("beacon-3");
+  var once = navigator.sendBeacon.bind(navigator);
+  navigator.sendBeacon = function (url, body) {{ return once(url, body) && once(url, body); }};
+</script>
+<script src="{}/v1/tally.js" async></script>
+</head><body><h1>A page with a tally beacon</h1></body></html>"#,
+        tally.url()
+    )
+}
+
+/// Serves `html` at every path but /favicon.ico (empty), until the process ends.
+fn serve_page(listener: TcpListener, html: String) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            while reader.read_line(&mut head).is_ok_and(|n| n > 2) && !head.ends_with("\r\n\r\n") {}
+            let (status, body) =
+                if head.starts_with("GET /favicon.ico") { ("204 No Content", "") } else { ("200 OK", html.as_str()) };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+}
+
+/// The driver's directory, its packages installed (`npm ci`) if they are not.
+fn driver() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if !dir.join("node_modules/puppeteer-core").is_dir() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is not installed: apt-get install nodejs npm (as .ci/run does)");
+        assert!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).is_file(), "{chromium} is missing: apt-get install chromium (as .ci/run does)");
+    dir
+}
+
+fn count(server: &Server, video: &str, event_type: &str) -> u64 {
+    let answer = server.get(&format!("/v1/count?video_id={video}&type={event_type}"));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.json()["count"].as_u64().unwrap()
+}
+
+#[test]
+fn the_beacon_counts_each_event_once_across_a_reload_and_duplicate_deliveries() {
+    let dir = driver();
+    // The page's origin is allowed, as a site would configure it (the beacon itself needs
+    // no CORS answer; its fetch fallback does).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let page_port = listener.local_addr().unwrap().port();
+    let (_data, tally) = server(&format!("cors_origins = [\"http://127.0.0.1:{page_port}\"]"));
+    serve_page(listener, page(&tally));
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("beacon.png");
+    let output = Command::new("node")
+        .arg(dir.join("beacon.mjs"))
+        .arg(format!("http://127.0.0.1:{page_port}/"))
+        .arg(&screenshot)
+        .output()
+        .expect("node is not installed: apt-get install nodejs (as .ci/run does)");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the browser run failed:\n{printed}\n{}", tally.log());
+    eprintln!("screenshot: {}", screenshot.display());
+
+    // beacon-1: three views before the reload, two after; beacon-2: a like; beacon-3: one
+    // view queued before the script loaded, on each of the two loads.
+    let expected = [("beacon-1", "view", 5), ("beacon-2", "like", 1), ("beacon-3", "view", 2)];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while expected.iter().any(|&(video, kind, n)| count(&tally, video, kind) < n) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (video, kind, n) in expected {
+        assert_eq!(count(&tally, video, kind), n, "{video} {kind}:\n{printed}\n{}", tally.log());
+    }
+    let duplicates = metric(&tally.get("/metrics").text(), "tally_events_duplicate_total").unwrap_or(0.0);
+    assert_eq!(duplicates, 8.0, "every batch was delivered twice; its second copy counts nothing");
+}
