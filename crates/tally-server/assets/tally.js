@@ -1,6 +1,6 @@
 /*! tally.js: counts video events from a web page. Served by tally at /v1/tally.js.
  *
- *   <script src="https://tally.example.com/v1/tally.js" async></script>
+ *   <script src="https://tally.example.com/v1/tally.js" data-key="tally_k…_…" async></script>
  *   <script>
  *     window.tally = window.tally || { q: [], track: function () { this.q.push(arguments); } };
  *     tally.track("video-123");                 // a view
@@ -11,8 +11,9 @@
  * Events of one page are batched (up to 100, or one second) and posted to the server the
  * script was loaded from with navigator.sendBeacon (fetch with keepalive where a beacon is
  * refused); what is queued is sent when the page is hidden or left. Each event carries an
- * event_id made here, so a batch delivered twice counts once. The server must list the
- * page's origin in cors_origins.
+ * event_id made here, so a batch delivered twice counts once. data-key is a write key
+ * (bind it to the page's origins and video-id prefixes: `tally keys create --scope write
+ * --origin … --video-prefix …`); it goes in the URL, as a beacon cannot set headers.
  */
 (function () {
   "use strict";
@@ -22,7 +23,10 @@
   var BEACON_BYTES_MAX = 60000;
 
   var script = document.currentScript;
-  var endpoint = new URL("/v1/events", script ? script.src : location.href).href;
+  var endpoint = new URL("/v1/events", script ? script.src : location.href);
+  var key = script && script.getAttribute("data-key");
+  if (key) endpoint.searchParams.set("key", key);
+  endpoint = endpoint.href;
   var queue = [];
   var timer = null;
 

@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,6 +16,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use serde::de::DeserializeSeed;
 
+use crate::auth::{self, Caller};
 use crate::body;
 use crate::wire::{BodySeed, Decoding, EventSeed, Problems, WireEvent};
 use crate::{ApiError, AppState};
@@ -62,8 +64,25 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     Ok(Some(key))
 }
 
+/// 400 listing the invalid events, if any.
+fn refuse_invalid(problems: &Problems, events: usize) -> Result<(), ApiError> {
+    if problems.total == 0 {
+        return Ok(());
+    }
+    metrics::counter!("tally_events_rejected_total").increment(events as u64);
+    let shown: Vec<_> =
+        problems.shown.iter().map(|e| json!({ "index": e.index, "field": e.field, "reason": e.reason })).collect();
+    Err(ApiError::bad_request(
+        "invalid_events",
+        format!("{} of {} events are invalid; nothing was counted", problems.bad_events, events),
+    )
+    .with("errors", json!(shown))
+    .with("error_count", json!(problems.total)))
+}
+
 pub(crate) async fn ingest(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
@@ -93,20 +112,14 @@ pub(crate) async fn ingest(
         problems: RefCell::new(Problems::new(state.config.field_errors_max)),
     };
     let wire_events = decode(format, text, state.config.events_per_request_max, &decoding)?;
-    let problems = decoding.problems.into_inner();
-    if problems.total > 0 {
-        metrics::counter!("tally_events_rejected_total").increment(wire_events.len() as u64);
-        let shown: Vec<_> =
-            problems.shown.iter().map(|e| json!({ "index": e.index, "field": e.field, "reason": e.reason })).collect();
-        return Err(ApiError::bad_request(
-            "invalid_events",
-            format!("{} of {} events are invalid; nothing was counted", problems.bad_events, wire_events.len()),
-        )
-        .with("errors", json!(shown))
-        .with("error_count", json!(problems.total)));
-    }
+    refuse_invalid(&decoding.problems.into_inner(), wire_events.len())?;
+    let caller = caller.map(|Extension(caller)| caller);
+    auth::admit_events(caller.as_ref(), wire_events.iter().filter_map(|e| e.video_id.as_deref()), wire_events.len())?;
 
     let events: Vec<EventRef<'_>> = wire_events.iter().map(WireEvent::resolved).collect();
+    // A key's Idempotency-Keys are its own: another key's holder cannot claim them first.
+    let scoped = caller.as_ref().zip(key).map(|(Caller(api_key), key)| format!("{}:{key}", api_key.entry.id));
+    let key = scoped.as_deref().or(key);
     let key = key.map(|key| IdempotencyKey { key, fingerprint: xxh3_64_with_seed(&body.bytes, format as u64) });
     // The accepted and duplicate counters are kept by the partition writers, which know
     // whether a request was counted now or answered again from dedup memory.

@@ -6,6 +6,7 @@
 //! response does not say it counted.
 
 mod analytics;
+mod auth;
 mod body;
 mod cors;
 mod error;
@@ -24,6 +25,7 @@ use tally_core::Limits;
 use tally_engine::Engine;
 use tokio::sync::Semaphore;
 
+pub use auth::{KeyEntry, KeyFile, Scope, secret_sha256, token};
 pub use error::ApiError;
 pub use listen::{ADMIN_CONNECTIONS_MAX, SHED_CONNECTIONS_MAX, serve, serve_admin};
 pub use monitoring::install_metrics;
@@ -57,6 +59,11 @@ pub struct ServerConfig {
     /// Origins whose pages may call the API and read its answers (CORS); `*` for any.
     /// Empty: same-origin only (beacons, which need no preflight, still get in).
     pub cors_origins: Vec<String>,
+    /// The API keys file (`tally keys` edits it); none: no keys.
+    pub keys_file: Option<std::path::PathBuf>,
+    /// Whether every route but health, the OpenAPI document and the beacon script needs a
+    /// key (401 without one).
+    pub keys_required: bool,
     pub limits: Limits,
 }
 
@@ -74,6 +81,8 @@ impl Default for ServerConfig {
             counts_video_ids_max: 1_000,
             series_points_max: 10_080,
             cors_origins: Vec::new(),
+            keys_file: None,
+            keys_required: false,
             limits: Limits::default(),
         }
     }
@@ -86,11 +95,13 @@ pub struct AppState {
     body_budget: Arc<Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     stopping: std::sync::atomic::AtomicBool,
+    keys: auth::Keys,
 }
 
 impl AppState {
     pub fn new(config: ServerConfig) -> Arc<AppState> {
         Arc::new(AppState {
+            keys: auth::Keys::new(config.keys_file.clone(), config.keys_required),
             body_budget: Arc::new(Semaphore::new(config.body_bytes_in_flight_max)),
             config,
             engine: OnceLock::new(),
@@ -125,34 +136,46 @@ pub fn fuzz_ingest_body(ndjson: bool, bytes: &[u8]) -> Result<usize, &'static st
     ingest::fuzz(ndjson, bytes)
 }
 
-/// Every route: method, path and handler. The router is built from this table alone, and
-/// the OpenAPI document is checked against it (`routes`), so neither can drift.
-fn table() -> [(&'static str, &'static str, MethodRouter<Arc<AppState>>); 12] {
+/// Method, path, handler, and the key scope the route needs.
+type Route = (&'static str, &'static str, MethodRouter<Arc<AppState>>, Option<Scope>);
+
+/// Every route: method, path, handler, and the key scope it needs. The router is built
+/// from this table alone, and the OpenAPI document is checked against it (`routes`), so
+/// neither can drift.
+fn table() -> [Route; 12] {
     [
-        ("post", "/v1/events", post(ingest::ingest)),
-        ("get", "/v1/count", get(query::count)),
-        ("post", "/v1/counts", post(query::counts)),
-        ("get", "/v1/series", get(query::series)),
-        ("get", "/v1/top", get(analytics::top)),
-        ("get", "/v1/uniques", get(analytics::uniques)),
-        ("get", "/v1/stats", get(analytics::stats)),
-        ("get", "/v1/openapi.json", get(monitoring::openapi)),
-        ("get", "/v1/tally.js", get(web::tally_js)),
-        ("get", "/healthz", get(monitoring::healthz)),
-        ("get", "/readyz", get(monitoring::readyz)),
-        ("get", "/metrics", get(monitoring::metrics)),
+        ("post", "/v1/events", post(ingest::ingest), Some(Scope::Write)),
+        ("get", "/v1/count", get(query::count), Some(Scope::Read)),
+        ("post", "/v1/counts", post(query::counts), Some(Scope::Read)),
+        ("get", "/v1/series", get(query::series), Some(Scope::Read)),
+        ("get", "/v1/top", get(analytics::top), Some(Scope::Read)),
+        ("get", "/v1/uniques", get(analytics::uniques), Some(Scope::Read)),
+        ("get", "/v1/stats", get(analytics::stats), Some(Scope::Read)),
+        ("get", "/v1/openapi.json", get(monitoring::openapi), None),
+        ("get", "/v1/tally.js", get(web::tally_js), None),
+        ("get", "/healthz", get(monitoring::healthz), None),
+        ("get", "/readyz", get(monitoring::readyz), None),
+        ("get", "/metrics", get(monitoring::metrics), Some(Scope::Admin)),
     ]
 }
 
 /// Every route the router serves, as (method, path).
 pub fn routes() -> Vec<(&'static str, &'static str)> {
-    table().into_iter().map(|(method, path, _)| (method, path)).collect()
+    table().into_iter().map(|(method, path, _, _)| (method, path)).collect()
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
+    // Only when keys are in use: a layer costs every request a little.
+    let keys = state.keys.enabled();
     let mut router = table()
         .into_iter()
-        .fold(Router::new(), |router, (_, path, handler)| router.route(path, handler))
+        .fold(Router::new(), |router, (_, path, handler, scope)| match scope.filter(|_| keys) {
+            Some(scope) => {
+                let layer = axum::middleware::from_fn_with_state((Arc::clone(&state), scope), auth::authorize);
+                router.route(path, handler.layer(layer))
+            }
+            None => router.route(path, handler),
+        })
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
     // Only when configured: a layer costs every request a little.

@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// Where fresh mode reads (another node of a cluster); default: --server
     #[arg(long)]
     read_server: Option<String>,
+    /// The API key to send (write mode: a write key; the final check and read modes need
+    /// read too) [default: $TALLY_KEY]
+    #[arg(long)]
+    key: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -208,7 +212,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("seed {seed}");
-    let client = Client::new(&args.server)?;
+    let client = Client::new(&args.server)?.with_key(args.key.as_deref());
     match args.mode {
         Mode::Write => write(args, client, seed).await,
         Mode::Read | Mode::Top => read(args, client, seed).await,
@@ -448,7 +452,7 @@ const FRESH_POLL: Duration = Duration::from_millis(2);
 const FRESH_WAIT_MAX: Duration = Duration::from_secs(60);
 
 async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
-    let reader = Client::new(args.read_server.as_deref().unwrap_or(&args.server))?;
+    let reader = Client::new(args.read_server.as_deref().unwrap_or(&args.server))?.with_key(args.key.as_deref());
     let writes_left = Arc::new(AtomicU64::new(args.events.unwrap_or(u64::MAX)));
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();

@@ -24,6 +24,8 @@ const QUERY_ATTEMPTS: u32 = 3;
 pub struct Client {
     base: String,
     inner: HyperClient<HttpConnector, Full<Bytes>>,
+    /// `Authorization: Bearer …` on every request: the API key in `TALLY_KEY`, if set.
+    authorization: Option<String>,
 }
 
 pub struct Answer {
@@ -52,7 +54,17 @@ impl Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let inner = HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(connector);
-        Ok(Client { base, inner })
+        let authorization =
+            std::env::var("TALLY_KEY").ok().filter(|key| !key.is_empty()).map(|key| format!("Bearer {key}"));
+        Ok(Client { base, inner, authorization })
+    }
+
+    /// Sends `key` as the API key instead of `TALLY_KEY`'s.
+    pub fn with_key(mut self, key: Option<&str>) -> Client {
+        if let Some(key) = key {
+            self.authorization = Some(format!("Bearer {key}"));
+        }
+        self
     }
 
     /// One attempt.
@@ -66,6 +78,9 @@ impl Client {
         let mut request = Request::builder().method(method).uri(format!("{}{}", self.base, path));
         for (name, value) in headers {
             request = request.header(*name, *value);
+        }
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
         }
         let request = request.body(Full::new(body))?;
         let response = tokio::time::timeout(REQUEST_TIMEOUT, self.inner.request(request))

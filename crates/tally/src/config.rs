@@ -113,6 +113,11 @@ pub struct FileConfig {
     /// Origins whose pages may call the API (CORS), e.g. `["https://example.com"]`, or
     /// `["*"]`; default none.
     pub cors_origins: Option<Vec<String>>,
+    /// The API keys file (`tally keys create --file …` makes it); reloaded when it
+    /// changes.
+    pub keys_file: Option<PathBuf>,
+    /// Whether requests need a key; default: yes unless `listen` is a loopback address.
+    pub keys_required: Option<bool>,
     pub lateness_max_ms: Option<i64>,
     pub clock_skew_max_ms: Option<i64>,
 }
@@ -204,7 +209,10 @@ impl FileConfig {
             accept_log_loss: false,
             clock: engine_default.clock,
         };
+        let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address"));
         let server = ServerConfig {
+            keys_required: self.keys_required.unwrap_or(!listen.ip().is_loopback()),
+            keys_file: self.keys_file,
             body_bytes_max: self.body_bytes_max.unwrap_or(server_default.body_bytes_max),
             body_bytes_in_flight_max: self.body_bytes_in_flight_max.unwrap_or(server_default.body_bytes_in_flight_max),
             body_read_timeout_ms: self.body_read_timeout_ms.unwrap_or(server_default.body_read_timeout_ms),
@@ -228,7 +236,11 @@ impl FileConfig {
             }
             (store, postgres) => store_location(postgres.or(store), self.store_connections_max)?,
         };
-        let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("valid default address"));
+        anyhow::ensure!(
+            !server.keys_required || server.keys_file.is_some(),
+            "{listen} is reachable from other machines, so requests need API keys: set keys_file (create one with \
+             `tally keys create --file FILE --scope write`), or keys_required = false to serve without keys"
+        );
         let keys = ClusterKeys {
             kafka: self.kafka,
             topic: self.topic,

@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 mod config;
 mod inspect;
+mod keys;
 mod send;
 mod serve;
 
@@ -44,6 +45,8 @@ enum Command {
     /// Space the store takes per table group (rows, bytes of data, bytes of pages), for
     /// capacity planning. Reads the data directory of a stopped server.
     StoreStats(StoreStatsArgs),
+    /// API keys: create, list and revoke them in a keys file.
+    Keys(keys::KeysArgs),
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
         Command::Uniques(args) => client_runtime().and_then(|rt| rt.block_on(inspect::uniques(args))),
         Command::Stats(args) => client_runtime().and_then(|rt| rt.block_on(inspect::stats(args))),
         Command::StoreStats(args) => store_stats(args),
+        Command::Keys(args) => keys::run(args),
         Command::Bench(args) => client_runtime().and_then(|rt| rt.block_on(bench::run(args))),
         #[cfg(feature = "cluster")]
         Command::Cluster(args) => cluster::run(args),

@@ -1,6 +1,7 @@
 //! In a real browser: headless Chromium (Debian's `chromium`), driven by puppeteer-core
 //! (`tests/browser/`, installed with `npm ci` when missing), loads a page of another origin
-//! that includes the beacon script from the server and tracks events across a reload. Every
+//! that includes the beacon script from the server, with a write key bound to that origin,
+//! and tracks events across a reload. Every
 //! batch is delivered twice (the page doubles `navigator.sendBeacon`), and still each event
 //! counts once. The screenshot is kept in the target directory.
 
@@ -12,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Server, metric, server};
+use common::{Answer, Server, metric, request, start, tally_binary};
 
 /// The page: a stub that queues calls made before the script loads (as the README's
 /// snippet does), the script from the server, and a beacon that delivers twice.
-fn page(tally: &Server) -> String {
+fn page(tally: &Server, key: &str) -> String {
     format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>beacon test</title>
@@ -26,7 +27,7 @@ fn page(tally: &Server) -> String {
   var once = navigator.sendBeacon.bind(navigator);
   navigator.sendBeacon = function (url, body) {{ return once(url, body) && once(url, body); }};
 </script>
-<script src="{}/v1/tally.js" async></script>
+<script src="{}/v1/tally.js" data-key="{key}" async></script>
 </head><body><h1>A page with a tally beacon</h1></body></html>"#,
         tally.url()
     )
@@ -67,8 +68,19 @@ fn driver() -> PathBuf {
     dir
 }
 
-fn count(server: &Server, video: &str, event_type: &str) -> u64 {
-    let answer = server.get(&format!("/v1/count?video_id={video}&type={event_type}"));
+/// `tally keys create --file FILE ARGS…`: the key it prints.
+fn create_key(file: &Path, args: &[&str]) -> String {
+    let output = Command::new(tally_binary()).args(["keys", "create", "--file"]).arg(file).args(args).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+fn get(server: &Server, key: &str, path: &str) -> Answer {
+    request(server.address, "GET", path, &[("authorization", &format!("Bearer {key}"))], b"").unwrap()
+}
+
+fn count(server: &Server, key: &str, video: &str, event_type: &str) -> u64 {
+    let answer = get(server, key, &format!("/v1/count?video_id={video}&type={event_type}"));
     assert_eq!(answer.status, 200, "{}", answer.text());
     answer.json()["count"].as_u64().unwrap()
 }
@@ -80,8 +92,17 @@ fn the_beacon_counts_each_event_once_across_a_reload_and_duplicate_deliveries() 
     // no CORS answer; its fetch fallback does).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let page_port = listener.local_addr().unwrap().port();
-    let (_data, tally) = server(&format!("cors_origins = [\"http://127.0.0.1:{page_port}\"]"));
-    serve_page(listener, page(&tally));
+    let origin = format!("http://127.0.0.1:{page_port}");
+    // A write key bound to the page's origin and the videos it may count, as a site
+    // would embed it; keys are required.
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("keys.json");
+    let key = create_key(&file, &["--scope", "write", "--origin", &origin, "--video-prefix", "beacon-"]);
+    let reader = create_key(&file, &["--scope", "read,admin"]);
+    let config =
+        format!("cors_origins = [\"{origin}\"]\nkeys_file = {:?}\nkeys_required = true\n", file.to_str().unwrap());
+    let tally = start(&data.path().join("data"), &config);
+    serve_page(listener, page(&tally, &key));
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("beacon.png");
     let output = Command::new("node")
         .arg(dir.join("beacon.mjs"))
@@ -97,12 +118,13 @@ fn the_beacon_counts_each_event_once_across_a_reload_and_duplicate_deliveries() 
     // view queued before the script loaded, on each of the two loads.
     let expected = [("beacon-1", "view", 5), ("beacon-2", "like", 1), ("beacon-3", "view", 2)];
     let deadline = Instant::now() + Duration::from_secs(10);
-    while expected.iter().any(|&(video, kind, n)| count(&tally, video, kind) < n) && Instant::now() < deadline {
+    while expected.iter().any(|&(video, kind, n)| count(&tally, &reader, video, kind) < n) && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     for (video, kind, n) in expected {
-        assert_eq!(count(&tally, video, kind), n, "{video} {kind}:\n{printed}\n{}", tally.log());
+        assert_eq!(count(&tally, &reader, video, kind), n, "{video} {kind}:\n{printed}\n{}", tally.log());
     }
-    let duplicates = metric(&tally.get("/metrics").text(), "tally_events_duplicate_total").unwrap_or(0.0);
+    let duplicates = metric(&get(&tally, &reader, "/metrics").text(), "tally_events_duplicate_total").unwrap_or(0.0);
     assert_eq!(duplicates, 8.0, "every batch was delivered twice; its second copy counts nothing");
 }
