@@ -142,7 +142,7 @@ type Route = (&'static str, &'static str, MethodRouter<Arc<AppState>>, Option<Sc
 /// Every route: method, path, handler, and the key scope it needs. The router is built
 /// from this table alone, and the OpenAPI document is checked against it (`routes`), so
 /// neither can drift.
-fn table() -> [Route; 12] {
+fn table() -> [Route; 15] {
     [
         ("post", "/v1/events", post(ingest::ingest), Some(Scope::Write)),
         ("get", "/v1/count", get(query::count), Some(Scope::Read)),
@@ -153,6 +153,9 @@ fn table() -> [Route; 12] {
         ("get", "/v1/stats", get(analytics::stats), Some(Scope::Read)),
         ("get", "/v1/openapi.json", get(monitoring::openapi), None),
         ("get", "/v1/tally.js", get(web::tally_js), None),
+        ("get", "/", get(web::dashboard), None),
+        ("get", "/ui/uplot.js", get(web::uplot_js), None),
+        ("get", "/ui/uplot.css", get(web::uplot_css), None),
         ("get", "/healthz", get(monitoring::healthz), None),
         ("get", "/readyz", get(monitoring::readyz), None),
         ("get", "/metrics", get(monitoring::metrics), Some(Scope::Admin)),

@@ -1,5 +1,6 @@
-//! What a browser loads: the beacon script pages include to count their views. Assets are
-//! embedded in the binary, served with an ETag (a repeat load is a 304) and gzipped for
+//! What a browser loads: the dashboard (`/`, with uPlot 1.6.32 vendored under
+//! `assets/uplot/` with its MIT licence) and the beacon script pages include to count
+//! their views. Assets are embedded in the binary (no build step, no CDN), served with an ETag (a repeat load is a 304) and gzipped for
 //! clients that accept it.
 
 use std::hash::{Hash, Hasher};
@@ -71,6 +72,26 @@ static TALLY_JS: LazyLock<Asset> =
 
 pub(crate) async fn tally_js(headers: HeaderMap) -> Response {
     TALLY_JS.serve(&headers)
+}
+
+/// The dashboard: one page that reads the API with the key typed into it.
+static DASHBOARD: LazyLock<Asset> =
+    LazyLock::new(|| Asset::new("text/html; charset=utf-8", include_bytes!("../assets/dashboard.html")));
+static UPLOT_JS: LazyLock<Asset> =
+    LazyLock::new(|| Asset::new("text/javascript; charset=utf-8", include_bytes!("../assets/uplot/uPlot.iife.min.js")));
+static UPLOT_CSS: LazyLock<Asset> =
+    LazyLock::new(|| Asset::new("text/css; charset=utf-8", include_bytes!("../assets/uplot/uPlot.min.css")));
+
+pub(crate) async fn dashboard(headers: HeaderMap) -> Response {
+    DASHBOARD.serve(&headers)
+}
+
+pub(crate) async fn uplot_js(headers: HeaderMap) -> Response {
+    UPLOT_JS.serve(&headers)
+}
+
+pub(crate) async fn uplot_css(headers: HeaderMap) -> Response {
+    UPLOT_CSS.serve(&headers)
 }
 
 #[cfg(test)]

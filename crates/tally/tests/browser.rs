@@ -128,3 +128,61 @@ fn the_beacon_counts_each_event_once_across_a_reload_and_duplicate_deliveries() 
     let duplicates = metric(&get(&tally, &reader, "/metrics").text(), "tally_events_duplicate_total").unwrap_or(0.0);
     assert_eq!(duplicates, 8.0, "every batch was delivered twice; its second copy counts nothing");
 }
+
+#[test]
+fn the_dashboard_shows_what_the_api_answers_and_draws_its_chart() {
+    let dir = driver();
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("keys.json");
+    let writer = create_key(&file, &["--scope", "write"]);
+    let reader = create_key(&file, &["--scope", "read,admin"]);
+    let config = format!("keys_file = {:?}\nkeys_required = true\n", file.to_str().unwrap());
+    let tally = start(&data.path().join("data"), &config);
+    // dash-1: 7 views from 5 viewers and 3 likes; dash-2: 12 views.
+    let mut events: Vec<String> =
+        (0..7).map(|i| format!(r#"{{"video_id":"dash-1","viewer_id":"u{}"}}"#, i % 5)).collect();
+    events.extend((0..3).map(|_| r#"{"video_id":"dash-1","type":"like"}"#.to_string()));
+    events.extend((0..12).map(|_| r#"{"video_id":"dash-2"}"#.to_string()));
+    let bearer = format!("Bearer {writer}");
+    let headers = [("content-type", "application/json"), ("authorization", bearer.as_str())];
+    let body = format!("[{}]", events.join(","));
+    assert_eq!(request(tally.address, "POST", "/v1/events", &headers, body.as_bytes()).unwrap().status, 200);
+
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let output = Command::new("node")
+        .arg(dir.join("dashboard.mjs"))
+        .arg(format!("{}/?video=dash-1&tz=UTC", tally.url()))
+        .arg(&reader)
+        .arg(&screenshot)
+        .output()
+        .expect("node is not installed: apt-get install nodejs (as .ci/run does)");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the browser run failed:\n{printed}\n{}", tally.log());
+    let shown: serde_json::Value = serde_json::from_str(printed.lines().next().unwrap()).expect(&printed);
+    eprintln!(
+        "screenshot: {}; first load {} bytes, first chart after {} ms",
+        screenshot.display(),
+        shown["firstLoadBytes"],
+        shown["firstChartMs"]
+    );
+
+    let api = |path: &str| get(&tally, &reader, path).json();
+    assert_eq!(shown["message"], "", "{shown}");
+    assert_eq!(shown["ready"], "ready");
+    assert_eq!(shown["count"], api("/v1/count?video_id=dash-1")["count"].to_string());
+    assert_eq!(shown["count"], "7");
+    assert_eq!(shown["countHour"], "7");
+    let uniques = api(&format!("/v1/uniques?video_id=dash-1&from={}", common::now_ms() - 86_400_000));
+    assert_eq!(shown["uniques"], uniques["uniques"].to_string());
+    let stats = shown["stats"].to_string();
+    assert!(stats.contains("view7") && stats.contains("like3"), "{stats}");
+    let top = top_ids(&api("/v1/top?k=10"));
+    assert_eq!(shown["top"], serde_json::json!(top));
+    assert_eq!(shown["errors"], "0", "the health checks' 503s while starting are not errors");
+    assert!(shown["chartWidth"].as_u64().unwrap() > 100 && shown["chartPainted"].as_u64().unwrap() > 100, "{shown}");
+}
+
+/// The video ids of a `/v1/top` answer, in order.
+fn top_ids(answer: &serde_json::Value) -> Vec<String> {
+    answer["items"].as_array().unwrap().iter().map(|i| i["video_id"].as_str().unwrap().to_string()).collect()
+}
