@@ -226,6 +226,16 @@ impl Keys {
         loaded.stamp = stamp;
     }
 
+    /// Whether a key in force is bound to `origin` (its pages may call the API).
+    pub(crate) fn bound_to(&self, origin: &str) -> bool {
+        if self.path.is_none() {
+            return false;
+        }
+        self.refresh();
+        let loaded = self.loaded.read();
+        loaded.keys.values().any(|key| key.entry.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)))
+    }
+
     /// The key `token` names, if it is one in force.
     fn verify(&self, token: &str) -> Option<Arc<Key>> {
         self.refresh();

@@ -2,8 +2,10 @@
 //! (`*`: any). A preflight (`OPTIONS` with `Access-Control-Request-Method`) is answered
 //! here, 204 for an allowed origin and 403 otherwise; every other answer to an allowed
 //! origin carries `Access-Control-Allow-Origin`, and exposes `Retry-After` so a page can
-//! honour it. Without `cors_origins`, pages of other origins can still send beacons
-//! (`text/plain` needs no preflight) but cannot read the answers.
+//! honour it. An origin some API key is bound to (`tally keys create --origin`) is allowed
+//! too, so a site's page key needs no server setting. Without either, pages of other
+//! origins can still send beacons (`text/plain` needs no preflight) but cannot read the
+//! answers.
 
 use std::sync::Arc;
 
@@ -20,18 +22,19 @@ const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 const ALLOWED_HEADERS: &str = "content-type, content-encoding, idempotency-key, authorization";
 
 /// The `Access-Control-Allow-Origin` value for a request's `Origin`, if it is allowed.
-fn allowed(origins: &[String], headers: &HeaderMap) -> Option<HeaderValue> {
+fn allowed(state: &AppState, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origins = &state.config.cors_origins;
     let origin = headers.get(header::ORIGIN)?;
     if origins.iter().any(|allowed| allowed == "*") {
         return Some(HeaderValue::from_static("*"));
     }
     let text = origin.to_str().ok()?;
-    origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(text)).then(|| origin.clone())
+    let listed = origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(text));
+    (listed || state.keys.bound_to(text)).then(|| origin.clone())
 }
 
 pub(crate) async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let origins = &state.config.cors_origins;
-    let allow = allowed(origins, request.headers());
+    let allow = allowed(&state, request.headers());
     let preflight =
         request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     if preflight {

@@ -182,7 +182,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
     // Only when configured: a layer costs every request a little.
-    if !state.config.cors_origins.is_empty() {
+    if !state.config.cors_origins.is_empty() || state.keys.enabled() {
         router = router.layer(axum::middleware::from_fn_with_state(Arc::clone(&state), cors::cors));
     }
     router.layer(axum::middleware::from_fn(monitoring::track_request)).with_state(state)

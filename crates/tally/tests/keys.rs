@@ -1,7 +1,8 @@
 //! API keys against the real binary: `tally keys` makes them, a server reading the file
 //! enforces each scope on each route, a revoked key stops working at the next request, a
 //! rate-limited key's accepted events are counted exactly, a write key bound to origins and
-//! video-id prefixes keeps to them, and one key cannot claim another's Idempotency-Keys.
+//! video-id prefixes keeps to them (and its origins may call the API cross-origin), and one
+//! key cannot claim another's Idempotency-Keys.
 
 mod common;
 
@@ -141,7 +142,17 @@ fn a_page_key_keeps_to_its_origins_and_prefixes_and_idempotency_keys_are_per_key
         request(server.address, "POST", "/v1/events", &headers, body.as_bytes()).unwrap()
     };
     let shop = Some("https://shop.example");
-    assert_eq!(post(&page, shop, r#"{"video_id":"shop-1"}"#, None).status, 200);
+    let posted = post(&page, shop, r#"{"video_id":"shop-1"}"#, None);
+    assert_eq!(posted.status, 200);
+    // The key's origins are CORS origins too (the server lists none itself).
+    assert_eq!(posted.header("access-control-allow-origin"), shop);
+    let preflight = |origin: &str| {
+        let headers = [("origin", origin), ("access-control-request-method", "POST")];
+        request(server.address, "OPTIONS", "/v1/events", &headers, b"").unwrap()
+    };
+    let allowed = preflight("https://shop.example");
+    assert_eq!((allowed.status, allowed.header("access-control-allow-origin")), (204, shop));
+    assert_eq!(preflight("https://evil.example").status, 403);
     let elsewhere = post(&page, Some("https://evil.example"), r#"{"video_id":"shop-1"}"#, None);
     assert_eq!((elsewhere.status, elsewhere.json()["error"].as_str()), (403, Some("origin_not_allowed")));
     assert_eq!(post(&page, None, r#"{"video_id":"shop-1"}"#, None).status, 403, "no Origin, no page");
