@@ -180,6 +180,8 @@ struct Stamp {
 
 #[derive(Default)]
 struct Loaded {
+    /// Whether the file was looked at yet, and the version read (none: it was missing).
+    read: bool,
     stamp: Option<Stamp>,
     keys: HashMap<String, Arc<Key>>,
 }
@@ -209,10 +211,14 @@ impl Keys {
         let Some(path) = &self.path else { return };
         let stamp =
             std::fs::metadata(path).ok().map(|m| Stamp { modified: m.modified().ok(), len: m.len(), inode: m.ino() });
-        if self.loaded.read().stamp == stamp && stamp.is_some() {
+        let unchanged = |loaded: &Loaded| loaded.read && loaded.stamp == stamp;
+        if unchanged(&self.loaded.read()) {
             return;
         }
         let mut loaded = self.loaded.write();
+        if unchanged(&loaded) {
+            return;
+        }
         match KeyFile::load(path) {
             Ok(file) => {
                 loaded.keys = file.keys.into_iter().map(|entry| (entry.id.clone(), Arc::new(key(entry)))).collect();
@@ -224,6 +230,7 @@ impl Keys {
             }
         }
         loaded.stamp = stamp;
+        loaded.read = true;
     }
 
     /// Whether a key in force is bound to `origin` (its pages may call the API).
@@ -258,8 +265,10 @@ fn key(entry: KeyEntry) -> Key {
 /// The key a request presents: `Authorization: Bearer …`, or `?key=…` where the route
 /// takes it (the beacon cannot set headers).
 fn presented(request: &Request, query_key: bool) -> Option<String> {
-    if let Some(value) = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return value.strip_prefix("Bearer ").map(|token| token.trim().to_string());
+    if let Some(value) = request.headers().get(header::AUTHORIZATION) {
+        // Any other scheme is a key that does not check: 401, not anonymous.
+        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+        return Some(token.trim().to_string());
     }
     if !query_key {
         return None;

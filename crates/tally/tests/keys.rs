@@ -60,6 +60,9 @@ fn each_scope_is_allowed_and_refused_on_each_route_and_a_revoked_key_stops_at_on
         assert_eq!(none.header("www-authenticate"), Some("Bearer realm=\"tally\""));
         let wrong = call(&server, method, path, Some("tally_k000000000000_00"), body);
         assert_eq!((wrong.status, wrong.json()["error"].as_str()), (401, Some("invalid_key")), "{path}");
+        let headers = [("content-type", "application/json"), ("authorization", "Basic dTpw")];
+        let basic = request(server.address, method, path, &headers, body.as_bytes()).unwrap();
+        assert_eq!(basic.status, 401, "{path}: another scheme is no key");
         for (scope, key) in &scoped {
             let answer = call(&server, method, path, Some(key), body);
             if *scope == needs {
@@ -176,8 +179,15 @@ fn a_page_key_keeps_to_its_origins_and_prefixes_and_idempotency_keys_are_per_key
 #[test]
 fn keys_are_optional_on_loopback_and_required_elsewhere_unless_turned_off() {
     let dir = tempfile::tempdir().unwrap();
-    let open = start(&dir.path().join("open"), "");
+    let file = dir.path().join("keys.json");
+    let read = create(&file, &["--scope", "read"]);
+    let config = format!("keys_file = {:?}\n", file.to_str().unwrap());
+    let open = start(&dir.path().join("open"), &config);
     assert_eq!(call(&open, "POST", "/v1/events", None, r#"{"video_id":"a"}"#).status, 200);
+    // A key that is given is checked all the same.
+    assert_eq!(call(&open, "POST", "/v1/events", Some(&read), r#"{"video_id":"a"}"#).status, 403);
+    assert_eq!(call(&open, "GET", "/v1/count?video_id=a", Some("tally_kx_y"), "").status, 401);
+    assert_eq!(call(&open, "GET", "/v1/count?video_id=a", Some(&read), "").json()["count"], 1);
     let refused = Command::new(tally_binary())
         .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
         .arg(dir.path().join("public"))
