@@ -12,6 +12,7 @@ mod cors;
 mod error;
 mod ingest;
 mod listen;
+mod metric_help;
 mod monitoring;
 mod query;
 mod web;

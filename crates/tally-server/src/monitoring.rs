@@ -14,11 +14,15 @@ use serde_json::json;
 
 use crate::AppState;
 
-/// Latency buckets, seconds: 50 µs to 10 s, dense below a millisecond where reads live.
-const LATENCY_BUCKETS_S: [f64; 16] =
-    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-/// Group sizes (requests per fdatasync) and flushed cells.
-const COUNT_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 16384.0, 262144.0];
+/// Latency buckets, seconds: 50 µs to 2 minutes, dense below a millisecond where reads
+/// live; flushes of millions of cells take tens of seconds.
+const LATENCY_BUCKETS_S: [f64; 19] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+    60.0, 120.0,
+];
+/// Group sizes (requests per fdatasync) and flushed cells (up to 16 M).
+const COUNT_BUCKETS: [f64; 15] =
+    [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 16384.0, 262144.0, 1048576.0, 4194304.0, 16777216.0];
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install_metrics() -> PrometheusHandle {
@@ -31,6 +35,7 @@ pub fn install_metrics() -> PrometheusHandle {
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tally_flush_cells".into()), &COUNT_BUCKETS))
                 .expect("valid buckets")
                 .install_recorder()
+                .inspect(|_| crate::metric_help::describe())
                 .expect("install the Prometheus recorder")
         })
         .clone()

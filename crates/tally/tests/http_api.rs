@@ -485,3 +485,27 @@ fn too_many_bodies_in_flight_answers_503_with_retry_after_and_counts_nothing() {
     assert_eq!((server.count("slow"), server.count("fast")), (1, 0));
     assert_eq!(server.post_events(r#"[{"video_id":"fast"}]"#, &[]).status, 200, "the budget came back");
 }
+
+/// `promtool check metrics` (Debian's `prometheus` package) finds nothing to say about
+/// `/metrics` after writes, reads and a refused request: every metric has HELP text and a
+/// proper type and name.
+#[test]
+fn metrics_pass_promtool() {
+    let (_dir, server) = server("");
+    assert_eq!(server.post_events(r#"[{"video_id":"a"},{"video_id":"b","type":"like"}]"#, &[]).status, 200);
+    assert_eq!(server.get("/v1/count?video_id=a").status, 200);
+    assert_eq!(server.post_events("[{}]", &[]).status, 400);
+    let metrics = server.get("/metrics").text();
+    assert!(metrics.contains(&format!("tally_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{metrics}");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is not installed: apt-get install prometheus (as .ci/run does)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && said.trim().is_empty(), "promtool: {said}\n{metrics}");
+}
