@@ -107,13 +107,30 @@ enum Kind {
     Histogram,
 }
 
-/// Describes every metric, and sets `tally_build_info`.
+/// Counters with labels, and the values they take: each starts at 0 too.
+const LABELLED_COUNTERS: [(&str, &str, &[&str]); 2] = [
+    ("tally_log_anomalies_total", "kind", &["gap", "repeated_offset"]),
+    ("tally_rate_limited_total", "limit", &["requests", "events"]),
+];
+
+/// Describes every metric, shows every counter from the start (at 0, so a rate over the
+/// first event is right), and sets `tally_build_info`.
 pub(crate) fn describe() {
     for (kind, name, help) in METRICS {
         match kind {
-            Kind::Counter => describe_counter!(name, help),
+            Kind::Counter => {
+                describe_counter!(name, help);
+                if !LABELLED_COUNTERS.iter().any(|(labelled, _, _)| *labelled == name) {
+                    metrics::counter!(name).absolute(0);
+                }
+            }
             Kind::Gauge => describe_gauge!(name, help),
             Kind::Histogram => describe_histogram!(name, help),
+        }
+    }
+    for (name, label, values) in LABELLED_COUNTERS {
+        for value in values {
+            metrics::counter!(name, label => *value).absolute(0);
         }
     }
     metrics::gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -496,6 +496,12 @@ fn metrics_pass_promtool() {
     assert_eq!(server.get("/v1/count?video_id=a").status, 200);
     assert_eq!(server.post_events("[{}]", &[]).status, 400);
     let metrics = server.get("/metrics").text();
+    // Counters show from the start, before their first event.
+    for line in
+        ["tally_writer_stalls_total 0", "tally_log_anomalies_total{kind=\"gap\"} 0", "tally_partition_fenced_total 0"]
+    {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing:\n{metrics}");
+    }
     assert!(metrics.contains(&format!("tally_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{metrics}");
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
