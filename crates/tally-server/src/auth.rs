@@ -240,7 +240,7 @@ impl Keys {
         }
         self.refresh();
         let loaded = self.loaded.read();
-        loaded.keys.values().any(|key| key.entry.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)))
+        loaded.keys.values().any(|key| lists_origin(&key.entry.origins, origin))
     }
 
     /// The key `token` names, if it is one in force.
@@ -253,10 +253,17 @@ impl Keys {
     }
 }
 
+/// Bytes of a SHA-256 digest.
+const DIGEST_BYTES: usize = 32;
+
 fn key(entry: KeyEntry) -> Key {
-    let digest = (0..entry.secret_sha256.len() / 2)
+    let digest: Vec<u8> = (0..entry.secret_sha256.len() / 2)
         .filter_map(|i| u8::from_str_radix(entry.secret_sha256.get(2 * i..2 * i + 2)?, 16).ok())
         .collect();
+    if digest.len() != DIGEST_BYTES || entry.secret_sha256.len() != 2 * DIGEST_BYTES {
+        // Never matches: a hand-edited file says why its key is refused.
+        tracing::error!(id = %entry.id, "secret_sha256 is not 64 hex digits; this key matches no secret");
+    }
     let requests = entry.requests_per_second.map(|rate| Mutex::new(Bucket::new(rate)));
     let events = entry.events_per_second.map(|rate| Mutex::new(Bucket::new(rate)));
     Key { entry, digest, requests, events }
@@ -295,13 +302,18 @@ fn unauthorized(code: &'static str, message: &str) -> Response {
     response
 }
 
+/// Whether `origins` names `origin` (origins compare without regard to case).
+pub(crate) fn lists_origin(origins: &[String], origin: &str) -> bool {
+    origins.iter().any(|listed| listed.eq_ignore_ascii_case(origin))
+}
+
 /// Whether a key bound to origins may be used by this request: only from those pages.
 fn origin_allowed(entry: &KeyEntry, headers: &HeaderMap) -> bool {
     if entry.origins.is_empty() {
         return true;
     }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-    origin.is_some_and(|origin| entry.origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)))
+    origin.is_some_and(|origin| lists_origin(&entry.origins, origin))
 }
 
 /// The layer of every route that needs `scope`.

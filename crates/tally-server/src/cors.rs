@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, auth};
 
 /// How long a browser may cache a preflight answer, seconds.
 const PREFLIGHT_MAX_AGE_SECONDS: &str = "600";
@@ -29,8 +29,7 @@ fn allowed(state: &AppState, headers: &HeaderMap) -> Option<HeaderValue> {
         return Some(HeaderValue::from_static("*"));
     }
     let text = origin.to_str().ok()?;
-    let listed = origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(text));
-    (listed || state.keys.bound_to(text)).then(|| origin.clone())
+    (auth::lists_origin(origins, text) || state.keys.bound_to(text)).then(|| origin.clone())
 }
 
 pub(crate) async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {

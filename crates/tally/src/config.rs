@@ -148,6 +148,9 @@ const SESSION_TIMEOUT_MS_DEFAULT: u64 = 6_000;
 /// answers as soon as data arrives, so there it only sets how often an idle partition is
 /// asked again (ten times a second per broker).
 const FETCH_WAIT_MS_DEFAULT: u64 = 100;
+/// The range `fetch_wait_ms` may take.
+const FETCH_WAIT_MS_LOW: u64 = 1;
+const FETCH_WAIT_MS_HIGH: u64 = 10_000;
 /// The range `session_timeout_ms` may take (Kafka's brokers refuse less than 6,000 by
 /// default, `group.min.session.timeout.ms`, and more than 300,000).
 const SESSION_TIMEOUT_MS_LOW: u64 = 1_000;
@@ -288,7 +291,10 @@ fn cluster_settings(
         "session_timeout_ms must be {SESSION_TIMEOUT_MS_LOW} to {SESSION_TIMEOUT_MS_HIGH}, got {session_timeout_ms}"
     );
     let fetch_wait_ms = keys.fetch_wait_ms.unwrap_or(FETCH_WAIT_MS_DEFAULT);
-    anyhow::ensure!((1..=10_000).contains(&fetch_wait_ms), "fetch_wait_ms must be 1 to 10000, got {fetch_wait_ms}");
+    anyhow::ensure!(
+        (FETCH_WAIT_MS_LOW..=FETCH_WAIT_MS_HIGH).contains(&fetch_wait_ms),
+        "fetch_wait_ms must be {FETCH_WAIT_MS_LOW} to {FETCH_WAIT_MS_HIGH}, got {fetch_wait_ms}"
+    );
     let topic = keys.topic.unwrap_or_else(|| TOPIC_DEFAULT.into());
     let advertise = keys.advertise.unwrap_or_else(|| format!("http://{listen}"));
     Ok(Some(ClusterSettings { brokers, topic, session_timeout_ms, fetch_wait_ms, advertise }))

@@ -77,6 +77,11 @@ fn load(file: &std::path::Path) -> anyhow::Result<KeyFile> {
     KeyFile::load(file).map_err(anyhow::Error::msg)
 }
 
+/// Random bytes in a key's id (hex, after a `k`): enough that ids do not collide in a file.
+const KEY_ID_BYTES: usize = 6;
+/// Random bytes in a key's secret (hex): 256 bits, past guessing.
+const KEY_SECRET_BYTES: usize = 32;
+
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
     let mut buffer = vec![0u8; bytes];
     getrandom::fill(&mut buffer).map_err(|e| anyhow::anyhow!("no randomness from the system: {e}"))?;
@@ -98,7 +103,7 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.events_per_second != Some(0), "events_per_second must be at least 1");
     anyhow::ensure!(args.requests_per_second != Some(0), "requests_per_second must be at least 1");
     let mut file = load(&args.file)?;
-    let (id, secret) = (format!("k{}", random_hex(6)?), random_hex(32)?);
+    let (id, secret) = (format!("k{}", random_hex(KEY_ID_BYTES)?), random_hex(KEY_SECRET_BYTES)?);
     file.keys.push(KeyEntry {
         id: id.clone(),
         name: args.name,

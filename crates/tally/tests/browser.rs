@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Answer, Server, metric, request, start, tally_binary};
+use common::{Answer, Server, create_key, metric, request, start};
 
 /// The page: a stub that queues calls made before the script loads (as the README's
 /// snippet does), the script from the server, and a beacon that delivers twice.
@@ -66,13 +66,6 @@ fn driver() -> PathBuf {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(Path::new(&chromium).is_file(), "{chromium} is missing: apt-get install chromium (as .ci/run does)");
     dir
-}
-
-/// `tally keys create --file FILE ARGS…`: the key it prints.
-fn create_key(file: &Path, args: &[&str]) -> String {
-    let output = Command::new(tally_binary()).args(["keys", "create", "--file"]).arg(file).args(args).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
 }
 
 fn get(server: &Server, key: &str, path: &str) -> Answer {

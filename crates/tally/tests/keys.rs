@@ -9,14 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Answer, Server, request, start, tally_binary};
-
-/// `tally keys create --file FILE ARGS…`: the key it prints.
-fn create(file: &Path, args: &[&str]) -> String {
-    let output = Command::new(tally_binary()).args(["keys", "create", "--file"]).arg(file).args(args).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
-}
+use common::{Answer, Server, create_key, request, start, tally_binary};
 
 fn keys(file: &Path, args: &[&str]) -> String {
     let output = Command::new(tally_binary()).arg("keys").args(args).arg("--file").arg(file).output().unwrap();
@@ -52,7 +45,7 @@ fn each_scope_is_allowed_and_refused_on_each_route_and_a_revoked_key_stops_at_on
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.json");
     let scoped: Vec<(&str, String)> =
-        ["write", "read", "admin"].into_iter().map(|scope| (scope, create(&file, &["--scope", scope]))).collect();
+        ["write", "read", "admin"].into_iter().map(|scope| (scope, create_key(&file, &["--scope", scope]))).collect();
     let server = server(dir.path(), &file);
     for (method, path, body, needs) in ROUTES {
         let none = call(&server, method, path, None, body);
@@ -96,7 +89,7 @@ fn each_scope_is_allowed_and_refused_on_each_route_and_a_revoked_key_stops_at_on
     let revoked = call(&server, "POST", "/v1/events", Some(write), r#"{"video_id":"a"}"#);
     assert_eq!((revoked.status, revoked.json()["error"].as_str()), (401, Some("invalid_key")));
     // A key created now works at once.
-    let fresh = create(&file, &["--scope", "write"]);
+    let fresh = create_key(&file, &["--scope", "write"]);
     assert_eq!(call(&server, "POST", "/v1/events", Some(&fresh), r#"{"video_id":"a"}"#).status, 200);
 }
 
@@ -104,7 +97,7 @@ fn each_scope_is_allowed_and_refused_on_each_route_and_a_revoked_key_stops_at_on
 fn a_rate_limited_key_counts_exactly_what_was_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.json");
-    let limited = create(&file, &["--scope", "write,read", "--events-per-second", "50"]);
+    let limited = create_key(&file, &["--scope", "write,read", "--events-per-second", "50"]);
     let server = server(dir.path(), &file);
     let body = format!("[{}]", [r#"{"video_id":"limited"}"#; 10].join(","));
     let (mut accepted, mut limited_answers) = (0, 0);
@@ -134,8 +127,8 @@ fn a_rate_limited_key_counts_exactly_what_was_accepted() {
 fn a_page_key_keeps_to_its_origins_and_prefixes_and_idempotency_keys_are_per_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.json");
-    let page = create(&file, &["--scope", "write", "--origin", "https://shop.example", "--video-prefix", "shop-"]);
-    let other = create(&file, &["--scope", "write,read"]);
+    let page = create_key(&file, &["--scope", "write", "--origin", "https://shop.example", "--video-prefix", "shop-"]);
+    let other = create_key(&file, &["--scope", "write,read"]);
     let server = server(dir.path(), &file);
     let post = |key: &str, origin: Option<&str>, body: &str, idempotency: Option<&str>| {
         let bearer = format!("Bearer {key}");
@@ -180,7 +173,7 @@ fn a_page_key_keeps_to_its_origins_and_prefixes_and_idempotency_keys_are_per_key
 fn keys_are_optional_on_loopback_and_required_elsewhere_unless_turned_off() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.json");
-    let read = create(&file, &["--scope", "read"]);
+    let read = create_key(&file, &["--scope", "read"]);
     let config = format!("keys_file = {:?}\n", file.to_str().unwrap());
     let open = start(&dir.path().join("open"), &config);
     assert_eq!(call(&open, "POST", "/v1/events", None, r#"{"video_id":"a"}"#).status, 200);

@@ -270,3 +270,10 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `tally keys create --file FILE ARGS…`: the key it prints.
+pub fn create_key(file: &Path, args: &[&str]) -> String {
+    let output = Command::new(tally_binary()).args(["keys", "create", "--file"]).arg(file).args(args).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
