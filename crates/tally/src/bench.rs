@@ -29,7 +29,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::client::{Client, encode_query};
+use crate::client::{Api, QUERY_ATTEMPTS, api, encode_query};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -212,7 +212,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("seed {seed}");
-    let client = Client::new(&args.server)?.with_key(args.key.as_deref());
+    let client = api(&args.server, args.key.as_deref(), WRITE_ATTEMPTS)?;
     match args.mode {
         Mode::Write => write(args, client, seed).await,
         Mode::Read | Mode::Top => read(args, client, seed).await,
@@ -227,7 +227,7 @@ fn spinner() -> ProgressBar {
     bar
 }
 
-async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
+async fn write(args: BenchArgs, client: Api, seed: u64) -> anyhow::Result<()> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let run_id = format!("{:08x}", rng.random::<u32>());
     let fresh_type = args.event_type.is_none();
@@ -271,10 +271,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                 sequence += 1;
                 let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
                 let sent_at = Instant::now();
-                match client
-                    .request_retrying(Method::POST, "/v1/events", &headers, bodies[index].bytes.clone(), WRITE_ATTEMPTS)
-                    .await
-                {
+                match client.request_retrying(Method::POST, "/v1/events", &headers, bodies[index].bytes.clone()).await {
                     Ok(answer) if answer.status.is_success() => {
                         latencies.push(Latencies::micros(sent_at.elapsed()));
                         sent[index].fetch_add(1, Ordering::Relaxed);
@@ -287,7 +284,9 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
                     }
                     Err(error) => {
                         stop.store(true, Ordering::Relaxed);
-                        return Err(error.context(format!("a batch failed {WRITE_ATTEMPTS} attempts")));
+                        return Err(
+                            anyhow::Error::from(error).context(format!("a batch failed {WRITE_ATTEMPTS} attempts"))
+                        );
                     }
                 }
             }
@@ -372,7 +371,7 @@ async fn write(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn read(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
+async fn read(args: BenchArgs, client: Api, seed: u64) -> anyhow::Result<()> {
     let event_type = args.event_type.clone().unwrap_or_else(|| "view".into());
     let requests_left = Arc::new(AtomicU64::new(args.events.unwrap_or(u64::MAX)));
     let deadline = Instant::now() + Duration::from_secs(args.duration);
@@ -451,8 +450,8 @@ const FRESH_POLL: Duration = Duration::from_millis(2);
 /// How long fresh mode waits for one write to count before it fails.
 const FRESH_WAIT_MAX: Duration = Duration::from_secs(60);
 
-async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()> {
-    let reader = Client::new(args.read_server.as_deref().unwrap_or(&args.server))?.with_key(args.key.as_deref());
+async fn fresh(args: BenchArgs, client: Api, seed: u64) -> anyhow::Result<()> {
+    let reader = api(args.read_server.as_deref().unwrap_or(&args.server), args.key.as_deref(), QUERY_ATTEMPTS)?;
     let writes_left = Arc::new(AtomicU64::new(args.events.unwrap_or(u64::MAX)));
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
@@ -491,10 +490,10 @@ async fn fresh(args: BenchArgs, client: Client, seed: u64) -> anyhow::Result<()>
 
 /// Writes one event of `video` and asks `reader` for its count until it is 1: the
 /// microseconds from the acknowledgement until then.
-async fn time_to_visible(writer: &Client, reader: &Client, video: &str) -> anyhow::Result<u32> {
+async fn time_to_visible(writer: &Api, reader: &Api, video: &str) -> anyhow::Result<u32> {
     let body = Bytes::from(json!([{ "video_id": video }]).to_string());
     let headers = [("content-type", "application/json"), ("idempotency-key", video)];
-    let answer = writer.request_retrying(Method::POST, "/v1/events", &headers, body, WRITE_ATTEMPTS).await?;
+    let answer = writer.request_retrying(Method::POST, "/v1/events", &headers, body).await?;
     anyhow::ensure!(answer.status.is_success(), "write failed: {}", answer.error_text());
     let acknowledged = Instant::now();
     let path = format!("/v1/count?video_id={}&from=0", encode_query(video));
@@ -528,12 +527,12 @@ impl Reached {
 
 /// The all-time count of every bench video (`v0`…) of one type, a page of ids per request
 /// (the server's default page limit).
-async fn count_all(client: &Client, videos: u32, event_type: &str) -> anyhow::Result<Vec<u64>> {
+async fn count_all(client: &Api, videos: u32, event_type: &str) -> anyhow::Result<Vec<u64>> {
     count_all_after(client, videos, event_type, "").await
 }
 
 /// `count_all` once the server has reached `position` (waiting up to a minute).
-async fn count_all_after(client: &Client, videos: u32, event_type: &str, position: &str) -> anyhow::Result<Vec<u64>> {
+async fn count_all_after(client: &Api, videos: u32, event_type: &str, position: &str) -> anyhow::Result<Vec<u64>> {
     let path = if position.is_empty() {
         "/v1/counts".to_string()
     } else {

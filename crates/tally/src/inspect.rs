@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::client::{Client, encode_query};
+use crate::client::{QUERY_ATTEMPTS, api, encode_query};
 
 /// The time range and output options every query command shares.
 #[derive(clap::Args)]
@@ -36,7 +36,7 @@ impl Range {
     /// GETs `path` with `pairs` plus the range; prints the JSON answer with `--json`,
     /// else hands it back for a readable rendering.
     async fn ask(&self, path: &str, pairs: &[(&str, Option<&str>)]) -> anyhow::Result<Option<Value>> {
-        let client = Client::new(&self.server)?;
+        let client = api(&self.server, None, QUERY_ATTEMPTS)?;
         let all: Vec<(&str, Option<&str>)> = pairs.iter().copied().chain(self.pairs()).collect();
         let answer = client.get_json(&format!("{path}?{}", query(&all))).await?;
         if self.json {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::Command;
 
 use common::{start, tally_binary};
@@ -77,6 +78,58 @@ fn send_resumes_where_it_stopped_and_never_double_counts() {
     let out = tally(&server, &["send", file.to_str().unwrap(), "--batch-size", "1000", "--restart"]);
     assert!(out.status.success());
     assert_eq!(server.count("r"), 4051);
+}
+
+#[test]
+fn an_appended_file_sends_only_its_new_lines_and_a_named_stdin_is_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let file = dir.path().join("grows.jsonl");
+    let line = "{\"video_id\":\"grow\"}\n";
+    std::fs::write(&file, line.repeat(10)).unwrap();
+    let out = tally(&server, &["send", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::OpenOptions::new().append(true).open(&file).unwrap().write_all(line.repeat(5).as_bytes()).unwrap();
+    let out = tally(&server, &["send", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("sent 5 events in this run"), "{stderr}");
+    assert_eq!(server.count("grow"), 15, "the first ten lines are not sent again");
+
+    let stdin = |source_id: Option<&str>| {
+        let mut args = vec!["send", "-"];
+        args.extend(source_id.map(|id| ["--source-id", id]).iter().flatten());
+        let mut child = Command::new(tally_binary())
+            .args(&args)
+            .env("TALLY_SERVER", server.url())
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all("{\"video_id\":\"piped\"}\n".repeat(7).as_bytes()).unwrap();
+        assert!(child.wait_with_output().unwrap().status.success());
+    };
+    stdin(Some("nightly-export"));
+    stdin(Some("nightly-export"));
+    assert_eq!(server.count("piped"), 7, "a rerun of a named source is recognised");
+    stdin(None);
+    assert_eq!(server.count("piped"), 14, "an unnamed stdin is a new source each run");
+}
+
+#[test]
+fn csv_columns_are_found_by_header_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), "");
+    let csv = dir.path().join("some-columns.csv");
+    std::fs::write(&csv, "value,video_id,type\n5,\"col,1\",like\n7,\"col,1\",like\n").unwrap();
+    let out = tally(&server, &["send", csv.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tally(&server, &["count", "col,1", "--type", "like", "--json"]);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((answer["count"].as_u64(), answer["sum"].as_i64()), (Some(2), Some(12)));
+    std::fs::write(&csv, "video_id,colour\na,red\n").unwrap();
+    let out = tally(&server, &["send", csv.to_str().unwrap(), "--restart"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"colour\" is not an event field"));
 }
 
 #[test]
