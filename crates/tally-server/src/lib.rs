@@ -14,6 +14,7 @@ mod ingest;
 mod listen;
 mod metric_help;
 mod monitoring;
+mod process;
 mod query;
 mod web;
 mod wire;
@@ -66,6 +67,8 @@ pub struct ServerConfig {
     /// key (401 without one).
     pub keys_required: bool,
     pub limits: Limits,
+    /// Whether every request is logged (target `tally::access`).
+    pub access_log: bool,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             keys_file: None,
             keys_required: false,
             limits: Limits::default(),
+            access_log: false,
         }
     }
 }
@@ -185,6 +189,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Only when configured: a layer costs every request a little.
     if !state.config.cors_origins.is_empty() || state.keys.enabled() {
         router = router.layer(axum::middleware::from_fn_with_state(Arc::clone(&state), cors::cors));
+    }
+    if state.config.access_log {
+        router = router.layer(axum::middleware::from_fn(monitoring::access_log));
     }
     router.layer(axum::middleware::from_fn(monitoring::track_request)).with_state(state)
 }

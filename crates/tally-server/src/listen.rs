@@ -201,8 +201,9 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let activity = Arc::new(Activity::new());
+    let peer = stream.peer_addr().ok().map(Peer);
     let io = TokioIo::new(Guarded { inner: stream, activity: Arc::clone(&activity), rewrite: None });
-    let service = Tracked { app, activity: Arc::clone(&activity) };
+    let service = Tracked { app, activity: Arc::clone(&activity), peer };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.keep_alive(keep_alive).max_buf_size(HEAD_BYTES_MAX);
     let connection = builder.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
@@ -269,11 +270,16 @@ impl Activity {
     }
 }
 
+/// The client's address, in each request's extensions (for the access log).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub std::net::SocketAddr);
+
 /// The router, marking the connection busy from a request's head until its response.
 #[derive(Clone)]
 struct Tracked {
     app: Router,
     activity: Arc<Activity>,
+    peer: Option<Peer>,
 }
 
 impl Service<Request<Incoming>> for Tracked {
@@ -285,8 +291,11 @@ impl Service<Request<Incoming>> for Tracked {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.enter(BUSY);
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(peer);
+        }
         let activity = Arc::clone(&self.activity);
         let response = self.app.call(request.map(Body::new));
         Box::pin(async move {

@@ -52,6 +52,37 @@ pub(crate) async fn track_request(request: Request, next: Next) -> Response {
     response
 }
 
+/// Longest path an access log line shows; longer ones are cut (and marked so).
+const LOGGED_PATH_CHARS_MAX: usize = 256;
+
+/// One `tally::access` log line per request: method, path (never the query, which may
+/// hold a key), status, response bytes, duration, client address and `X-Forwarded-For`.
+pub(crate) async fn access_log(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let mut path: String = request.uri().path().chars().take(LOGGED_PATH_CHARS_MAX).collect();
+    if path.len() < request.uri().path().len() {
+        path.push('…');
+    }
+    let client = request.extensions().get::<crate::listen::Peer>().map(|peer| peer.0.to_string());
+    let forwarded_for = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let started = Instant::now();
+    let response = next.run(request).await;
+    // The body's length when known whole (every answer but a stream).
+    let bytes = axum::body::HttpBody::size_hint(response.body()).exact();
+    tracing::info!(
+        target: "tally::access",
+        %method,
+        path,
+        status = response.status().as_u16(),
+        bytes,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        client,
+        forwarded_for,
+        "request"
+    );
+    response
+}
+
 pub(crate) async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
@@ -88,7 +119,9 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     metrics::gauge!("tally_body_bytes_in_flight")
         .set((state.config.body_bytes_in_flight_max - state.body_budget.available_permits()) as f64);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    let mut text = state.metrics.render();
+    crate::process::render(&mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 pub(crate) const OPENAPI_JSON: &str = include_str!("../openapi.json");

@@ -60,7 +60,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     bodies: usize,
     /// Spread event timestamps uniformly over this many days before now (write mode; the
-    /// server's lateness_max_ms must allow it). 0: no `ts`, the server stamps receive time
+    /// server's lateness_max must allow it). 0: no `ts`, the server stamps receive time
     #[arg(long, default_value_t = 0)]
     spread_days: i64,
     /// Longest range a read asks for, days (read mode)

@@ -50,7 +50,7 @@ pub struct BridgeArgs {
 }
 
 pub fn run(args: BridgeArgs) -> anyhow::Result<()> {
-    crate::serve::init_logging();
+    crate::serve::init_logging(crate::config::LogFormat::Text);
     let partitions = tally_kafka::topic_partitions(&args.kafka, &args.topic)?;
     anyhow::ensure!(partitions > 0, "topic {} does not exist: run `tally cluster init` first", args.topic);
     let group = args.group.unwrap_or_else(|| format!("tally-bridge-{}", args.from_topic));

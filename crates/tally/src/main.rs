@@ -12,11 +12,12 @@ mod inspect;
 mod keys;
 mod send;
 mod serve;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exact, durable, real-time event counting.
 #[derive(Parser)]
@@ -29,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: HTTP API, write-ahead log and embedded store in one process.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send events from a JSON-lines or CSV file (or stdin) in batches; resumable.
     Send(send::SendArgs),
     /// Count one video's events over a time range.
@@ -60,40 +61,21 @@ enum Command {
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Directory for the log and the store [default: ./tally-data]
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Where the aggregates live: `embedded` (redb in the data directory) or a
-    /// PostgreSQL URL, postgres://USER@HOST:PORT/DB [default: embedded]
-    #[arg(long)]
-    store: Option<String>,
-    /// Cluster mode: Kafka brokers host:port[,host:port…] holding the log (with --postgres)
-    #[arg(long)]
-    kafka: Option<String>,
-    /// The PostgreSQL store, postgres://USER@HOST:PORT/DB (the same as --store)
-    #[arg(long)]
-    postgres: Option<String>,
-    /// Cluster mode: the topic [default: tally-events]
-    #[arg(long)]
-    topic: Option<String>,
-    /// Cluster mode: this node's URL as others reach it [default: the listen address]
-    #[arg(long)]
-    advertise: Option<String>,
-    /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080]
-    #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
-    /// Address serving only /healthz, /readyz and /metrics, apart from client connections
-    /// and their limit [default: none]
-    #[arg(long)]
-    admin_listen: Option<std::net::SocketAddr>,
-    /// TOML file with any setting (see README); flags override it
-    #[arg(long)]
+    /// TOML file with any of the settings below (deploy/tally.toml lists them all);
+    /// TALLY_<SETTING> environment variables override it, and flags override those
+    #[arg(long, env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
+    /// Print the effective configuration (defaults, file, environment, flags) as TOML and
+    /// exit without starting
+    #[arg(long)]
+    check_config: bool,
     /// Start even if a partition's newest log segment was deleted or cut short, or all of
     /// its segments were deleted: the lost events are dropped, and the log says what was
     /// dropped. Without it such a start is refused, naming the damage
     #[arg(long)]
     accept_log_loss: bool,
+    #[command(flatten)]
+    settings: config::FileConfig,
 }
 
 #[derive(clap::Args)]
@@ -150,10 +132,21 @@ fn store_stats(args: StoreStatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command line, with every `serve` setting also read from `TALLY_<SETTING>`.
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("serve", |mut serve| {
+        for key in config::keys() {
+            let variable = format!("TALLY_{}", key.to_uppercase());
+            serve = serve.mut_arg(key, |arg| arg.env(variable));
+        }
+        serve
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Send(args) => client_runtime().and_then(|rt| rt.block_on(send::run(args))),
         Command::Count(args) => client_runtime().and_then(|rt| rt.block_on(inspect::count(args))),
         Command::Series(args) => client_runtime().and_then(|rt| rt.block_on(inspect::series(args))),

@@ -15,41 +15,38 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::ServeArgs;
-use crate::config::{ClusterSettings, FileConfig, StoreLocation};
+use crate::config::{ClusterSettings, FileConfig, LogFormat, ServeConfig, StoreLocation};
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-/// A setting given by flag replaces the file's.
-fn override_with<T>(setting: &mut Option<T>, flag: Option<T>) {
-    if flag.is_some() {
-        *setting = flag;
+/// Logs to stderr as text or JSON lines, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
     }
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
-    let mut file = match &args.config {
+/// The settings: defaults, then the file, then `TALLY_*` variables and flags (clap has
+/// already put each flag over its variable).
+fn configuration(args: ServeArgs) -> anyhow::Result<ServeConfig> {
+    let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    // Flags override the file.
-    override_with(&mut file.data_dir, args.data_dir);
-    override_with(&mut file.listen, args.listen);
-    override_with(&mut file.store, args.store);
-    override_with(&mut file.admin_listen, args.admin_listen);
-    override_with(&mut file.kafka, args.kafka);
-    override_with(&mut file.postgres, args.postgres);
-    override_with(&mut file.topic, args.topic);
-    override_with(&mut file.advertise, args.advertise);
-    let mut config = file.resolve()?;
+    let mut config = file.overridden_by(&args.settings)?.resolve()?;
     config.engine.accept_log_loss = args.accept_log_loss;
+    Ok(config)
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let check = args.check_config;
+    let config = configuration(args)?;
+    if check {
+        print!("{}", config.effective_toml(&crate::config::keys())?);
+        return Ok(());
+    }
+    init_logging(config.log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
         runtime.worker_threads(threads);
@@ -62,7 +59,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-async fn serve(mut config: crate::config::ServeConfig) -> anyhow::Result<()> {
+async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     // Before anything slow, so that a stop during recovery is a clean exit, not a kill.
     let mut stop_signal = StopSignal::install()?;
     config.server.connections_max = connections_within_file_limit(

@@ -32,7 +32,7 @@ fn items(answer: &Value) -> Vec<(String, u64)> {
 #[test]
 fn top_lists_the_most_viewed_videos_of_the_range_in_order_and_says_it_is_exact() {
     // A fast flush, so the answer mixes stored sketches with events still in memory.
-    let (_dir, server) = server("flush_interval_ms = 50");
+    let (_dir, server) = server("flush_interval = \"50ms\"");
     let now = now_ms();
     let mut events = Vec::new();
     for (video, n) in [("a", 5), ("b", 9), ("c", 5), ("d", 1)] {
@@ -63,7 +63,7 @@ fn top_lists_the_most_viewed_videos_of_the_range_in_order_and_says_it_is_exact()
 
 #[test]
 fn uniques_counts_distinct_viewers_across_minutes_and_requests() {
-    let (_dir, server) = server("flush_interval_ms = 50");
+    let (_dir, server) = server("flush_interval = \"50ms\"");
     let now = now_ms();
     for round in 0..3 {
         // 300 distinct viewers, each seen in all three rounds and several minutes.
@@ -111,7 +111,7 @@ fn stats_reports_every_event_type_of_a_video_with_count_sum_and_average() {
 fn local_days_follow_daylight_saving_and_half_hour_zones() {
     // The October 2026 days below must stay writable and in the hour tier whenever this
     // runs: the longest lateness allowed (100 years) and hour buckets kept forever.
-    let (_dir, server) = server("lateness_max_ms = 3153600000000\nhour_retention_days = 0");
+    let (_dir, server) = server("lateness_max = \"36500d\"\nhour_retention_days = 0");
     // Berlin left summer time on 2026-10-25: that day has 25 hours.
     post(
         &server,
@@ -169,7 +169,7 @@ fn local_days_follow_daylight_saving_and_half_hour_zones() {
 
 #[test]
 fn events_older_than_minute_retention_count_in_hours_and_days_and_queries_say_so() {
-    let (_dir, server) = server("lateness_max_ms = 2592000000\nflush_interval_ms = 50");
+    let (_dir, server) = server("lateness_max = \"30d\"\nflush_interval = \"50ms\"");
     let old = now_ms() - 10 * DAY_MS;
     let old_hour = old / HOUR_MS * HOUR_MS;
     post(&server, json!([{"video_id": "v", "ts": old_hour + 17 * 60_000 + 5}, {"video_id": "v", "ts": now_ms()}]));

@@ -30,7 +30,7 @@ const EVENTS_PER_REQUEST: usize = 100;
 const SPREAD_MINUTES: i64 = 150;
 /// A node's settings in these tests: short flushes, and a short session so that a dead
 /// or paused node's partitions move within seconds.
-const NODE_CONFIG: &str = "flush_interval_ms = 200\nsession_timeout_ms = 6000\n";
+const NODE_CONFIG: &str = "flush_interval = \"200ms\"\nsession_timeout = \"6s\"\n";
 /// How long a request may be retried before the test gives up on the cluster.
 const RETRY_FOR: Duration = Duration::from_secs(90);
 /// The `wait_ms` of the tests' reads with `after`: long enough for a partition on the move
@@ -106,8 +106,8 @@ impl Cluster {
     /// Node 1 flushes every 5 s, so that whenever it is paused it holds deltas to flush.
     fn start_node(&self, index: usize) -> Server {
         let name = format!("node{index}");
-        let config = if index == 1 { format!("{NODE_CONFIG}flush_interval_ms = 5000\n") } else { NODE_CONFIG.into() };
-        let config = config.replacen("flush_interval_ms = 200\n", "", usize::from(index == 1));
+        let config = if index == 1 { format!("{NODE_CONFIG}flush_interval = \"5s\"\n") } else { NODE_CONFIG.into() };
+        let config = config.replacen("flush_interval = \"200ms\"\n", "", usize::from(index == 1));
         node(self.dir.path(), &name, self.ports[index], &self.broker.address(), &self.postgres.url(), &config)
     }
 

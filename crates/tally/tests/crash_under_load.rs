@@ -20,7 +20,7 @@ use common::{Server, request, start};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-const CONFIG: &str = "flush_interval_ms = 20\nsegment_bytes_max = 65536\npartitions = 4";
+const CONFIG: &str = "flush_interval = \"20ms\"\nsegment_bytes_max = 65536\npartitions = 4";
 const ROUNDS: usize = 6;
 const CLIENTS: usize = 4;
 const VIDEOS: u32 = 40;

@@ -73,7 +73,7 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
 }
 
 const CONFIG: &str =
-    "partitions = 1\nsegment_bytes_max = 1048576\ndisk_free_bytes_min = 4194304\nflush_interval_ms = 100";
+    "partitions = 1\nsegment_bytes_max = 1048576\ndisk_free_bytes_min = 4194304\nflush_interval = \"100ms\"";
 
 fn batch() -> String {
     serde_json::to_string(&(0..500).map(|i| serde_json::json!({"video_id": format!("v{}", i % 7)})).collect::<Vec<_>>())
@@ -206,7 +206,7 @@ fn metric(server: &common::Server, name: &str) -> Option<f64> {
 fn a_store_that_meets_a_full_disk_heals_without_a_restart() {
     let fs = Tmpfs::mount("48m");
     let data = fs.path.join("data");
-    let config = "partitions = 1\nsegment_bytes_max = 8388608\ndisk_free_bytes_min = 0\nflush_interval_ms = 100";
+    let config = "partitions = 1\nsegment_bytes_max = 8388608\ndisk_free_bytes_min = 0\nflush_interval = \"100ms\"";
     let mut server = start(&data, config);
     let filler = fill(&fs.path, 0);
     let mut acknowledged = 0;

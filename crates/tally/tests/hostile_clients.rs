@@ -62,7 +62,7 @@ fn slow_bodies_do_not_starve_other_writers() {
 /// Defect 1: without a body deadline a trickling body was held forever.
 #[test]
 fn a_body_that_does_not_arrive_in_time_gets_408_and_counts_nothing() {
-    let (_dir, server) = server("body_read_timeout_ms = 800");
+    let (_dir, server) = server("body_read_timeout = \"800ms\"");
     let mut stream = connect(server.address);
     let head = "POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
     stream.write_all(head.as_bytes()).unwrap();
@@ -78,7 +78,7 @@ fn a_body_that_does_not_arrive_in_time_gets_408_and_counts_nothing() {
 /// Defect 2: idle connections and half-sent heads were never closed.
 #[test]
 fn idle_connections_and_unfinished_heads_are_closed() {
-    let (_dir, server) = server("keep_alive_idle_ms = 4000\nheader_read_timeout_ms = 500");
+    let (_dir, server) = server("keep_alive_idle = \"4s\"\nheader_read_timeout = \"500ms\"");
     let mut idle = connect(server.address);
     let mut slowloris = connect(server.address);
     slowloris.write_all(b"GET /v1/count?video_id=x HTTP/1.1\r\nHost: t\r\n").unwrap();
@@ -110,7 +110,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// and the shedding is logged and counted.
 #[test]
 fn connections_over_the_limit_get_a_fast_503_and_health_checks_still_answer() {
-    let (_dir, server) = server("connections_max = 20\nkeep_alive_idle_ms = 60000");
+    let (_dir, server) = server("connections_max = 20\nkeep_alive_idle = \"1m\"");
     let held: Vec<TcpStream> = (0..20).map(|_| connect(server.address)).collect();
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
@@ -132,7 +132,7 @@ fn connections_over_the_limit_get_a_fast_503_and_health_checks_still_answer() {
 /// connection is taken; it serves nothing else.
 #[test]
 fn the_admin_listener_answers_while_client_connections_are_exhausted() {
-    let (_dir, server) = server("connections_max = 4\nkeep_alive_idle_ms = 60000\nadmin_listen = \"127.0.0.1:0\"");
+    let (_dir, server) = server("connections_max = 4\nkeep_alive_idle = \"1m\"\nadmin_listen = \"127.0.0.1:0\"");
     let log = server.log();
     let admin: SocketAddr = log
         .split("admin=http://")
@@ -299,7 +299,7 @@ fn hostile_bodies_keep_memory_within_the_documented_bound() {
 /// that each send 60 KB of headers and stop used to hold hyper's buffers of up to 400 KB.
 #[test]
 fn unfinished_heads_cost_at_most_the_head_limit_each() {
-    let (_dir, server) = server("header_read_timeout_ms = 20000");
+    let (_dir, server) = server("header_read_timeout = \"20s\"");
     let pid = server.child.id();
     let (_, baseline) = memory(pid);
     let head: String = format!("GET /healthz HTTP/1.1\r\nHost: t\r\n{}", "x-pad: ".to_owned() + &"a".repeat(60_000));
@@ -322,7 +322,7 @@ fn unfinished_heads_cost_at_most_the_head_limit_each() {
 fn event_types_past_the_limit_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = "event_types_max = 3\nflush_interval_ms = 50";
+    let config = "event_types_max = 3\nflush_interval = \"50ms\"";
     let mut server = common::start(&data, config);
     for event_type in ["view", "like", "share"] {
         let answer = server.post_events(&format!(r#"{{"video_id":"v","type":"{event_type}"}}"#), &[]);

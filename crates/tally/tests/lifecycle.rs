@@ -16,14 +16,14 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 fn sigterm_flushes_checkpoints_and_exits_zero_and_counts_survive() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut server = start(&data, "flush_interval_ms = 3600000");
+    let mut server = start(&data, "flush_interval = \"1h\"");
     for _ in 0..10 {
         assert_eq!(server.post_events(r#"[{"video_id":"a"},{"video_id":"b","type":"like"}]"#, &[]).status, 200);
     }
     let status = server.terminate(STOP_TIMEOUT);
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(server.logged("everything flushed and checkpointed"), "{}", server.log());
-    let server = start(&data, "flush_interval_ms = 3600000");
+    let server = start(&data, "flush_interval = \"1h\"");
     assert!(server.logged("replayed_bytes=0"), "a clean stop leaves nothing to replay:\n{}", server.log());
     assert_eq!(server.count("a"), 10);
     assert_eq!(server.get("/v1/count?video_id=b&type=like").json()["count"], 10);
@@ -35,7 +35,7 @@ fn sigterm_flushes_checkpoints_and_exits_zero_and_counts_survive() {
 fn a_stop_during_recovery_exits_zero_and_the_next_start_recovers_everything() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000";
+    let config = "flush_interval = \"1h\"";
     let mut server = start(&data, config);
     // About 80 MB of log, so that the replay lasts far longer than the two requests below.
     let body = serde_json::to_string(
@@ -142,7 +142,7 @@ fn frames_end(segment: &[u8]) -> usize {
 }
 
 /// One partition, never flushed on its own: everything written lives in the log.
-const UNFLUSHED: &str = "flush_interval_ms = 3600000\npartitions = 1";
+const UNFLUSHED: &str = "flush_interval = \"1h\"\npartitions = 1";
 
 /// A data directory (in a temporary one) whose server took `requests` requests under
 /// `UNFLUSHED` and was killed.
@@ -179,7 +179,7 @@ fn refused(data: &std::path::Path, config: &str) -> String {
 fn a_deleted_newest_segment_refuses_to_start_unless_the_loss_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = "flush_interval_ms = 3600000\npartitions = 1\nsegment_bytes_max = 8192";
+    let config = "flush_interval = \"1h\"\npartitions = 1\nsegment_bytes_max = 8192";
     logged_then_killed(&data, config, 300);
     let mut all = segments(&data);
     all.sort();
@@ -269,7 +269,7 @@ fn two_servers_cannot_share_a_data_directory() {
 fn segments_behind_the_checkpoint_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = start(&data, "partitions = 1\nsegment_bytes_max = 4096\nflush_interval_ms = 20");
+    let server = start(&data, "partitions = 1\nsegment_bytes_max = 4096\nflush_interval = \"20ms\"");
     for i in 0..200 {
         assert_eq!(server.post_events(&format!(r#"[{{"video_id":"v{i}"}},{{"video_id":"w"}}]"#), &[]).status, 200);
     }

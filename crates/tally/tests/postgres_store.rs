@@ -13,7 +13,7 @@ use common::{Server, start_with};
 use tally_pgtest::Postgres;
 
 /// Little room for cells not yet in the database, so an outage soon holds writers back.
-const CONFIG: &str = "flush_interval_ms = 20\npartitions = 4\npending_cells_max = 1000";
+const CONFIG: &str = "flush_interval = \"20ms\"\npartitions = 4\npending_cells_max = 1000";
 const VIDEOS: usize = 300;
 
 /// What the writer threads saw: events acknowledged per video, and the statuses refused.

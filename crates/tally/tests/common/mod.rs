@@ -85,8 +85,11 @@ pub fn spawn_serve(data_dir: &Path, config: &str, args: &[&str]) -> Server {
         let mut address_tx = Some(address_tx);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.split("address=http://").nth(1) {
-                let address: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            // Text logs say address=http://…, JSON logs "address":"http://…".
+            let text = line.split("address=http://").nth(1).and_then(|rest| rest.split_whitespace().next());
+            let json = || line.split("\"address\":\"http://").nth(1).and_then(|rest| rest.split('"').next());
+            if let Some(found) = text.or_else(json) {
+                let address: SocketAddr = found.parse().unwrap();
                 if let Some(tx) = address_tx.take() {
                     let _ = tx.send(address);
                 }
