@@ -9,8 +9,8 @@
 #   docker run -d --name tally -p 8080:8080 -v tally-data:/data tally
 #   docker exec tally tally keys create --file /data/keys.json --scope write
 #
-# Every setting is an environment variable TALLY_<KEY> (e.g. -e TALLY_FLUSH_INTERVAL=1s),
-# or a TOML file: mount it and run `serve --config /etc/tally/tally.toml`.
+# Every setting of the README's table is an environment variable TALLY_<KEY>, the key in
+# upper case (-e TALLY_LISTEN=…), or a TOML file: mount it, run `serve --config FILE`.
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
@@ -49,8 +49,8 @@ EXPOSE 8080
 # SIGTERM drains requests (shutdown_drain_ms, 10 s) and flushes; give `docker stop` time
 # for it: `docker stop -t 90` (see deploy/tally.service for the measured bound).
 STOPSIGNAL SIGTERM
-# Start period: recovery replays the log since the last checkpoint before /readyz is 200,
-# but /healthz answers from the first moment, so 30 s covers a slow start.
+# /healthz (alive) answers while the log is replayed after a restart, so the start period
+# only has to cover the process starting; `tally health --ready` asks /readyz instead.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["tally", "health"]
 ENTRYPOINT ["tally"]
 CMD ["serve"]
