@@ -1,5 +1,7 @@
 //! `tally`: the server (`serve`) and its command-line client (`send`, `count`, `series`,
-//! `top`, `uniques`, `stats`, `bench`), and `store-stats` (disk use of a stopped server's store). Thin glue: parse arguments, run the chosen command, map errors to exit codes.
+//! `top`, `uniques`, `stats`, `bench`, `health`), and `store-stats` (disk use of a stopped
+//! server's store). Thin glue: parse arguments, run the chosen command, map errors to exit
+//! codes.
 
 mod bench;
 #[cfg(feature = "cluster")]
@@ -8,6 +10,7 @@ mod client;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod config;
+mod health;
 mod inspect;
 mod keys;
 mod send;
@@ -51,6 +54,9 @@ enum Command {
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
+    /// Probe a server's /healthz (or /readyz with --ready): exit 0 on 200, else 1. The
+    /// container image's health check, which has no HTTP client of its own.
+    Health(health::HealthArgs),
     /// Cluster mode's setup (Kafka topic and database schema).
     #[cfg(feature = "cluster")]
     Cluster(cluster::ClusterArgs),
@@ -156,6 +162,7 @@ fn main() -> ExitCode {
         Command::StoreStats(args) => store_stats(args),
         Command::Keys(args) => keys::run(args),
         Command::Bench(args) => client_runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        Command::Health(args) => probe_runtime().and_then(|rt| rt.block_on(health::run(args))),
         #[cfg(feature = "cluster")]
         Command::Cluster(args) => cluster::run(args),
         #[cfg(feature = "cluster")]
@@ -172,6 +179,11 @@ fn main() -> ExitCode {
 
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// One thread: a probe that runs every few seconds should not start a thread per core.
+fn probe_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 /// Now, epoch milliseconds (the receive time `tally bridge` stamps).
