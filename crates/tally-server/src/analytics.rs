@@ -13,7 +13,7 @@ use tally_core::hll::Hll;
 use tally_engine::Engine;
 
 use crate::query::{asked_range, params, query_pairs, ranged, reach, sum_json, type_param, video_param};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, ErrorCode};
 
 /// Most videos one top answer lists.
 pub const TOP_K_MAX: usize = 1_000;
@@ -39,18 +39,17 @@ pub(crate) async fn top(
     let p = params(query_pairs(query.as_deref())?, &["type", "from", "to", "k", "exact", "tz"])?;
     reach(engine, &p).await?;
     let event_type = type_param(&p)?.to_string();
-    let k =
-        match p.get("k") {
-            None => TOP_K_DEFAULT,
-            Some(text) => text.parse::<usize>().ok().filter(|k| (1..=TOP_K_MAX).contains(k)).ok_or_else(|| {
-                ApiError::invalid_parameter("k", format!("k must be an integer from 1 to {TOP_K_MAX}"))
-            })?,
-        };
+    let k = match p.get("k") {
+        None => TOP_K_DEFAULT,
+        Some(text) => text.parse::<usize>().ok().filter(|k| (1..=TOP_K_MAX).contains(k)).ok_or_else(|| {
+            ApiError::field(ErrorCode::InvalidField, "k", format!("k must be an integer from 1 to {TOP_K_MAX}"))
+        })?,
+    };
     let exact = match p.get("exact").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
         Some(_) => {
-            return Err(ApiError::invalid_parameter("exact", "exact must be true or false"));
+            return Err(ApiError::field(ErrorCode::InvalidField, "exact", "exact must be true or false"));
         }
     };
     let (range, resolution) = asked_range(&state, engine, &p, Some(TOP_DEFAULT_SPAN_MS))?;

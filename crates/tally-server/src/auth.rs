@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use parking_lot::{Mutex, RwLock};
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, ErrorCode};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,18 +286,12 @@ fn presented(request: &Request, query_key: bool) -> Option<String> {
 
 /// 429 with the wait, in whole seconds (at least one).
 pub(crate) fn rate_limited(wait: Duration, what: &str) -> ApiError {
-    ApiError {
-        retry_after_s: Some(wait.as_secs_f64().ceil().max(1.0) as u32),
-        ..ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("this key's {what} limit is reached; nothing was counted"),
-        )
-    }
+    ApiError::new(ErrorCode::RateLimited, format!("this key's {what} limit is reached; nothing was counted"))
+        .retry_after(wait.as_secs_f64().ceil().max(1.0) as u32)
 }
 
-fn unauthorized(code: &'static str, message: &str) -> Response {
-    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();
+fn unauthorized(code: ErrorCode, message: &str) -> Response {
+    let mut response = ApiError::new(code, message).into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tally\""));
     response
 }
@@ -325,22 +319,25 @@ pub(crate) async fn authorize(
     let keys = &state.keys;
     let Some(token) = presented(&request, scope == Scope::Write) else {
         if keys.required {
-            return unauthorized("key_required", "this server requires an API key: Authorization: Bearer <key>");
+            return unauthorized(
+                ErrorCode::KeyRequired,
+                "this server requires an API key: Authorization: Bearer <key>",
+            );
         }
         return next.run(request).await;
     };
     let Some(key) = keys.verify(&token) else {
-        return unauthorized("invalid_key", "the API key is not one this server knows (revoked, or mistyped)");
+        return unauthorized(ErrorCode::InvalidKey, "the API key is not one this server knows (revoked, or mistyped)");
     };
     let entry = &key.entry;
     if !entry.scopes.contains(&scope) {
         let has: Vec<&str> = entry.scopes.iter().map(|s| s.name()).collect();
         let message = format!("this route needs a key with the {} scope; this key has {has:?}", scope.name());
-        return ApiError::new(StatusCode::FORBIDDEN, "scope_missing", message).into_response();
+        return ApiError::new(ErrorCode::ScopeMissing, message).into_response();
     }
     if !origin_allowed(entry, request.headers()) {
         let message = "this key is bound to other origins than the request's";
-        return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", message).into_response();
+        return ApiError::new(ErrorCode::OriginNotAllowed, message).into_response();
     }
     if let Some(bucket) = &key.requests
         && let Err(wait) = bucket.lock().take(1)
@@ -366,7 +363,7 @@ pub(crate) fn admit_events<'a>(
     {
         let message =
             format!("this key may write video ids starting with {prefixes:?}, not {video:?}; nothing was counted");
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "video_not_allowed", message));
+        return Err(ApiError::new(ErrorCode::VideoNotAllowed, message));
     }
     let Some(bucket) = &key.events else { return Ok(()) };
     let mut bucket = bucket.lock();
@@ -375,8 +372,9 @@ pub(crate) fn admit_events<'a>(
             "{count} events in one request; this key takes at most {} a second: send smaller batches",
             bucket.capacity()
         );
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_events_for_key", message)
-            .with("limit_events", json!(bucket.capacity())));
+        return Err(
+            ApiError::new(ErrorCode::TooManyEventsForKey, message).with("limit_events", json!(bucket.capacity()))
+        );
     }
     bucket.take(count as u64).map_err(|wait| {
         metrics::counter!("tally_rate_limited_total", "limit" => "events").increment(1);

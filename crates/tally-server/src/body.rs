@@ -15,12 +15,12 @@ use std::time::Duration;
 use std::io::Read;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::ApiError;
+use crate::{ApiError, ErrorCode};
 
 /// A body read whole, and its share of the in-flight budget (returned when dropped).
 pub(crate) struct ReadBody {
@@ -33,16 +33,12 @@ pub(crate) struct ReadBody {
 const BODY_STALL_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("request body is over the limit of {limit} bytes"),
-    )
-    .with("limit_bytes", json!(limit))
+    ApiError::new(ErrorCode::BodyTooLarge, format!("request body is over the limit of {limit} bytes"))
+        .with("limit_bytes", json!(limit))
 }
 
 fn over_budget() -> ApiError {
-    ApiError::unavailable("overloaded", "too many request bodies in flight".into())
+    ApiError::unavailable(ErrorCode::Overloaded, "too many request bodies in flight".into())
 }
 
 /// Adds `bytes` to what `permit` holds of the in-flight budget; 503 once it is spent.
@@ -67,11 +63,7 @@ pub(crate) async fn read(
     let mut bytes: Vec<u8> = Vec::new();
     let mut permit: Option<OwnedSemaphorePermit> = None;
     let timed_out = |what: &str, after: Duration| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the request body {what} within {} ms", after.as_millis()),
-        )
+        ApiError::new(ErrorCode::BodyTimeout, format!("the request body {what} within {} ms", after.as_millis()))
     };
     let until = tokio::time::Instant::now() + deadline;
     let stall = deadline.min(BODY_STALL_MAX);
@@ -82,8 +74,8 @@ pub(crate) async fn read(
             Err(_) => return Err(timed_out("was not received whole", deadline)),
             Ok(None) => break,
             Ok(Some(Err(error))) => {
-                return Err(ApiError::bad_request(
-                    "body_unreadable",
+                return Err(ApiError::new(
+                    ErrorCode::BodyUnreadable,
                     format!("could not read the request body: {error}"),
                 ));
             }
@@ -119,8 +111,7 @@ pub(crate) fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
         "" | "identity" => Ok(Encoding::Identity),
         "gzip" | "x-gzip" => Ok(Encoding::Gzip),
         _ => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_content_encoding",
+            ErrorCode::UnsupportedContentEncoding,
             format!(
                 "content encoding {:?} is not supported; use gzip or none",
                 text.chars().take(50).collect::<String>()
@@ -141,15 +132,14 @@ pub(crate) fn gunzip(body: ReadBody, limit: usize, budget: &Arc<Semaphore>) -> R
     let mut piece = vec![0u8; INFLATE_PIECE_BYTES];
     loop {
         let read = decoder.read(&mut piece).map_err(|error| {
-            ApiError::bad_request("invalid_gzip", format!("the gzip request body does not inflate: {error}"))
+            ApiError::new(ErrorCode::InvalidGzip, format!("the gzip request body does not inflate: {error}"))
         })?;
         if read == 0 {
             break;
         }
         if bytes.len() + read > limit {
             return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
+                ErrorCode::BodyTooLarge,
                 format!("request body inflates past the limit of {limit} bytes"),
             )
             .with("limit_bytes", json!(limit)));

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::{ApiError, AppState, auth};
+use crate::{ApiError, AppState, ErrorCode, auth};
 
 /// How long a browser may cache a preflight answer, seconds.
 const PREFLIGHT_MAX_AGE_SECONDS: &str = "600";
@@ -38,8 +38,7 @@ pub(crate) async fn cors(State(state): State<Arc<AppState>>, request: Request, n
         request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     if preflight {
         let Some(allow) = allow else {
-            return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this origin may not call the API")
-                .into_response();
+            return ApiError::new(ErrorCode::OriginNotAllowed, "this origin may not call the API").into_response();
         };
         let mut answer = StatusCode::NO_CONTENT.into_response();
         let headers = answer.headers_mut();

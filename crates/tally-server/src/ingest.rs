@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, header};
 use serde_json::json;
 use tally_core::{EventRef, Limits};
 use tally_engine::{Acknowledged, IdempotencyKey};
@@ -18,8 +18,12 @@ use serde::de::DeserializeSeed;
 
 use crate::auth::{self, Caller};
 use crate::body;
+use crate::query::{params_among, query_pairs};
 use crate::wire::{BodySeed, Decoding, EventSeed, Problems, WireEvent};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, ErrorCode};
+
+/// Query parameters `POST /v1/events` takes: the beacon's API key (`auth`).
+const QUERY_PARAMS: [&str; 1] = ["key"];
 
 /// Bytes; an idempotency key is a client-made token (UUID, hash).
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
@@ -35,8 +39,7 @@ enum BodyFormat {
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
     let unsupported = |shown: &str| {
         ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             format!(
                 "content type {shown} is not supported; use application/json, application/x-ndjson, \
                  or text/plain holding JSON (what navigator.sendBeacon sends)"
@@ -56,7 +59,7 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let bad = |reason: &str| ApiError::bad_request("invalid_idempotency_key", format!("Idempotency-Key {reason}"));
+    let bad = |reason: &str| ApiError::new(ErrorCode::InvalidIdempotencyKey, format!("Idempotency-Key {reason}"));
     let key = value.to_str().map_err(|_| bad("must be visible ASCII"))?;
     if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
         return Err(bad(&format!("must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes")));
@@ -64,16 +67,26 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     Ok(Some(key))
 }
 
-/// 400 listing the invalid events, if any.
+/// 400 listing the invalid events, if any: each bad field as `{index, field, code,
+/// reason}`, and its `hint` if it has one.
 fn refuse_invalid(problems: &Problems, events: usize) -> Result<(), ApiError> {
     if problems.total == 0 {
         return Ok(());
     }
     metrics::counter!("tally_events_rejected_total").increment(events as u64);
-    let shown: Vec<_> =
-        problems.shown.iter().map(|e| json!({ "index": e.index, "field": e.field, "reason": e.reason })).collect();
-    Err(ApiError::bad_request(
-        "invalid_events",
+    let shown: Vec<_> = problems
+        .shown
+        .iter()
+        .map(|e| {
+            let mut shown = json!({ "index": e.index, "field": e.field, "code": e.code.as_str(), "reason": e.reason });
+            if let Some(hint) = &e.hint {
+                shown["hint"] = json!(hint);
+            }
+            shown
+        })
+        .collect();
+    Err(ApiError::new(
+        ErrorCode::InvalidEvents,
         format!("{} of {} events are invalid; nothing was counted", problems.bad_events, events),
     )
     .with("errors", json!(shown))
@@ -83,10 +96,12 @@ fn refuse_invalid(problems: &Problems, events: usize) -> Result<(), ApiError> {
 pub(crate) async fn ingest(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let engine = Arc::clone(state.engine()?);
+    params_among(query_pairs(query.as_deref())?, &QUERY_PARAMS)?;
     let format = body_format(&headers)?;
     let encoding = body::encoding(&headers)?;
     let key = idempotency_key(&headers)?;
@@ -104,7 +119,7 @@ pub(crate) async fn ingest(
 
     let receive_ms = engine.now_ms();
     let text = std::str::from_utf8(&body.bytes).map_err(|e| {
-        ApiError::bad_request("invalid_utf8", format!("request body is not valid UTF-8 at byte {}", e.valid_up_to()))
+        ApiError::new(ErrorCode::InvalidUtf8, format!("request body is not valid UTF-8 at byte {}", e.valid_up_to()))
     })?;
     let decoding = Decoding {
         limits: &state.config.limits,
@@ -149,12 +164,8 @@ fn decode<'a>(
     decoding: &Decoding<'_>,
 ) -> Result<Vec<WireEvent<'a>>, ApiError> {
     let too_many = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!("a request may carry at most {events_max} events"),
-        )
-        .with("limit_events", json!(events_max))
+        ApiError::new(ErrorCode::TooManyEvents, format!("a request may carry at most {events_max} events"))
+            .with("limit_events", json!(events_max))
     };
     match format {
         BodyFormat::Json => {
@@ -165,7 +176,7 @@ fn decode<'a>(
                 Ok(events) => Ok(events),
                 Err(_) if too_many_seen.get() => Err(too_many()),
                 Err(error) => {
-                    Err(ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {error}")))
+                    Err(ApiError::new(ErrorCode::MalformedJson, format!("request body is not valid JSON: {error}")))
                 }
             }
         }
@@ -183,8 +194,8 @@ fn decode<'a>(
                 let mut deserializer = serde_json::Deserializer::from_str(line);
                 let event = seed.deserialize(&mut deserializer).and_then(|event| deserializer.end().map(|()| event));
                 let event = event.map_err(|error| {
-                    ApiError::bad_request(
-                        "malformed_json",
+                    ApiError::new(
+                        ErrorCode::MalformedJson,
                         format!("line {} is not a JSON event object: {error}", line_index + 1),
                     )
                     .with("line", json!(line_index + 1))
@@ -231,11 +242,19 @@ pub fn decode_events(
     events_max: usize,
 ) -> Result<Vec<DecodedEvent>, String> {
     let decoding = Decoding { limits, receive_ms, problems: RefCell::new(Problems::new(1)) };
-    let events =
-        decode(BodyFormat::Json, text, events_max, &decoding).map_err(|e| format!("{}: {}", e.code, e.message))?;
+    let events = decode(BodyFormat::Json, text, events_max, &decoding)
+        .map_err(|e| format!("{}: {}", e.code.as_str(), e.message))?;
     let problems = decoding.problems.into_inner();
     if let Some(problem) = problems.shown.first() {
-        return Err(format!("invalid_events: event {} field {}: {}", problem.index, problem.field, problem.reason));
+        let hint = problem.hint.as_deref().map(|hint| format!(" ({hint})")).unwrap_or_default();
+        return Err(format!(
+            "{}: event {} field {}: {}: {}{hint}",
+            ErrorCode::InvalidEvents.as_str(),
+            problem.index,
+            problem.field,
+            problem.code.as_str(),
+            problem.reason
+        ));
     }
     Ok(events
         .iter()
@@ -256,18 +275,18 @@ pub fn decode_events(
 pub(crate) fn fuzz(ndjson: bool, bytes: &[u8]) -> Result<usize, &'static str> {
     const EVENTS_MAX: usize = 100;
     const SHOWN_MAX: usize = 10;
-    let text = std::str::from_utf8(bytes).map_err(|_| "invalid_utf8")?;
+    let text = std::str::from_utf8(bytes).map_err(|_| ErrorCode::InvalidUtf8.as_str())?;
     let limits = tally_core::Limits::default();
     let decoding =
         Decoding { limits: &limits, receive_ms: 1_800_000_000_000, problems: RefCell::new(Problems::new(SHOWN_MAX)) };
     let format = if ndjson { BodyFormat::Ndjson } else { BodyFormat::Json };
-    let events = decode(format, text, EVENTS_MAX, &decoding).map_err(|error| error.code)?;
+    let events = decode(format, text, EVENTS_MAX, &decoding).map_err(|error| error.code.as_str())?;
     assert!(events.len() <= EVENTS_MAX, "decoded past the event limit");
     let problems = decoding.problems.into_inner();
     assert!(problems.shown.len() <= SHOWN_MAX && problems.shown.len() <= problems.total);
     assert!(problems.bad_events <= events.len());
     if problems.total > 0 {
-        return Err("invalid_events");
+        return Err(ErrorCode::InvalidEvents.as_str());
     }
     for event in &events {
         let mut errors = Vec::new();

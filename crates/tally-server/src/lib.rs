@@ -10,6 +10,7 @@ mod auth;
 mod body;
 mod cors;
 mod error;
+mod hint;
 mod ingest;
 mod listen;
 mod metric_help;
@@ -28,7 +29,7 @@ use tally_engine::Engine;
 use tokio::sync::Semaphore;
 
 pub use auth::{KeyEntry, KeyFile, Scope, secret_sha256, token};
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 pub use listen::{ADMIN_CONNECTIONS_MAX, SHED_CONNECTIONS_MAX, serve, serve_admin};
 pub use monitoring::install_metrics;
 
@@ -127,7 +128,7 @@ impl AppState {
     }
 
     pub(crate) fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
-        self.engine.get().ok_or_else(|| ApiError::unavailable("recovering", "recovery is in progress".into()))
+        self.engine.get().ok_or_else(|| ApiError::unavailable(ErrorCode::Recovering, "recovery is in progress".into()))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Connections: accept under a limit, cut slow and idle clients, shed the excess with a
-//! fast 503, and give hyper's own protocol errors (400, 414, 431) the JSON error body.
+//! fast 503, and give hyper's own protocol errors (400, 414, 431) the JSON error body. The
+//! shed and admin routers answer unknown paths and methods with JSON errors too.
 //!
 //! Each connection has a watchdog that knows one of three phases: idle (between requests:
 //! `keep_alive_idle_ms`), reading a request head (from its first byte: `header_read_timeout_ms`)
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::Request;
 use axum::routing::get;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -29,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower_service::Service;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::{AppState, monitoring};
 
 /// Connections over the limit that are still read (for health checks) before being closed.
@@ -142,28 +143,27 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// Answers `/healthz` and `/readyz`; everything else gets 503 `connections_exhausted`.
+/// Answers `/healthz` and `/readyz`; everything else gets 503 `connections_exhausted`
+/// (another method on those two, 405).
 fn shed_router(state: Arc<AppState>) -> Router {
     health_routes()
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .fallback(|| async {
             ApiError::unavailable(
-                "connections_exhausted",
+                ErrorCode::ConnectionsExhausted,
                 "the server is at its connection limit; retry shortly or reuse a connection".into(),
             )
         })
         .with_state(state)
 }
 
-/// Health, readiness and metrics; everything else is 404.
+/// Health, readiness and metrics; everything else is 404 (another method on those, 405).
 fn admin_router(state: Arc<AppState>) -> Router {
     health_routes()
         .route("/metrics", get(monitoring::metrics))
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "the admin listener serves /healthz, /readyz and /metrics",
-            )
+            ApiError::new(ErrorCode::NotFound, "the admin listener serves /healthz, /readyz and /metrics")
         })
         .with_state(state)
 }
@@ -375,9 +375,9 @@ fn protocol_error_response(written: &[u8]) -> Option<Vec<u8>> {
     let rest = text.strip_prefix("HTTP/1.1 ")?;
     let status: u16 = rest.get(..3)?.parse().ok()?;
     let (code, message) = match status {
-        400 => ("malformed_request", "the request line or a header could not be parsed"),
-        414 => ("uri_too_long", "the request target is too long"),
-        431 => ("headers_too_large", "the request head is too large or has too many headers"),
+        400 => (ErrorCode::MalformedRequest, "the request line or a header could not be parsed"),
+        414 => (ErrorCode::UriTooLong, "the request target is too long"),
+        431 => (ErrorCode::HeadersTooLarge, "the request head is too large or has too many headers"),
         _ => return None,
     };
     let head = text.split_once("\r\n\r\n").filter(|(_, body)| body.is_empty())?.0;
@@ -389,9 +389,10 @@ fn protocol_error_response(written: &[u8]) -> Option<Vec<u8>> {
     if !bare {
         return None;
     }
-    let error = ApiError::new(StatusCode::from_u16(status).ok()?, code, message);
+    let error = ApiError::new(code, message);
+    debug_assert_eq!(error.status.as_u16(), status, "{}", code.as_str());
     let body = serde_json::to_vec(&error.body()).ok()?;
-    let reason = StatusCode::from_u16(status).ok()?.canonical_reason().unwrap_or("");
+    let reason = error.status.canonical_reason().unwrap_or("");
     let mut response = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -403,7 +404,53 @@ fn protocol_error_response(written: &[u8]) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
+
     use super::*;
+
+    /// Answers `method path` through `router`: status, content type, and the JSON body.
+    async fn answer(router: &Router, method: &str, path: &str) -> (u16, String, serde_json::Value) {
+        let request = Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+        let response = router.clone().call(request).await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e})"));
+        (status, content_type.unwrap_or_default(), body)
+    }
+
+    /// Unknown paths and methods get JSON errors from every router: the main one, the one
+    /// that serves connections over the limit, and the admin listener's.
+    #[tokio::test]
+    async fn every_router_answers_unknown_paths_and_methods_with_json() {
+        let state = AppState::new(crate::ServerConfig::default());
+        let main = crate::router(Arc::clone(&state));
+        let (shed, admin) = (shed_router(Arc::clone(&state)), admin_router(state));
+        let cases = [
+            (&main, "GET", "/nowhere", 404, "not_found"),
+            (&main, "DELETE", "/v1/events", 405, "method_not_allowed"),
+            (&main, "POST", "/v1/count", 405, "method_not_allowed"),
+            (&main, "PUT", "/", 405, "method_not_allowed"),
+            (&main, "POST", "/healthz", 405, "method_not_allowed"),
+            (&main, "GET", "/v1/count?video_id=v", 503, "recovering"),
+            (&shed, "POST", "/healthz", 405, "method_not_allowed"),
+            (&shed, "GET", "/v1/count", 503, "connections_exhausted"),
+            (&admin, "POST", "/metrics", 405, "method_not_allowed"),
+            (&admin, "DELETE", "/readyz", 405, "method_not_allowed"),
+            (&admin, "GET", "/v1/count", 404, "not_found"),
+        ];
+        for (router, method, path, status, code) in cases {
+            let (got, content_type, body) = answer(router, method, path).await;
+            assert_eq!((got, body["error"].as_str()), (status, Some(code)), "{method} {path}: {body}");
+            assert_eq!(content_type, "application/json", "{method} {path}");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {body}");
+        }
+        // The dashboard and its assets are still served.
+        for path in ["/", "/ui/uplot.js", "/ui/uplot.css", "/v1/tally.js"] {
+            let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+            assert_eq!(main.clone().call(request).await.unwrap().status(), StatusCode::OK, "{path}");
+        }
+    }
 
     #[test]
     fn only_hyper_bare_error_heads_are_replaced() {

@@ -6,6 +6,10 @@
 //! Memory stays proportional to the events, not to the problems: every problem is counted
 //! but only the first `shown_max` are kept, and a body is refused as soon as it holds one
 //! event more than allowed, before the rest is decoded.
+//!
+//! Each problem carries the error code of its kind (`unknown_field`, `missing_field`,
+//! `duplicate_field`, `invalid_field`): the codes a single field's mistake gets on every
+//! other route. `JsonObject` reads other JSON bodies just as strictly, field by field.
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
@@ -13,8 +17,11 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
 use tally_core::event::EVENT_TYPE_DEFAULT;
-use tally_core::{EventRef, FieldError, Limits};
+use tally_core::{EventRef, Limits};
+
+use crate::{ErrorCode, hint};
 
 /// A JSON value of a field, kept only as far as validation needs it.
 #[derive(Debug)]
@@ -106,9 +113,20 @@ const UNKNOWN_FIELD: &str = "unknown field; allowed: video_id, type, ts, value, 
 /// Characters of an unknown field's name repeated in an error.
 const FIELD_NAME_SHOWN_MAX: usize = 64;
 
+/// One problem of one field of one event.
+#[derive(Debug)]
+pub(crate) struct Problem {
+    pub(crate) index: usize,
+    /// The field's name; for an unknown field, the name the client sent (shortened).
+    pub(crate) field: String,
+    pub(crate) code: ErrorCode,
+    pub(crate) reason: String,
+    pub(crate) hint: Option<String>,
+}
+
 /// Every problem of a request's events, counted; the first `shown_max` kept to be shown.
 pub(crate) struct Problems {
-    pub(crate) shown: Vec<FieldError>,
+    pub(crate) shown: Vec<Problem>,
     pub(crate) total: usize,
     /// Events with at least one problem.
     pub(crate) bad_events: usize,
@@ -122,7 +140,19 @@ impl Problems {
     }
 
     /// Counts one problem of event `index` (events are visited in order).
-    pub(crate) fn push(&mut self, index: usize, field: &str, reason: impl fmt::Display) {
+    pub(crate) fn push(&mut self, index: usize, code: ErrorCode, field: &str, reason: impl fmt::Display) {
+        self.push_hinted(index, code, field, reason, None);
+    }
+
+    /// `push`, with a hint for a common slip.
+    pub(crate) fn push_hinted(
+        &mut self,
+        index: usize,
+        code: ErrorCode,
+        field: &str,
+        reason: impl fmt::Display,
+        hint: Option<String>,
+    ) {
         self.total += 1;
         if self.last_bad != Some(index) {
             self.last_bad = Some(index);
@@ -130,7 +160,7 @@ impl Problems {
         }
         if self.shown.len() < self.shown_max {
             let field: String = field.chars().take(FIELD_NAME_SHOWN_MAX).collect();
-            self.shown.push(FieldError { index, field: field.into(), reason: reason.to_string() });
+            self.shown.push(Problem { index, field, code, reason: reason.to_string(), hint });
         }
     }
 }
@@ -175,6 +205,8 @@ impl<'de> Visitor<'de> for EventSeed<'_, '_> {
         };
         // Fields given, and fields with a problem (which are then not checked again).
         let (mut seen, mut broken) = (0u8, 0u8);
+        // `ts` as given, when a number: a hint if it is epoch seconds.
+        let mut ts_number = None;
         let mut problems = self.decoding.problems.borrow_mut();
         // Keys go through `Loose` too: serde's own `Cow<str>` always copies.
         while let Some(key) = map.next_key::<Loose<'de>>()? {
@@ -184,17 +216,18 @@ impl<'de> Visitor<'de> for EventSeed<'_, '_> {
             };
             let value: Loose<'de> = map.next_value()?;
             let Some(bit) = field_bit(&key) else {
-                problems.push(self.index, &key, UNKNOWN_FIELD);
+                problems.push(self.index, ErrorCode::UnknownField, &key, UNKNOWN_FIELD);
                 continue;
-            };
-            let mut problem = |reason: &dyn fmt::Display| {
-                broken |= bit;
-                problems.push(self.index, &key, reason);
             };
             if seen & bit != 0 {
-                problem(&"is given more than once");
+                broken |= bit;
+                problems.push(self.index, ErrorCode::DuplicateField, &key, "is given more than once");
                 continue;
             }
+            let mut problem = |reason: &dyn fmt::Display| {
+                broken |= bit;
+                problems.push(self.index, ErrorCode::InvalidField, &key, reason);
+            };
             seen |= bit;
             match key.as_ref() {
                 "video_id" => event.video_id = expect_string(value, &mut problem),
@@ -206,7 +239,10 @@ impl<'de> Visitor<'de> for EventSeed<'_, '_> {
                         Ok(ts) => event.ts_ms = ts.as_millisecond(),
                         Err(_) => problem(&"is not an RFC 3339 timestamp"),
                     },
-                    Loose::Int(ms) => event.ts_ms = ms,
+                    Loose::Int(ms) => {
+                        event.ts_ms = ms;
+                        ts_number = Some(ms);
+                    }
                     Loose::Other(kind) => {
                         problem(&format_args!("must be an RFC 3339 string or epoch milliseconds, not {kind}"))
                     }
@@ -220,14 +256,15 @@ impl<'de> Visitor<'de> for EventSeed<'_, '_> {
         }
         if seen & 1 == 0 {
             broken |= 1;
-            problems.push(self.index, "video_id", "is required");
+            problems.push(self.index, ErrorCode::MissingField, "video_id", "is required");
         }
         let mut rule_errors = Vec::new();
         self.decoding.limits.check(self.index, &event.resolved(), self.decoding.receive_ms, &mut rule_errors);
         // One reason per field: a field that failed to decode is not also checked.
         for error in rule_errors {
             if field_bit(&error.field).is_none_or(|bit| broken & bit == 0) {
-                problems.push(self.index, &error.field, &error.reason);
+                let hint = ts_number.filter(|_| error.field == "ts").and_then(|ms| hint::epoch_seconds("ts", ms));
+                problems.push_hinted(self.index, ErrorCode::InvalidField, &error.field, &error.reason, hint);
             }
         }
         Ok(event)
@@ -293,5 +330,30 @@ impl<'de> Visitor<'de> for BodySeed<'_, '_> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let seed = EventSeed { index: 0, decoding: self.decoding };
         seed.visit_map(map).map(|event| vec![event])
+    }
+}
+
+/// A JSON object's fields in the order given, duplicates kept, so that a body other than
+/// events (`POST /v1/counts`) can name each field at fault: unknown, missing, repeated or
+/// invalid.
+pub(crate) struct JsonObject(pub(crate) Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for JsonObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = JsonObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonObject, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    fields.push(entry);
+                }
+                Ok(JsonObject(fields))
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
     }
 }

@@ -55,9 +55,21 @@ fn top_lists_the_most_viewed_videos_of_the_range_in_order_and_says_it_is_exact()
     assert_eq!(items(&day).len(), 5, "the last day includes z: {day}");
     let likes = ok(&server, "/v1/top?type=like");
     assert_eq!(items(&likes), [("a".into(), 1)]);
-    for bad in ["k=0", "k=1001", "k=x", "exact=yes", "type=BAD", "colour=1"] {
+    for (bad, code, field) in [
+        ("k=0", "invalid_field", "k"),
+        ("k=1001", "invalid_field", "k"),
+        ("k=x", "invalid_field", "k"),
+        ("exact=yes", "invalid_field", "exact"),
+        ("type=BAD", "invalid_field", "type"),
+        ("colour=1", "unknown_field", "colour"),
+    ] {
         let answer = server.get(&format!("/v1/top?{bad}"));
-        assert_eq!((answer.status, answer.json()["error"].clone()), (400, json!("invalid_parameter")), "{bad}");
+        let json = answer.json();
+        assert_eq!(
+            (answer.status, json["error"].as_str(), json["field"].as_str()),
+            (400, Some(code), Some(field)),
+            "{bad}"
+        );
     }
 }
 

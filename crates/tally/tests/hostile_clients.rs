@@ -24,9 +24,11 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
     (answer, started.elapsed())
 }
 
+/// The status and JSON body of a raw answer, which must say it is JSON.
 fn status_and_json(raw: &[u8]) -> (u16, serde_json::Value) {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no whole answer: {text:?}"));
+    assert!(head.to_ascii_lowercase().contains("\r\ncontent-type: application/json\r\n"), "{head}");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text:?}"));
     (status, json)
@@ -119,6 +121,9 @@ fn connections_over_the_limit_get_a_fast_503_and_health_checks_still_answer() {
     assert_eq!(refused.json()["error"], "connections_exhausted");
     assert!(refused.header("retry-after").is_some());
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let wrong_method = request(server.address, "POST", "/healthz", &[], b"").unwrap();
+    assert_eq!((wrong_method.status, wrong_method.json()["error"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(wrong_method.header("content-type"), Some("application/json"));
     assert_eq!(request(server.address, "GET", "/healthz", &[], b"").unwrap().status, 200);
     assert_eq!(request(server.address, "GET", "/readyz", &[], b"").unwrap().status, 200);
     assert!(server.logged("connection limit reached"), "{}", server.log());
@@ -150,6 +155,9 @@ fn the_admin_listener_answers_while_client_connections_are_exhausted() {
     assert!(metric(&metrics.text(), "tally_connections_shed_total") >= 1.0);
     let elsewhere = request(admin, "GET", "/v1/count?video_id=a", &[], b"").unwrap();
     assert_eq!((elsewhere.status, elsewhere.json()["error"].as_str()), (404, Some("not_found")));
+    let wrong_method = request(admin, "POST", "/metrics", &[], b"").unwrap();
+    assert_eq!((wrong_method.status, wrong_method.json()["error"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(wrong_method.header("content-type"), Some("application/json"));
     drop(held);
 }
 
@@ -200,6 +208,7 @@ fn duplicate_json_keys_are_refused_naming_the_key() {
     assert_eq!(answer.status, 400, "{}", answer.text());
     let json = answer.json();
     assert_eq!(json["errors"][0]["field"], "video_id", "{json}");
+    assert_eq!(json["errors"][0]["code"], "duplicate_field", "{json}");
     assert!(json["errors"][0]["reason"].as_str().unwrap().contains("more than once"), "{json}");
     let ndjson = server.post_ndjson(b"{\"video_id\":\"a\",\"value\":1,\"value\":2}\n");
     assert_eq!(ndjson.status, 400, "{}", ndjson.text());
@@ -211,10 +220,17 @@ fn duplicate_json_keys_are_refused_naming_the_key() {
 #[test]
 fn invalid_percent_encoding_is_refused() {
     let (_dir, server) = server("");
-    for query in ["video_id=%FF", "video_id=%E2%82", "video_id=a%2", "video_id=a%zz", "vid%eo_id=x%"] {
+    for (query, field) in [
+        ("video_id=%FF", Some("video_id")),
+        ("video_id=%E2%82", Some("video_id")),
+        ("video_id=a%2", Some("video_id")),
+        ("video_id=a%zz", Some("video_id")),
+        ("vid%eo_id=x%", None),
+    ] {
         let answer = server.get(&format!("/v1/count?{query}"));
         assert_eq!(answer.status, 400, "{query}: {}", answer.text());
-        assert_eq!(answer.json()["error"], "invalid_parameter", "{query}");
+        assert_eq!(answer.json()["error"], "malformed_query", "{query}");
+        assert_eq!(answer.json()["field"].as_str(), field, "{query}");
     }
     assert_eq!(server.get("/v1/count?video_id=caf%C3%A9+bar").json()["video_id"], "café bar");
 }

@@ -43,7 +43,7 @@ fn wrong_content_type_is_415() {
     for headers in [vec![("content-type", "text/html")], vec![]] {
         let answer = request(server.address, "POST", "/v1/events", &headers, br#"{"video_id":"a"}"#).unwrap();
         assert_eq!(answer.status, 415);
-        assert_eq!(answer.json()["error"], "unsupported_media_type");
+        assert_eq!(answer.error_json()["error"], "unsupported_media_type");
     }
     assert_eq!(server.count("a"), 0);
 }
@@ -56,7 +56,7 @@ fn malformed_json_and_invalid_utf8_are_400_and_count_nothing() {
         let answer =
             request(server.address, "POST", "/v1/events", &[("content-type", "application/json")], body).unwrap();
         assert_eq!(answer.status, 400, "{}", answer.text());
-        assert!(["malformed_json", "invalid_utf8"].contains(&answer.json()["error"].as_str().unwrap()));
+        assert!(["malformed_json", "invalid_utf8"].contains(&answer.error_json()["error"].as_str().unwrap()));
     }
     let ndjson = server.post_ndjson(b"{\"video_id\":\"a\"}\n{oops\n");
     assert_eq!((ndjson.status, ndjson.json()["line"].clone()), (400, json!(2)));
@@ -113,6 +113,11 @@ fn every_bad_field_of_every_event_is_named_and_the_batch_counts_nothing() {
     .map(|(i, f)| (*i, (*f).to_owned()))
     .collect();
     assert_eq!(fields(&answer), expected);
+    let codes: Vec<&str> = answer["errors"].as_array().unwrap().iter().map(|e| e["code"].as_str().unwrap()).collect();
+    let mut expected_codes = vec!["invalid_field"; 16];
+    expected_codes[0] = "missing_field";
+    expected_codes[14] = "unknown_field";
+    assert_eq!(codes, expected_codes);
     assert_eq!(answer["error_count"], 16);
     assert_eq!(server.count("ok"), 0, "all or nothing");
 }
@@ -132,7 +137,7 @@ fn body_and_event_limits_answer_413() {
     let big = json!(vec![json!({"video_id": "v".repeat(256)}); 5]).to_string();
     assert!(big.len() > 1024);
     let answer = server.post_events(&big, &[]);
-    assert_eq!((answer.status, answer.json()["error"].clone()), (413, json!("body_too_large")));
+    assert_eq!((answer.status, answer.error_json()["error"].clone()), (413, json!("body_too_large")));
     // Without Content-Length (chunked), the server stops reading at the limit: it answers
     // 413 while the client is still sending a body that would only end after 256 MiB.
     use std::io::{Read, Write};
@@ -155,12 +160,36 @@ fn body_and_event_limits_answer_413() {
     let written_when_answered = written.load(Ordering::Relaxed);
     assert_eq!(&head, b"HTTP/1.1 413");
     assert!(written_when_answered < 64 << 20, "answered only after {written_when_answered} bytes of a 1 KiB limit");
+    let streamed = rest_of_answer(&mut stream, head.to_vec());
+    assert!(streamed.contains("\r\ncontent-type: application/json\r\n"), "{streamed}");
+    let body: Value = serde_json::from_str(streamed.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!((body["error"].as_str(), body["limit_bytes"].as_u64()), (Some("body_too_large"), Some(1024)));
     let _ = stream.shutdown(std::net::Shutdown::Both); // unblocks the writer if still open
     writer.join().unwrap();
     let four = json!([{"video_id": "a"}, {"video_id": "a"}, {"video_id": "a"}, {"video_id": "a"}]).to_string();
     let answer = server.post_events(&four, &[]);
     assert_eq!((answer.status, answer.json()["error"].clone()), (413, json!("too_many_events")));
     assert_eq!(server.count("a"), 0);
+}
+
+/// Reads an answer whose first bytes were `start` up to the end of its body (by its
+/// `Content-Length`), while the client may still be sending: head and body as text.
+fn rest_of_answer(stream: &mut impl std::io::Read, start: Vec<u8>) -> String {
+    let mut answer = start;
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length =
+                head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ")?.parse().ok());
+            if body.len() >= length.expect("an error answer says its length") {
+                return text.to_ascii_lowercase().split_once("\r\n\r\n").unwrap().0.to_owned() + "\r\n\r\n" + body;
+            }
+        }
+        let read = stream.read(&mut buffer).unwrap();
+        assert!(read > 0, "closed before the whole answer: {text}");
+        answer.extend_from_slice(&buffer[..read]);
+    }
 }
 
 #[test]
@@ -234,23 +263,26 @@ fn bad_query_parameters_are_400() {
         now_ms() - 6 * 86_400_000,
         now_ms() + 2 * 86_400_000
     );
-    for path in [
-        "/v1/count",
-        "/v1/count?video_id=",
-        "/v1/count?video_id=v&type=Bad",
-        "/v1/count?video_id=v&from=yesterday",
-        "/v1/count?video_id=v&from=10&to=5",
-        "/v1/count?video_id=v&vidoe_id=w",
-        "/v1/count?video_id=v&video_id=w",
-        "/v1/series?video_id=v&step=week",
-        &too_many_minutes,
+    for (path, code, field) in [
+        ("/v1/count", "missing_field", Some("video_id")),
+        ("/v1/count?video_id=", "invalid_field", Some("video_id")),
+        ("/v1/count?video_id=v&type=Bad", "invalid_field", Some("type")),
+        ("/v1/count?video_id=v&from=yesterday", "invalid_field", Some("from")),
+        ("/v1/count?video_id=v&tz=Mars/Olympus", "invalid_field", Some("tz")),
+        ("/v1/count?video_id=v&after=x", "invalid_field", Some("after")),
+        ("/v1/count?video_id=v&from=10&to=5", "invalid_range", None),
+        ("/v1/count?video_id=v&vidoe_id=w", "unknown_field", Some("vidoe_id")),
+        ("/v1/count?video_id=v&video_id=w", "duplicate_field", Some("video_id")),
+        ("/v1/count?video_id=v%zz", "malformed_query", Some("video_id")),
+        ("/v1/series?video_id=v&step=week", "invalid_field", Some("step")),
+        (&too_many_minutes, "too_many_points", None),
     ] {
         let answer = server.get(path);
         assert_eq!(answer.status, 400, "{path}: {}", answer.text());
-        let json = answer.json();
-        assert!(json["error"].is_string() && json["message"].is_string(), "{path}: {json}");
+        let json = answer.error_json();
+        assert_eq!((json["error"].as_str(), json["field"].as_str()), (Some(code), field), "{path}: {json}");
+        assert!(json.get("hint").is_none(), "no slip to hint at in {path}: {json}");
     }
-    assert_eq!(server.get("/v1/nothing").status, 404);
 }
 
 #[test]
@@ -263,8 +295,25 @@ fn counts_answers_a_page_of_videos_in_one_round_trip() {
     assert_eq!(likes["counts"], json!({"b": 1}));
     let too_many = server.post_json("/v1/counts", r#"{"video_ids":["a","b","c","d"]}"#);
     assert_eq!((too_many.status, too_many.json()["error"].clone()), (400, json!("too_many_video_ids")));
-    let unknown = server.post_json("/v1/counts", r#"{"video_ids":["a"],"colour":1}"#);
-    assert_eq!(unknown.status, 400);
+    for (body, code, field) in [
+        (r#"{"video_ids":["a"],"colour":1}"#, "unknown_field", Some("colour")),
+        (r#"{"type":"view"}"#, "missing_field", Some("video_ids")),
+        (r#"{"video_ids":["a"],"type":"view","type":"like"}"#, "duplicate_field", Some("type")),
+        (r#"{"video_ids":"a"}"#, "invalid_field", Some("video_ids")),
+        (r#"{"video_ids":["a",""]}"#, "invalid_field", Some("video_ids")),
+        (r#"{"video_ids":["a"],"type":"Bad"}"#, "invalid_field", Some("type")),
+        (r#"{"video_ids":["a"],"from":"soon"}"#, "invalid_field", Some("from")),
+        (r#"{"video_ids":["a"],"from":10,"to":5}"#, "invalid_range", None),
+        (r#"["a"]"#, "malformed_json", None),
+        (r#"{"video_ids":["a"]"#, "malformed_json", None),
+    ] {
+        let answer = server.post_json("/v1/counts", body);
+        assert_eq!(answer.status, 400, "{body}: {}", answer.text());
+        let json = answer.error_json();
+        assert_eq!((json["error"].as_str(), json["field"].as_str()), (Some(code), field), "{body}: {json}");
+    }
+    let bad_id = server.post_json("/v1/counts", r#"{"video_ids":["a",""]}"#).json();
+    assert_eq!(bad_id["index"], 1);
 }
 
 #[test]
@@ -514,4 +563,123 @@ fn metrics_pass_promtool() {
     let output = promtool.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success() && said.trim().is_empty(), "promtool: {said}\n{metrics}");
+}
+
+/// A request (method, path, headers, body) and the error it gets (status, code, field).
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, u16, &'a str, Option<&'a str>);
+
+/// Every error answer follows one contract: JSON (and said to be) with `error` and
+/// `message`, the code one the OpenAPI document lists, and one code per kind of mistake on
+/// every route: an unknown field is `unknown_field` in any query string or JSON body.
+#[test]
+fn every_error_is_json_with_a_listed_code_and_one_code_per_mistake() {
+    let (_dir, server) = server("");
+    let spec = server.get("/v1/openapi.json").json();
+    let listed: Vec<&str> = spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|code| code.as_str().unwrap())
+        .collect();
+    let json_type = [("content-type", "application/json")];
+    let cases: [Case; 18] = [
+        ("GET", "/v1/nothing", &[], "", 404, "not_found", None),
+        ("GET", "/favicon.ico", &[], "", 404, "not_found", None),
+        ("DELETE", "/v1/events", &[], "", 405, "method_not_allowed", None),
+        ("POST", "/v1/count", &json_type, "{}", 405, "method_not_allowed", None),
+        ("PUT", "/", &[], "", 405, "method_not_allowed", None),
+        ("POST", "/v1/events", &[("content-type", "text/html")], "{}", 415, "unsupported_media_type", None),
+        (
+            "POST",
+            "/v1/events",
+            &[("content-type", "application/json"), ("content-encoding", "br")],
+            "{}",
+            415,
+            "unsupported_content_encoding",
+            None,
+        ),
+        ("GET", "/v1/count?video_id=v&colour=1", &[], "", 400, "unknown_field", Some("colour")),
+        ("GET", "/v1/series?video_id=v&colour=1", &[], "", 400, "unknown_field", Some("colour")),
+        ("GET", "/v1/top?colour=1", &[], "", 400, "unknown_field", Some("colour")),
+        ("GET", "/v1/uniques?video_id=v&colour=1", &[], "", 400, "unknown_field", Some("colour")),
+        ("GET", "/v1/stats?video_id=v&colour=1", &[], "", 400, "unknown_field", Some("colour")),
+        ("POST", "/v1/counts?colour=1", &json_type, r#"{"video_ids":["a"]}"#, 400, "unknown_field", Some("colour")),
+        ("POST", "/v1/counts", &json_type, r#"{"video_ids":["a"],"colour":1}"#, 400, "unknown_field", Some("colour")),
+        ("POST", "/v1/events?colour=1", &json_type, r#"{"video_id":"a"}"#, 400, "unknown_field", Some("colour")),
+        ("POST", "/v1/events", &json_type, r#"{"video_id":"a","colour":1}"#, 400, "invalid_events", None),
+        ("GET", "/v1/count?video_id=v&video_id=w", &[], "", 400, "duplicate_field", Some("video_id")),
+        ("GET", "/v1/stats", &[], "", 400, "missing_field", Some("video_id")),
+    ];
+    for (method, path, headers, body, status, code, field) in cases {
+        let answer = request(server.address, method, path, headers, body.as_bytes()).unwrap();
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.text());
+        let json = answer.error_json();
+        assert_eq!((json["error"].as_str(), json["field"].as_str()), (Some(code), field), "{method} {path}: {json}");
+        assert!(listed.contains(&code), "{code} is not listed in openapi.json");
+    }
+    // Inside a batch, the unknown field is listed with the same code.
+    let batch = server.post_events(r#"{"video_id":"a","colour":1}"#, &[]).error_json();
+    assert_eq!(
+        batch["errors"],
+        json!([{"index": 0, "field": "colour", "code": "unknown_field",
+        "reason": "unknown field; allowed: video_id, type, ts, value, event_id, viewer_id"}])
+    );
+    // The dashboard and its assets are still pages, not errors.
+    for (path, content_type) in
+        [("/", "text/html"), ("/ui/uplot.js", "text/javascript"), ("/v1/tally.js", "text/javascript")]
+    {
+        let answer = server.get(path);
+        assert_eq!(answer.status, 200, "{path}");
+        assert!(answer.header("content-type").unwrap().starts_with(content_type), "{path}");
+    }
+    assert_eq!(server.count("a"), 0);
+}
+
+/// Epoch seconds where tally takes milliseconds, and a `+` that a query string turned into
+/// a space, are answered with a hint naming the value meant.
+#[test]
+fn common_slips_get_a_hint_naming_the_value_meant() {
+    let (_dir, server) = server("");
+    // 2026-01-01T00:00:00Z and the next day, in seconds.
+    let (day, next_day) = (1_767_225_600i64, 1_767_312_000i64);
+    let events = server.post_events(&json!([{"video_id": "a", "ts": day}]).to_string(), &[]).error_json();
+    assert_eq!(
+        (events["errors"][0]["field"].as_str(), events["errors"][0]["code"].as_str()),
+        (Some("ts"), Some("invalid_field"))
+    );
+    assert_eq!(
+        events["errors"][0]["hint"],
+        "ts 1767225600 looks like epoch seconds (2026-01-01T00:00:00Z); tally takes epoch milliseconds: 1767225600000"
+    );
+    let range = server.get(&format!("/v1/count?video_id=a&from={}&to={next_day}", day * 1000)).error_json();
+    assert_eq!(range["error"], "invalid_range");
+    assert_eq!(
+        range["hint"],
+        "to 1767312000 looks like epoch seconds (2026-01-02T00:00:00Z); tally takes epoch milliseconds: 1767312000000"
+    );
+    let series = server.get(&format!("/v1/series?video_id=a&from={day}&to={}", next_day * 1000)).error_json();
+    assert_eq!(series["error"], "too_many_points");
+    assert!(series["hint"].as_str().unwrap().starts_with("from 1767225600 looks like epoch seconds"), "{series}");
+    let counts =
+        server.post_json("/v1/counts", &json!({"video_ids": ["a"], "from": day * 1000, "to": next_day}).to_string());
+    assert!(counts.error_json()["hint"].as_str().unwrap().contains("1767312000000"), "{}", counts.text());
+
+    let plus = server.get("/v1/count?video_id=a&from=2026-01-01T00:00:00+01:00").error_json();
+    assert_eq!((plus["error"].as_str(), plus["field"].as_str()), (Some("invalid_field"), Some("from")));
+    assert_eq!(
+        plus["hint"],
+        "a + in a query string arrives as a space; percent-encode it as %2B: from=2026-01-01T00:00:00%2B01:00"
+    );
+    let encoded = server.get("/v1/count?video_id=a&from=2026-01-01T00:00:00%2B01:00");
+    assert_eq!(encoded.status, 200, "the hinted form is accepted: {}", encoded.text());
+    assert_eq!(encoded.json()["from"], "2025-12-31T23:00:00Z");
+    let zone = server.get("/v1/count?video_id=a&tz=Etc/GMT+5").error_json();
+    assert_eq!(
+        (zone["field"].as_str(), zone["hint"].as_str()),
+        (Some("tz"), Some("a + in a query string arrives as a space; percent-encode it as %2B: tz=Etc/GMT%2B5"))
+    );
+    assert_eq!(server.get("/v1/count?video_id=a&tz=Etc/GMT%2B5").status, 200);
+    let offset = server.get("/v1/series?video_id=a&step=day&tz=+05:30").error_json();
+    let hint = offset["hint"].as_str().unwrap();
+    assert!(hint.contains("%2B") && hint.contains("+05:30") && hint.contains("IANA time zone name"), "{hint}");
 }

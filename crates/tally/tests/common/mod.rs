@@ -122,6 +122,14 @@ impl Answer {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+    /// The body of an error answer, checked against the error contract: JSON (and said to
+    /// be) with a string `error` and `message`.
+    pub fn error_json(&self) -> serde_json::Value {
+        assert_eq!(self.header("content-type"), Some("application/json"), "{} {}", self.status, self.text());
+        let json = self.json();
+        assert!(json["error"].is_string() && json["message"].as_str().is_some_and(|m| !m.is_empty()), "{json}");
+        json
+    }
 }
 
 /// One request on a fresh connection (`Connection: close`). `Err` if the connection failed
