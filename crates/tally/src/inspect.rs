@@ -151,7 +151,9 @@ pub async fn series(SeriesArgs { selection: args, step }: SeriesArgs) -> anyhow:
     println!("{:<26} {:>12} {:>14}   ({} steps)", format!("time ({zone})"), "count", "sum", text(&answer, "step"));
     for point in &points {
         let count = point["count"].as_u64().unwrap_or(0);
-        println!("{:<26} {:>12} {:>14} {}", text(point, "t"), count, point["sum"], bar(count, peak));
+        // A JSON value's Display ignores width: render it to a string first.
+        let sum = point["sum"].to_string();
+        println!("{:<26} {:>12} {sum:>14} {}", text(point, "t"), count, bar(count, peak));
     }
     if answer["exact_boundaries"] == false {
         println!("note: day boundaries rounded down to the hour (minute buckets are no longer kept there)");
@@ -207,7 +209,8 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     println!("{:<32} {:>14} {:>16} {:>14}", "type", "count", "sum", "avg");
     for (event_type, stats) in &types {
         let avg = stats["avg"].as_f64().unwrap_or(0.0);
-        println!("{event_type:<32} {:>14} {:>16} {avg:>14.2}", stats["count"], stats["sum"]);
+        let (count, sum) = (stats["count"].to_string(), stats["sum"].to_string());
+        println!("{event_type:<32} {count:>14} {sum:>16} {avg:>14.2}");
     }
     Ok(())
 }
