@@ -1,0 +1,247 @@
+//! The raw-event archive: every counted event, as Parquet files (schema in `schema`) that
+//! DuckDB, Spark, pandas and pyarrow read, laid out by receive hour and named by the log
+//! offset range they hold (`file::FileKey::path`), so rewriting a range after a crash
+//! replaces a file instead of adding one. `Archive` puts, lists and reads files in a
+//! directory (`file://…` or a path) through `object_store`; `aggregate` recomputes counts
+//! and sums from the files (the batch layer of the lambda architecture).
+//!
+//! Not yet wired to the engine: see the README's "Not built yet".
+
+mod file;
+mod schema;
+
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int64Type, TimestampMillisecondType};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use hashbrown::HashMap;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+pub use file::{FileBuilder, FileKey, ROW_GROUP_ROWS};
+pub use schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY, schema};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("archive location {0:?}: expected file:///path or a directory path")]
+    Location(String),
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("archive file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// One file in the archive, as its name describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedFile {
+    pub path: String,
+    pub partition: u32,
+    /// The log offset range `[first_offset, end_offset)` of the frames it holds.
+    pub first_offset: u64,
+    pub end_offset: u64,
+    pub bytes: u64,
+}
+
+impl ArchivedFile {
+    /// Reads `events/…/pPPPP-FIRST-END.parquet`; other names are not archive files.
+    fn parse(path: &str, bytes: u64) -> Option<ArchivedFile> {
+        let name = path.rsplit('/').next()?.strip_suffix(".parquet")?;
+        let mut parts = name.strip_prefix('p')?.split('-');
+        let partition = parts.next()?.parse().ok()?;
+        let first_offset = parts.next()?.parse().ok()?;
+        let end_offset = parts.next()?.parse().ok()?;
+        parts.next().is_none().then(|| ArchivedFile {
+            path: path.to_owned(),
+            partition,
+            first_offset,
+            end_offset,
+            bytes,
+        })
+    }
+}
+
+/// An archive location. Blocking: it drives `object_store` on a small runtime of its own,
+/// like the PostgreSQL store, so the engine's threads can call it.
+pub struct Archive {
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Archive {
+    /// `file:///var/lib/tally/archive` or a directory path (created if absent).
+    pub fn open(location: &str) -> Result<Archive, ArchiveError> {
+        let directory = match location.strip_prefix("file://") {
+            Some(path) => path,
+            None if !location.contains("://") => location,
+            None => return Err(ArchiveError::Location(location.to_owned())),
+        };
+        std::fs::create_dir_all(directory)?;
+        let store = LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true).with_fsync(true);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(Archive { store: Arc::new(store), runtime })
+    }
+
+    /// Writes `bytes` at `path`, whole or not at all (a temporary file renamed into place),
+    /// replacing a file of the same name.
+    pub fn put(&self, path: &str, bytes: Bytes) -> Result<(), ArchiveError> {
+        self.runtime.block_on(self.store.put(&Path::from(path), bytes.into()))?;
+        Ok(())
+    }
+
+    pub fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {
+        Ok(self.runtime.block_on(async { self.store.get(&Path::from(path)).await?.bytes().await })?)
+    }
+
+    /// Every archive file, in partition and offset order.
+    pub fn files(&self) -> Result<Vec<ArchivedFile>, ArchiveError> {
+        let prefix = Path::from("events");
+        let objects: Vec<object_store::ObjectMeta> =
+            self.runtime.block_on(self.store.list(Some(&prefix)).try_collect())?;
+        let mut files: Vec<ArchivedFile> =
+            objects.iter().filter_map(|o| ArchivedFile::parse(o.location.as_ref(), o.size)).collect();
+        files.sort_by_key(|f| (f.partition, f.first_offset, f.end_offset));
+        Ok(files)
+    }
+}
+
+/// Count and sum of one event type of one video.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Total {
+    pub count: u64,
+    pub sum: i64,
+}
+
+/// Counts and sums per (event type, video) of the archived events whose `ts` lies in
+/// `[from_ms, to_ms)`, and the rows read.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub totals: HashMap<(String, String), Total>,
+    pub rows_read: u64,
+}
+
+/// Recomputes `Totals` from `files`: reads only the columns it needs.
+pub fn aggregate(archive: &Archive, files: &[ArchivedFile], from_ms: i64, to_ms: i64) -> Result<Totals, ArchiveError> {
+    let mut totals = Totals::default();
+    for file in files {
+        let bytes = archive.get(&file.path)?;
+        aggregate_file(bytes, from_ms, to_ms, &mut totals)
+            .map_err(|error| ArchiveError::File { path: file.path.clone(), reason: error.to_string() })?;
+    }
+    Ok(totals)
+}
+
+fn aggregate_file(bytes: Bytes, from_ms: i64, to_ms: i64, totals: &mut Totals) -> Result<(), ArchiveError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let version = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|pairs| pairs.iter().find(|kv| kv.key == SCHEMA_VERSION_KEY).and_then(|kv| kv.value.clone()));
+    if version.as_deref() != Some(&SCHEMA_VERSION.to_string()) {
+        return Err(ArchiveError::Location(format!("schema version {version:?}, this build reads {SCHEMA_VERSION}")));
+    }
+    // video_id, type, ts, value: the first four columns.
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [0, 1, 2, 3]);
+    for batch in builder.with_projection(mask).with_batch_size(64 << 10).build()? {
+        let batch = batch?;
+        let (videos, types) = (batch.column(0).as_string::<i32>(), batch.column(1).as_string::<i32>());
+        let ts = batch.column(2).as_primitive::<TimestampMillisecondType>();
+        let values = batch.column(3).as_primitive::<Int64Type>();
+        totals.rows_read += batch.num_rows() as u64;
+        for row in 0..batch.num_rows() {
+            let at = ts.value(row);
+            if at < from_ms || at >= to_ms {
+                continue;
+            }
+            let key = Key(types.value(row), videos.value(row));
+            let total = match totals.totals.get_mut(&key) {
+                Some(total) => total,
+                None => totals.totals.entry((key.0.to_owned(), key.1.to_owned())).or_default(),
+            };
+            total.count += 1;
+            total.sum += values.value(row);
+        }
+    }
+    Ok(())
+}
+
+/// A `(type, video)` key borrowed from a batch: looks the owned key up without allocating
+/// (it hashes as the `(String, String)` tuple does).
+#[derive(Hash)]
+struct Key<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for Key<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_core::EventRef;
+
+    fn event<'a>(video_id: &'a str, event_type: &'a str, ts_ms: i64, value: i64) -> EventRef<'a> {
+        EventRef { video_id, event_type, ts_ms, value, event_id: None, viewer_id: None }
+    }
+
+    #[test]
+    fn files_are_named_by_receive_hour_and_offset_range() {
+        let key = FileKey::of(3, 1_764_633_600_000 + 5 * 3_600_000 + 59_999);
+        assert_eq!(key.hour_ms, 1_764_633_600_000 + 5 * 3_600_000);
+        let path = key.path(120, 4_096);
+        assert_eq!(path, "events/date=2025-12-02/hour=05/p0003-00000000000000000120-00000000000000004096.parquet");
+        let parsed = ArchivedFile::parse(&path, 10).unwrap();
+        assert_eq!((parsed.partition, parsed.first_offset, parsed.end_offset), (3, 120, 4_096));
+        assert!(ArchivedFile::parse("events/date=2025-12-02/hour=05/notes.txt", 1).is_none());
+    }
+
+    #[test]
+    fn aggregates_counts_and_sums_in_the_time_range_from_written_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(dir.path().to_str().unwrap()).unwrap();
+        let mut builder = FileBuilder::default();
+        builder.push(&event("a", "view", 1_000, 1), 5_000, 0, 10);
+        builder.push(&event("a", "view", 2_000, 1), 5_000, 0, 10);
+        builder.push(&event("a", "watch_ms", 2_500, 700), 5_000, 0, 20);
+        builder.push(&event("b", "view", 9_000, 1), 5_000, 0, 20);
+        assert_eq!(builder.rows(), 4);
+        let path = FileKey::of(0, 5_000).path(10, 30);
+        archive.put(&path, builder.encode().unwrap()).unwrap();
+        let files = archive.files().unwrap();
+        assert_eq!(files.len(), 1);
+        let totals = aggregate(&archive, &files, 0, 5_000).unwrap();
+        assert_eq!(totals.rows_read, 4);
+        let total = |t: &str, v: &str| totals.totals.get(&(t.to_string(), v.to_string())).copied();
+        assert_eq!(total("view", "a"), Some(Total { count: 2, sum: 2 }));
+        assert_eq!(total("watch_ms", "a"), Some(Total { count: 1, sum: 700 }));
+        assert_eq!(total("view", "b"), None, "ts 9,000 is outside [0, 5,000)");
+    }
+
+    #[test]
+    fn writing_a_range_again_replaces_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(&format!("file://{}", dir.path().display())).unwrap();
+        let path = FileKey::of(1, 0).path(0, 100);
+        for _ in 0..2 {
+            let mut builder = FileBuilder::default();
+            builder.push(&event("a", "view", 1, 1), 0, 1, 0);
+            archive.put(&path, builder.encode().unwrap()).unwrap();
+        }
+        let files = archive.files().unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(aggregate(&archive, &files, 0, 10).unwrap().rows_read, 1);
+        assert!(Archive::open("s3://bucket/prefix").is_err(), "object storage is not built yet");
+    }
+}
