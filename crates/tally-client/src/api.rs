@@ -4,7 +4,7 @@
 //! with the same Idempotency-Key, so the server counts it once however often it arrives.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
@@ -25,6 +25,10 @@ pub struct RetryPolicy {
     pub backoff_max: Duration,
     /// The longest `Retry-After` honoured (a larger one is cut to this).
     pub retry_after_max: Duration,
+    /// How long one call may keep trying, waits for an open breaker included: shorter than
+    /// the server's dedup window (10 minutes by default), so that a retry of a write whose
+    /// first attempt was counted but unanswered is still recognised.
+    pub give_up_after: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -34,6 +38,7 @@ impl Default for RetryPolicy {
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_secs(10),
             retry_after_max: Duration::from_secs(60),
+            give_up_after: Duration::from_secs(300),
         }
     }
 }
@@ -49,6 +54,8 @@ pub struct ApiConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Time one request may take, connecting and reading the answer included.
     pub timeout: Duration,
+    /// Bytes of one answer at most; a larger one is an error, not memory.
+    pub answer_bytes_max: usize,
     pub retry: RetryPolicy,
     pub breaker: BreakerConfig,
 }
@@ -60,6 +67,7 @@ impl ApiConfig {
             key: None,
             ca_pem: None,
             timeout: Duration::from_secs(10),
+            answer_bytes_max: 64 << 20,
             retry: RetryPolicy::default(),
             breaker: BreakerConfig::default(),
         }
@@ -93,6 +101,8 @@ enum Verdict {
     Pace,
     /// The server is failing (no answer, timeout, 5xx): retry, and the breaker counts it.
     Failure,
+    /// An error of the client's own: final, the breaker is not told.
+    Untold,
 }
 
 fn verdict(result: &Result<Answer, Error>) -> Verdict {
@@ -104,14 +114,15 @@ fn verdict(result: &Result<Answer, Error>) -> Verdict {
             _ => Verdict::Final,
         },
         Err(Error::Connection(_) | Error::Timeout(_)) => Verdict::Failure,
-        Err(_) => Verdict::Final,
+        // Nothing was learnt of the server (the request could not be made, or was cut
+        // short by the client): final, and the breaker is not told.
+        Err(_) => Verdict::Untold,
     }
 }
 
 impl Api {
     pub fn new(config: ApiConfig) -> Result<Api, Error> {
-        let transport =
-            Transport::new(&config.server, config.key.as_deref(), config.ca_pem.as_deref(), config.timeout)?;
+        let transport = Transport::new(&config)?;
         if config.retry.attempts == 0 || config.breaker.failures_to_open == 0 {
             return Err(Error::Config("retry attempts and breaker failures_to_open must be at least 1".into()));
         }
@@ -144,7 +155,11 @@ impl Api {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<Answer, Error> {
-        self.attempt(method, path, headers, body, false).await.0
+        let deadline = Instant::now() + self.retry.give_up_after;
+        let Some(permit) = self.admitted(deadline).await else {
+            return Err(Error::GaveUp(format!("the circuit breaker stayed open past {:?}", self.retry.give_up_after)));
+        };
+        self.attempt(permit, method, path, headers, body, false).await.0
     }
 
     /// Tries until an answer is final or the attempts run out; then the last answer (which
@@ -156,42 +171,56 @@ impl Api {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<Answer, Error> {
+        let deadline = Instant::now() + self.retry.give_up_after;
         let mut attempt = 1;
         loop {
-            let (result, verdict) = self.attempt(method.clone(), path, headers, body.clone(), attempt > 1).await;
-            if verdict == Verdict::Final || attempt >= self.retry.attempts {
+            let Some(permit) = self.admitted(deadline).await else {
+                return Err(Error::GaveUp(format!(
+                    "the circuit breaker stayed open past {:?}",
+                    self.retry.give_up_after
+                )));
+            };
+            let (result, verdict) =
+                self.attempt(permit, method.clone(), path, headers, body.clone(), attempt > 1).await;
+            if matches!(verdict, Verdict::Final | Verdict::Untold) || attempt >= self.retry.attempts {
                 return result;
             }
             let retry_after = result.as_ref().ok().and_then(Answer::retry_after);
-            tokio::time::sleep(self.backoff(attempt, retry_after)).await;
+            let backoff = self.backoff(attempt, retry_after);
+            if Instant::now() + backoff >= deadline {
+                return result;
+            }
+            tokio::time::sleep(backoff).await;
             attempt += 1;
         }
     }
 
     async fn attempt(
         &self,
+        permit: Permit<'_>,
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
         body: Bytes,
         retry: bool,
     ) -> (Result<Answer, Error>, Verdict) {
-        let permit = self.admitted().await;
         self.stats.request(retry);
         let result = self.transport.request(method, path, headers, body).await;
         let verdict = verdict(&result);
         match verdict {
             Verdict::Failure => permit.failed(),
             Verdict::Final | Verdict::Pace => permit.succeeded(),
+            Verdict::Untold => drop(permit),
         }
         (result, verdict)
     }
 
-    /// Waits while the breaker is open.
-    async fn admitted(&self) -> Permit<'_> {
+    /// Waits while the breaker is open, until `deadline` at most.
+    async fn admitted(&self, deadline: Instant) -> Option<Permit<'_>> {
         loop {
             match self.breaker.admit() {
-                Ok(()) => return Permit { breaker: &self.breaker, told: false },
+                Ok(probe) => return Some(Permit { breaker: &self.breaker, probe, told: false }),
+                Err(wait) if Instant::now() + wait > deadline => return None,
                 Err(wait) => tokio::time::sleep(wait).await,
             }
         }
@@ -241,10 +270,11 @@ impl Api {
     }
 }
 
-/// A request the breaker let through. Dropped without a verdict (the caller gave up on
-/// it), it frees a half-open breaker's probe slot instead of holding it forever.
+/// A request the breaker let through. A probe dropped without a verdict (the caller gave
+/// up on it) frees the half-open breaker's probe slot instead of holding it forever.
 struct Permit<'a> {
     breaker: &'a Breaker,
+    probe: bool,
     told: bool,
 }
 
@@ -262,8 +292,8 @@ impl Permit<'_> {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if !self.told {
-            self.breaker.released();
+        if self.probe && !self.told {
+            self.breaker.probe_released();
         }
     }
 }
@@ -275,6 +305,7 @@ mod tests {
     #[test]
     fn backoff_is_jittered_below_a_doubling_bound_and_after_retry_after() {
         let api = Api::new(ApiConfig::new("http://127.0.0.1:1")).unwrap();
+        assert!(api.retry.give_up_after < Duration::from_secs(600), "within the default dedup window");
         for attempt in 1..=12 {
             let bound = Duration::from_millis(50 * (1 << (attempt - 1))).min(Duration::from_secs(10));
             for _ in 0..50 {
@@ -286,6 +317,27 @@ mod tests {
         let wait = api.backoff(1, Some(Duration::from_secs(3)));
         assert!(wait >= Duration::from_secs(3) && wait <= Duration::from_millis(3050));
         assert!(api.backoff(1, Some(Duration::from_secs(3600))) <= Duration::from_millis(60_050), "capped");
+    }
+
+    #[test]
+    fn retrying_stops_when_give_up_after_runs_out() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut config = ApiConfig::new("http://127.0.0.1:1");
+        config.retry = RetryPolicy {
+            attempts: 1_000_000,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(20),
+            retry_after_max: Duration::ZERO,
+            give_up_after: Duration::from_millis(300),
+        };
+        let api = Api::new(config).unwrap();
+        let result = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), api.request_retrying(Method::GET, "/", &[], Bytes::new())).await
+        });
+        let error = result.expect("gave up long before the guard").unwrap_err();
+        assert!(matches!(error, Error::GaveUp(_) | Error::Connection(_)), "{error}");
+        assert_eq!(api.breaker_state(), BreakerState::Open, "nothing listens on port 1");
+        assert!(api.stats().requests < 1_000, "{:?}", api.stats());
     }
 
     #[test]

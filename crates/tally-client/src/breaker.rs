@@ -55,11 +55,12 @@ impl Breaker {
         Breaker { config, state: Mutex::new(State::Closed { failures: 0 }), stats }
     }
 
-    /// Whether a request may go now; if not, how long until it may ask again.
-    pub(crate) fn admit(&self) -> Result<(), Duration> {
+    /// Whether a request may go now (and whether it is a half-open breaker's probe); if not,
+    /// how long until it may ask again.
+    pub(crate) fn admit(&self) -> Result<bool, Duration> {
         let mut state = self.state.lock();
         match *state {
-            State::Closed { .. } => Ok(()),
+            State::Closed { .. } => Ok(false),
             State::Open { until } => {
                 let now = Instant::now();
                 if now < until {
@@ -67,12 +68,12 @@ impl Breaker {
                 }
                 *state = State::HalfOpen { probing: true };
                 self.stats.breaker_state(BreakerState::HalfOpen);
-                Ok(())
+                Ok(true)
             }
             State::HalfOpen { probing: true } => Err(PROBE_POLL),
             State::HalfOpen { probing: false } => {
                 *state = State::HalfOpen { probing: true };
-                Ok(())
+                Ok(true)
             }
         }
     }
@@ -103,9 +104,9 @@ impl Breaker {
         }
     }
 
-    /// A request that was admitted but ended without telling anything about the server's
-    /// health (it was refused before sending): a half-open breaker may probe again.
-    pub(crate) fn released(&self) {
+    /// A probe that ended without telling anything about the server's health (cancelled,
+    /// or refused before it was sent): a half-open breaker may probe again.
+    pub(crate) fn probe_released(&self) {
         let mut state = self.state.lock();
         if let State::HalfOpen { probing: true } = *state {
             *state = State::HalfOpen { probing: false };
@@ -153,9 +154,11 @@ mod tests {
             breaker.failed();
         }
         assert_eq!(breaker.state(), BreakerState::Open);
-        assert!(breaker.admit().is_ok(), "the open time is over: one probe");
+        assert_eq!(breaker.admit(), Ok(true), "the open time is over: one probe");
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         assert!(breaker.admit().is_err(), "a second request waits for the probe");
+        breaker.probe_released();
+        assert_eq!(breaker.admit(), Ok(true), "a probe given up on lets another through");
         breaker.failed();
         assert_eq!(breaker.state(), BreakerState::Open, "a failed probe opens it again");
         assert!(breaker.admit().is_ok());

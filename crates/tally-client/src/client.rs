@@ -253,7 +253,10 @@ impl Batcher {
                         self.dispatch(&mut requests, std::mem::take(&mut events));
                         let _ = reply.send(self.next_batch);
                     }
-                    None => open = false,
+                    None => {
+                        open = false;
+                        self.dispatch(&mut requests, std::mem::take(&mut events));
+                    }
                 },
                 _ = tokio::time::sleep_until(deadline), if events > 0 && (room || !open) => {
                     self.dispatch(&mut requests, std::mem::take(&mut events));
@@ -275,13 +278,9 @@ impl Batcher {
         let key = format!("client-{:032x}", rand::rng().random::<u128>());
         let (api, last_error) = (self.api.clone(), Arc::clone(&self.last_error));
         requests.spawn(async move {
-            match api.post_events(body, &key).await {
-                Ok(ack) => api.counters().acknowledged(ack.accepted, ack.duplicates),
-                Err(error) => {
-                    tracing::warn!(%error, events, "tally client gave up on a batch");
-                    api.counters().failed(events as u64);
-                    *last_error.lock() = Some(error.to_string());
-                }
+            if let Err(error) = deliver(&api, body, &key, events).await {
+                tracing::warn!(%error, events, "tally client gave up on a batch");
+                *last_error.lock() = Some(error.to_string());
             }
             (number, events, bytes)
         });
@@ -294,4 +293,57 @@ impl Batcher {
         let below = self.in_flight.first().copied().unwrap_or(self.next_batch);
         self.finished.send_replace(below);
     }
+}
+
+/// Posts one batch and counts its outcome. A batch refused for invalid events (the server
+/// then counts none of it) is sent again without them, under a key derived from its own,
+/// when the answer lists every invalid event; the invalid ones count as failed.
+async fn deliver(api: &Api, body: Bytes, key: &str, events: usize) -> Result<(), Error> {
+    let counters = api.counters();
+    let error = match api.post_events(body.clone(), key).await {
+        Ok(ack) => {
+            counters.acknowledged(ack.accepted, ack.duplicates);
+            return Ok(());
+        }
+        Err(error) => error,
+    };
+    let invalid = match &error {
+        Error::Refused(answer) => invalid_lines(answer),
+        _ => None,
+    };
+    let Some(invalid) = invalid.filter(|invalid| !invalid.is_empty() && invalid.len() < events) else {
+        counters.failed(events as u64);
+        return Err(error);
+    };
+    counters.failed(invalid.len() as u64);
+    let valid: Vec<u8> = body
+        .split_inclusive(|&byte| byte == b'\n')
+        .enumerate()
+        .filter(|(index, _)| !invalid.contains(index))
+        .flat_map(|(_, line)| line.iter().copied())
+        .collect();
+    match api.post_events(Bytes::from(valid), &format!("{key}-valid")).await {
+        Ok(ack) => {
+            counters.acknowledged(ack.accepted, ack.duplicates);
+            Err(Error::Protocol(format!("{} invalid events were dropped: {error}", invalid.len())))
+        }
+        Err(retry_error) => {
+            counters.failed((events - invalid.len()) as u64);
+            Err(retry_error)
+        }
+    }
+}
+
+/// The line numbers of the invalid events an `invalid_events` answer names, if it names
+/// every one of them (it lists at most the server's `field_errors_max`).
+fn invalid_lines(answer: &crate::Answer) -> Option<std::collections::BTreeSet<usize>> {
+    let body = answer.json().ok()?;
+    if answer.status != hyper::StatusCode::BAD_REQUEST || body["error"] != "invalid_events" {
+        return None;
+    }
+    let listed = body["errors"].as_array()?;
+    if listed.len() as u64 != body["error_count"].as_u64()? {
+        return None;
+    }
+    listed.iter().map(|error| error["index"].as_u64().map(|index| index as usize)).collect()
 }

@@ -60,6 +60,9 @@ pub enum Error {
     Refused(Box<Answer>),
     #[error("{0}")]
     Protocol(String),
+    /// Retrying stopped: `RetryPolicy::give_up_after` ran out.
+    #[error("gave up: {0}")]
+    GaveUp(String),
     /// The buffer is full and the client drops rather than waits.
     #[error("the client's buffer is full; the event was dropped")]
     Full,

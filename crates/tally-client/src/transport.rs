@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client as HyperClient;
@@ -55,15 +55,13 @@ pub(crate) struct Transport {
     inner: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     authorization: Option<String>,
     timeout: Duration,
+    answer_bytes_max: usize,
 }
 
 impl Transport {
-    pub(crate) fn new(
-        server: &str,
-        key: Option<&str>,
-        ca_pem: Option<&[u8]>,
-        timeout: Duration,
-    ) -> Result<Transport, Error> {
+    pub(crate) fn new(config: &crate::ApiConfig) -> Result<Transport, Error> {
+        let timeout = config.timeout;
+        let (server, key, ca_pem) = (config.server.as_str(), config.key.as_deref(), config.ca_pem.as_deref());
         let base = server.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Error::Config(format!("server must be an http:// or https:// URL, got {server:?}")));
@@ -79,7 +77,7 @@ impl Transport {
         let inner =
             HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(IDLE_CONNECTIONS_MAX).build(connector);
         let authorization = key.filter(|key| !key.is_empty()).map(|key| format!("Bearer {key}"));
-        Ok(Transport { base, inner, authorization, timeout })
+        Ok(Transport { base, inner, authorization, timeout, answer_bytes_max: config.answer_bytes_max })
     }
 
     pub(crate) fn base(&self) -> &str {
@@ -105,7 +103,12 @@ impl Transport {
         let exchange = async {
             let response = self.inner.request(request).await.map_err(|error| Error::Connection(error_chain(&error)))?;
             let (parts, body) = response.into_parts();
-            let body = body.collect().await.map_err(|error| Error::Connection(error_chain(&error)))?.to_bytes();
+            let limited = http_body_util::Limited::new(body, self.answer_bytes_max);
+            let body = limited.collect().await.map_err(|error| match error.downcast::<LengthLimitError>() {
+                Ok(_) => Error::Protocol(format!("the answer is larger than {} bytes", self.answer_bytes_max)),
+                Err(error) => Error::Connection(error_chain(&*error)),
+            })?;
+            let body = body.to_bytes();
             Ok(Answer { status: parts.status, headers: parts.headers, body })
         };
         tokio::time::timeout(self.timeout, exchange).await.map_err(|_| Error::Timeout(self.timeout))?

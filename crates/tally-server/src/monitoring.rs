@@ -52,7 +52,8 @@ pub(crate) async fn track_request(request: Request, next: Next) -> Response {
     response
 }
 
-/// Longest path an access log line shows; longer ones are cut (and marked so).
+/// Longest path (and X-Forwarded-For) an access log line shows; longer paths are cut and
+/// marked so.
 const LOGGED_PATH_CHARS_MAX: usize = 256;
 
 /// One `tally::access` log line per request: method, path (never the query, which may
@@ -64,7 +65,11 @@ pub(crate) async fn access_log(request: Request, next: Next) -> Response {
         path.push('…');
     }
     let client = request.extensions().get::<crate::listen::Peer>().map(|peer| peer.0.to_string());
-    let forwarded_for = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let forwarded_for = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(LOGGED_PATH_CHARS_MAX).collect::<String>());
     let started = Instant::now();
     let response = next.run(request).await;
     // The body's length when known whole (every answer but a stream).

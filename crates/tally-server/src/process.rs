@@ -8,7 +8,6 @@ use std::fmt::Write;
 /// Clock ticks per second of `/proc/<pid>/stat`'s times: `USER_HZ`, 100 on every Linux
 /// architecture tally builds for.
 const TICKS_PER_SECOND: f64 = 100.0;
-const PAGE_BYTES: f64 = 4096.0;
 
 struct Process {
     cpu_seconds: f64,
@@ -49,7 +48,11 @@ fn read() -> Option<Process> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
     let (user, system, threads, start_ticks) = (field(14)?, field(15)?, field(20)?, field(22)?);
-    let (virtual_bytes, resident_pages) = (field(23)?, field(24)?);
+    let virtual_bytes = field(23)?;
+    // In kB whatever the page size (stat's rss is in pages, which are not 4 KiB everywhere).
+    let resident_kib = std::fs::read_to_string("/proc/self/status").ok()?.lines().find_map(|line| {
+        line.strip_prefix("VmRSS:").and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    })?;
     let boot_time = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -57,7 +60,7 @@ fn read() -> Option<Process> {
     let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
     Some(Process {
         cpu_seconds: (user + system) / TICKS_PER_SECOND,
-        resident_bytes: resident_pages * PAGE_BYTES,
+        resident_bytes: resident_kib * 1024.0,
         virtual_bytes,
         start_time_seconds: boot_time + start_ticks / TICKS_PER_SECOND,
         open_fds,

@@ -153,15 +153,15 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
-        Command::Send(args) => client_runtime().and_then(|rt| rt.block_on(send::run(args))),
-        Command::Count(args) => client_runtime().and_then(|rt| rt.block_on(inspect::count(args))),
-        Command::Series(args) => client_runtime().and_then(|rt| rt.block_on(inspect::series(args))),
-        Command::Top(args) => client_runtime().and_then(|rt| rt.block_on(inspect::top(args))),
-        Command::Uniques(args) => client_runtime().and_then(|rt| rt.block_on(inspect::uniques(args))),
-        Command::Stats(args) => client_runtime().and_then(|rt| rt.block_on(inspect::stats(args))),
+        Command::Send(args) => run_client(send::run(args)),
+        Command::Count(args) => run_client(inspect::count(args)),
+        Command::Series(args) => run_client(inspect::series(args)),
+        Command::Top(args) => run_client(inspect::top(args)),
+        Command::Uniques(args) => run_client(inspect::uniques(args)),
+        Command::Stats(args) => run_client(inspect::stats(args)),
         Command::StoreStats(args) => store_stats(args),
         Command::Keys(args) => keys::run(args),
-        Command::Bench(args) => client_runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        Command::Bench(args) => run_client(bench::run(args)),
         Command::Health(args) => probe_runtime().and_then(|rt| rt.block_on(health::run(args))),
         #[cfg(feature = "cluster")]
         Command::Cluster(args) => cluster::run(args),
@@ -177,8 +177,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+/// Runs a client command. The runtime is shut down without waiting for blocking tasks: a
+/// command that failed must not hang on a reader still blocked on its input (stdin).
+fn run_client(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(command);
+    runtime.shutdown_background();
+    result
 }
 
 /// One thread: a probe that runs every few seconds should not start a thread per core.

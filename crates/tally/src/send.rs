@@ -317,9 +317,12 @@ fn read_jsonl<F: FnMut(Batch) -> bool>(
         if n == 0 {
             return Ok(true);
         }
+        let start = offset;
         offset += n as u64;
         let text = line.trim_ascii();
-        if offset > start_offset && !text.is_empty() && !cutter.push(offset, text) {
+        // A line is sent once: by where it starts, so a last line without a newline that
+        // was sent is not sent again once the file grows past it.
+        if start >= start_offset && !text.is_empty() && !cutter.push(offset, text) {
             return Ok(false);
         }
     }
@@ -337,7 +340,8 @@ fn read_csv<F: FnMut(Batch) -> bool>(
     let mut event = Vec::new();
     while reader.read_record(&mut record).context("reading CSV")? {
         let end = reader.position().byte();
-        if end <= start_offset {
+        // By where the record starts, as for JSON lines.
+        if record.position().map_or(0, csv::Position::byte) < start_offset {
             continue;
         }
         let line = record.position().map_or(0, csv::Position::line);
@@ -422,6 +426,21 @@ mod tests {
             lines[1],
             serde_json::json!({"video_id": "v,\n2", "type": "like", "ts": "2026-01-01T00:00:00Z", "viewer_id": "u"})
         );
+    }
+
+    #[test]
+    fn a_last_line_without_a_newline_is_not_sent_again_once_the_file_grows() {
+        for (format, before, after) in [
+            (Format::Jsonl, "{\"video_id\":\"a\"}", "{\"video_id\":\"a\"}\n{\"video_id\":\"b\"}\n"),
+            (Format::Csv, "video_id\na", "video_id\na\nb\n"),
+        ] {
+            let first = batches(before, format, 0, 10);
+            assert_eq!(first.len(), 1);
+            let resumed = batches(after, format, first[0].0, 10);
+            assert_eq!(resumed.len(), 1, "{resumed:?}");
+            assert_eq!(resumed[0].1, 1, "only the new line: {resumed:?}");
+            assert!(resumed[0].2.contains("\"b\""), "{resumed:?}");
+        }
     }
 
     #[test]

@@ -132,6 +132,7 @@ fn patient_config(server: &str) -> ClientConfig {
         backoff_base: Duration::from_millis(5),
         backoff_max: Duration::from_millis(50),
         retry_after_max: Duration::from_secs(1),
+        give_up_after: Duration::from_secs(120),
     };
     config.api.breaker = BreakerConfig { failures_to_open: 20, open_for: Duration::from_millis(50) };
     config.batch_events_max = 50;
@@ -216,6 +217,21 @@ async fn a_full_buffer_drops_or_waits_as_asked_and_never_grows() {
     let (dropped, waited) = (dropping.close().await.unwrap(), waiting.close().await.unwrap());
     assert_eq!((dropped.events_accepted, waited.events_accepted), (20, 21));
     assert_eq!(server.count("full"), 41);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_an_invalid_event_is_sent_again_without_it() {
+    let (_dir, server) = common::server("");
+    let mut config = patient_config(&server.url());
+    config.linger = Duration::from_secs(60);
+    let client = Client::new(config).unwrap();
+    for i in 0..10 {
+        let event = Event::view("mixed");
+        client.send(&if i == 4 { event.of_type("Not A Type") } else { event }).await.unwrap();
+    }
+    let stats = client.close().await.unwrap();
+    assert_eq!((stats.events_accepted, stats.events_failed), (9, 1), "{stats:?}");
+    assert_eq!(server.count("mixed"), 9, "the nine valid events of the batch are counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
