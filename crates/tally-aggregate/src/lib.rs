@@ -35,19 +35,39 @@ impl PartitionState {
     /// with another it is `KeyReused`. An event whose id was already seen for its video
     /// counts as a duplicate.
     pub fn apply(&mut self, record: &RecordReader<'_>) -> Result<Applied, RecordError> {
+        self.apply_noting(record, &mut |_| {})
+    }
+
+    /// `apply`, telling `uncounted` the index (within the record) of each event it did not
+    /// count: a duplicate, or every event of a repeated or reused request key. What the
+    /// raw-event archive leaves out.
+    pub fn apply_noting(
+        &mut self,
+        record: &RecordReader<'_>,
+        uncounted: &mut dyn FnMut(u32),
+    ) -> Result<Applied, RecordError> {
         self.dedup.advance(record.receive_ms);
         if let Some(request) = record.request_key
             && let Some((first, fingerprint)) = self.dedup.request_outcome(request.key)
         {
+            let mut index = 0;
+            record.for_each_event(|_| {
+                uncounted(index);
+                index += 1;
+            })?;
             return Ok(if fingerprint == request.fingerprint { Applied::Repeated(first) } else { Applied::KeyReused });
         }
         let mut outcome = Outcome::default();
         let Self { deltas, dedup } = self;
+        let mut index = 0;
         record.for_each_event(|event| {
+            let at = index;
+            index += 1;
             if let Some(event_id) = event.event_id
                 && !dedup.insert_event(dedup::event_key(event.video_id, event_id))
             {
                 outcome.duplicates += 1;
+                uncounted(at);
                 return;
             }
             outcome.accepted += 1;
@@ -112,6 +132,19 @@ mod tests {
         assert_eq!(apply(&mut state, &bytes), first);
         assert_eq!(count(&state, "a"), 1);
         assert_eq!(count(&state, "b"), 1);
+    }
+
+    #[test]
+    fn the_events_not_counted_are_named_by_their_index() {
+        let mut state = PartitionState::new(Dedup::new(600_000));
+        let bytes = record(1_000, Some(9), &[("a", Some("e1")), ("b", None), ("a", Some("e1")), ("a", Some("e2"))]);
+        let reader = RecordReader::new(&bytes).unwrap();
+        let mut uncounted = Vec::new();
+        state.apply_noting(&reader, &mut |index| uncounted.push(index)).unwrap();
+        assert_eq!(uncounted, [2], "the repeated event id");
+        uncounted.clear();
+        state.apply_noting(&reader, &mut |index| uncounted.push(index)).unwrap();
+        assert_eq!(uncounted, [0, 1, 2, 3], "a repeated request counts none of its events");
     }
 
     #[test]

@@ -75,7 +75,18 @@ impl ArchivedFile {
 /// like the PostgreSQL store, so the engine's threads can call it.
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
-    runtime: tokio::runtime::Runtime,
+    /// Always present until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Dropped inside another runtime (a server stopping), a runtime must not wait for its
+/// tasks: none of ours outlives the call that started it.
+impl Drop for Archive {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Archive {
@@ -89,25 +100,30 @@ impl Archive {
         std::fs::create_dir_all(directory)?;
         let store = LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true).with_fsync(true);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        Ok(Archive { store: Arc::new(store), runtime })
+        Ok(Archive { store: Arc::new(store), runtime: Some(runtime) })
+    }
+
+    /// Runs `future` to completion on the archive's runtime. Not from within another
+    /// tokio runtime's thread: callers are the engine's own threads.
+    fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        self.runtime.as_ref().expect("present until dropped").block_on(future)
     }
 
     /// Writes `bytes` at `path`, whole or not at all (a temporary file renamed into place),
     /// replacing a file of the same name.
     pub fn put(&self, path: &str, bytes: Bytes) -> Result<(), ArchiveError> {
-        self.runtime.block_on(self.store.put(&Path::from(path), bytes.into()))?;
+        self.block_on(self.store.put(&Path::from(path), bytes.into()))?;
         Ok(())
     }
 
     pub fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {
-        Ok(self.runtime.block_on(async { self.store.get(&Path::from(path)).await?.bytes().await })?)
+        Ok(self.block_on(async { self.store.get(&Path::from(path)).await?.bytes().await })?)
     }
 
     /// Every archive file, in partition and offset order.
     pub fn files(&self) -> Result<Vec<ArchivedFile>, ArchiveError> {
         let prefix = Path::from("events");
-        let objects: Vec<object_store::ObjectMeta> =
-            self.runtime.block_on(self.store.list(Some(&prefix)).try_collect())?;
+        let objects: Vec<object_store::ObjectMeta> = self.block_on(self.store.list(Some(&prefix)).try_collect())?;
         let mut files: Vec<ArchivedFile> =
             objects.iter().filter_map(|o| ArchivedFile::parse(o.location.as_ref(), o.size)).collect();
         files.sort_by_key(|f| (f.partition, f.first_offset, f.end_offset));

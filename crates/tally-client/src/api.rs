@@ -332,7 +332,8 @@ mod tests {
         };
         let api = Api::new(config).unwrap();
         let result = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), api.request_retrying(Method::GET, "/", &[], Bytes::new())).await
+            tokio::time::timeout(Duration::from_secs(30), api.request_retrying(Method::GET, "/", &[], Bytes::new()))
+                .await
         });
         let error = result.expect("gave up long before the guard").unwrap_err();
         assert!(matches!(error, Error::GaveUp(_) | Error::Connection(_)), "{error}");

@@ -11,7 +11,7 @@ use parking_lot::{Condvar, Mutex};
 use tally_aggregate::{DedupJournal, Deltas, rollup};
 use tally_store::{Checkpoint, PartitionFlush, StoreError};
 
-use crate::partition::Partition;
+use crate::partition::{Partition, Uncounted};
 use crate::{EngineError, Shared};
 
 /// Wakes the flusher early.
@@ -154,6 +154,8 @@ struct Taken {
     deltas: Arc<Deltas>,
     checkpoint: Checkpoint,
     journal: DedupJournal,
+    /// The events of the flushed frames that were not counted, for the archive.
+    uncounted: Vec<Uncounted>,
 }
 
 /// Why the store cannot be written now: what writers that wait for it are answered.
@@ -245,6 +247,7 @@ fn take_deltas(shared: &Shared) -> Vec<Taken> {
         }
         let deltas = Arc::new(std::mem::take(&mut memory.state.deltas));
         let journal = memory.state.dedup.take_journal();
+        let uncounted = std::mem::take(&mut memory.uncounted);
         let checkpoint = Checkpoint {
             partition: partition.index,
             offset: memory.applied_offset,
@@ -255,13 +258,21 @@ fn take_deltas(shared: &Shared) -> Vec<Taken> {
         memory.pending_start = memory.applied_offset;
         drop(memory);
         partition.drained.notify_all();
-        batch.push(Taken { partition: Arc::clone(partition), start, deltas, checkpoint, journal });
+        batch.push(Taken { partition: Arc::clone(partition), start, deltas, checkpoint, journal, uncounted });
     }
     batch
 }
 
 fn commit(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>) -> Result<(), EngineError> {
     let started = Instant::now();
+    // The archive's notes are durable before the checkpoints pass their frames.
+    if let Some(archiver) = &shared.archiver {
+        for taken in &batch {
+            if let Err(error) = archiver.note(taken.partition.index, &taken.uncounted) {
+                return Err(shared.failed(format!("writing the archive notes failed: {error}")));
+            }
+        }
+    }
     let cells: usize = batch.iter().map(|taken| taken.deltas.cells()).sum();
     let flushes: Vec<PartitionFlush<'_>> = batch
         .iter()

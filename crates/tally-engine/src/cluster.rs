@@ -22,7 +22,7 @@ use tally_core::record::ListRecords;
 use tally_core::{RecordReader, partition_of};
 use tally_store::CounterStore;
 
-use crate::partition::{Memory, Partition, wait_for_room};
+use crate::partition::{Memory, Partition, apply_noting, wait_for_room};
 use crate::{Engine, EngineConfig, EngineError, Position, RecoveryReport, Shared, recovery};
 
 /// How long `apply` sleeps while its partition has no room and the store cannot take a
@@ -87,7 +87,7 @@ impl Engine {
 
 fn empty_memory(config: &EngineConfig, offset: u64) -> Memory {
     let state = PartitionState::new(Dedup::restore(config.dedup_window_ms, &[]));
-    Memory { state, applied_offset: offset, pending_start: offset, flushing: None }
+    Memory { state, applied_offset: offset, pending_start: offset, flushing: None, uncounted: Vec::new() }
 }
 
 /// Forgets what this engine held of a partition it no longer owns: its deltas, flushed
@@ -145,7 +145,8 @@ impl Owner for ClusterOwner {
             recovery::restore(&*shared.store, &shared.config, index, claimed).map_err(|e| e.to_string())?;
         flush_state.forget(index);
         let entries = state.dedup.entries();
-        *partition.memory.lock() = Memory { state, applied_offset: offset, pending_start: offset, flushing: None };
+        *partition.memory.lock() =
+            Memory { state, applied_offset: offset, pending_start: offset, flushing: None, uncounted: Vec::new() };
         partition.checkpoint_offset.store(offset, Ordering::Release);
         partition.dedup_entries.store(entries, Ordering::Relaxed);
         partition.owned.store(true, Ordering::Release);
@@ -187,8 +188,11 @@ impl Owner for ClusterOwner {
         memory.applied_offset = offset + 1;
         let records = records?;
         let mut counted = Outcome::default();
-        for record in &records {
-            match memory.state.apply(record).expect("a record that decoded applies") {
+        let Memory { state, uncounted, .. } = &mut *memory;
+        for (position, record) in records.iter().enumerate() {
+            match apply_noting(state, record, offset, position as u32, uncounted)
+                .expect("a record that decoded applies")
+            {
                 Applied::Done(outcome) => counted.add(outcome),
                 Applied::Repeated(_) | Applied::KeyReused => {}
             }

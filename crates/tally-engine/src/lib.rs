@@ -11,6 +11,7 @@
 //! record was fdatasync-ed *and* applied to the in-memory state, so anything acknowledged is
 //! both durable and visible to the next query.
 
+mod archive;
 mod budget;
 mod checkpoint;
 mod cluster;
@@ -91,6 +92,9 @@ pub struct EngineConfig {
     pub disk_free_bytes_min: u64,
     /// Distinct event types counted at most; a request bringing one more is refused.
     pub event_types_max: usize,
+    /// Where counted events are archived as Parquet (`file:///dir` or a directory), if
+    /// anywhere. Log segments are then kept until archived.
+    pub archive: Option<String>,
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
@@ -115,6 +119,7 @@ impl Default for EngineConfig {
             retention_interval_ms: 60_000,
             disk_free_bytes_min: 256 << 20,
             event_types_max: 1_000,
+            archive: None,
             accept_log_loss: false,
             clock: Clock::system(),
         }
@@ -203,9 +208,18 @@ pub(crate) struct Shared {
     /// Cluster mode: the log is shared with other nodes; writers only append, and the
     /// partitions this node owns are applied from the log (`cluster::ClusterOwner`).
     cluster: bool,
+    /// Feeds the raw-event archive, when one is configured.
+    archiver: Option<Arc<archive::Archiver>>,
 }
 
 impl Shared {
+    /// Where a partition's log may be forgotten: behind the store's checkpoint and, with an
+    /// archive, behind what is archived.
+    pub(crate) fn forget_limit(&self, partition: &Partition) -> u64 {
+        let checkpoint = partition.checkpoint_offset.load(std::sync::atomic::Ordering::Acquire);
+        self.archiver.as_ref().map_or(checkpoint, |archiver| checkpoint.min(archiver.archived(partition.index)))
+    }
+
     /// The engine clock's epoch minute.
     fn now_minute(&self) -> i64 {
         self.config.clock.now_ms().div_euclid(tally_core::bucket::MINUTE_MS)
@@ -244,6 +258,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     flusher: Mutex<Option<checkpoint::FlusherHandle>>,
+    /// The archiver thread and its stop flag, when an archive is configured.
+    archiving: Mutex<Option<(Arc<std::sync::atomic::AtomicU8>, JoinHandle<()>)>>,
     recovery: RecoveryReport,
 }
 
@@ -559,6 +575,8 @@ impl Engine {
         if let Some(flusher) = self.flusher.lock().take() {
             flusher.stop_and_flush()?;
         }
+        // The archiver archives what the final flush checkpointed, then exits.
+        self.stop_archiver(archive::STOP);
         Ok(())
     }
 
@@ -570,6 +588,14 @@ impl Engine {
         self.stop_writers();
         if let Some(flusher) = self.flusher.lock().take() {
             flusher.stop();
+        }
+        self.stop_archiver(archive::HALT);
+    }
+
+    fn stop_archiver(&self, order: u8) {
+        if let Some((stop, thread)) = self.archiving.lock().take() {
+            stop.store(order, std::sync::atomic::Ordering::Release);
+            let _ = thread.join();
         }
     }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use tally_aggregate::{Applied, Deltas, Outcome, PartitionState};
-use tally_core::RecordReader;
 use tally_core::log::{LogError, PartitionLog};
+use tally_core::{RecordError, RecordReader};
 use tokio::sync::oneshot;
 
 use crate::budget::Permit;
@@ -47,6 +47,30 @@ pub(crate) struct Memory {
     pub(crate) pending_start: u64,
     /// Deltas being written to the store, with the offset they begin at.
     pub(crate) flushing: Option<(u64, Arc<Deltas>)>,
+    /// The events applied since the last flush took them that were not counted: what the
+    /// raw-event archive leaves out.
+    pub(crate) uncounted: Vec<Uncounted>,
+}
+
+/// One event a frame holds that was not counted (a duplicate, or part of a repeated
+/// request), named by its place: the frame's end offset (how the log names a frame), the
+/// record's index in the frame, the event's index in the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Uncounted {
+    pub frame: u64,
+    pub record: u32,
+    pub event: u32,
+}
+
+/// Applies one record of the frame ending at `frame`, noting what it did not count.
+pub(crate) fn apply_noting(
+    state: &mut PartitionState,
+    record: &RecordReader<'_>,
+    frame: u64,
+    index: u32,
+    uncounted: &mut Vec<Uncounted>,
+) -> Result<Applied, RecordError> {
+    state.apply_noting(record, &mut |event| uncounted.push(Uncounted { frame, record: index, event }))
 }
 
 pub(crate) struct Partition {
@@ -183,7 +207,7 @@ pub(crate) fn run_writer(
         let first = match appends.recv_timeout(Duration::from_millis(WRITER_IDLE_MS)) {
             Ok(append) => append,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
+                remove_checkpointed_segments(&shared, &partition, &mut *wal, &mut removed_before);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -229,9 +253,9 @@ pub(crate) fn run_writer(
             let _ = append.reply.send(outcome.map(|outcome| Acked { outcome, end_offset }));
         }
         partition.record_wal_stats(&*wal);
-        remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
+        remove_checkpointed_segments(&shared, &partition, &mut *wal, &mut removed_before);
     }
-    remove_checkpointed_segments(&partition, &mut *wal, &mut removed_before);
+    remove_checkpointed_segments(&shared, &partition, &mut *wal, &mut removed_before);
 }
 
 /// Applies a group's records, just made durable at `end_offset`: each one's outcome, and
@@ -244,9 +268,12 @@ fn apply_group(
     let mut outcomes = Vec::with_capacity(group.len());
     let mut counted = Outcome::default();
     let mut memory = partition.memory.lock();
-    for append in group {
+    let frame = end_offset;
+    let Memory { state, uncounted, .. } = &mut *memory;
+    for (index, append) in group.iter().enumerate() {
         let record = RecordReader::new(&append.record).expect("a record this process encoded must decode");
-        outcomes.push(match memory.state.apply(&record).expect("a record this process encoded must apply") {
+        let applied = apply_noting(state, &record, frame, index as u32, uncounted);
+        outcomes.push(match applied.expect("a record this process encoded must apply") {
             Applied::Done(outcome) => {
                 counted.add(outcome);
                 Ok(outcome)
@@ -363,8 +390,14 @@ fn refuse_unwritten(partition: &Partition, group: &mut Vec<Append>, error: &LogE
     answer_all(partition, group, || Err(EngineError::DiskFull { reason: reason.clone() }));
 }
 
-fn remove_checkpointed_segments(partition: &Partition, wal: &mut dyn PartitionLog, removed_before: &mut u64) {
-    let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
+/// Lets the log forget what lies behind the checkpoint (and behind the archive, if any).
+fn remove_checkpointed_segments(
+    shared: &Shared,
+    partition: &Partition,
+    wal: &mut dyn PartitionLog,
+    removed_before: &mut u64,
+) {
+    let checkpoint = shared.forget_limit(partition);
     if checkpoint <= *removed_before {
         return;
     }

@@ -3,6 +3,7 @@
 //! log from the checkpoint, then start the threads.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -12,9 +13,10 @@ use tally_core::RecordReader;
 use tally_core::log::{Log, PartitionLog, Stop};
 use tally_store::CounterStore;
 
+use crate::archive::Archiver;
 use crate::budget::QueueBudget;
 use crate::checkpoint::{FlushSignal, FlushState, FlusherHandle};
-use crate::partition::{Append, Memory, Partition, run_writer};
+use crate::partition::{Append, Memory, Partition, apply_noting, run_writer};
 use crate::{Engine, EngineConfig, EngineError, RecoveryReport, Shared, types};
 
 pub(crate) fn start(
@@ -34,13 +36,17 @@ pub(crate) fn start(
         let (offset, mut state) = restore(&*store, &config, index, store.checkpoint(index)?)?;
         let mut applied_offset = offset;
         let mut stopped = None;
+        let mut uncounted = Vec::new();
         let replay = log.open(index, offset, &mut |end, records| {
             let recovery_error =
                 |detail: String| EngineError::Recovery { partition: index, offset: applied_offset, detail };
-            for record in records {
-                let applied = record
-                    .and_then(|record| RecordReader::new(record).map_err(|e| e.to_string()))
-                    .and_then(|reader| state.apply(&reader).map_err(|e| e.to_string()));
+            for (position, record) in records.enumerate() {
+                let frame = end;
+                let applied =
+                    record.and_then(|record| RecordReader::new(record).map_err(|e| e.to_string())).and_then(|reader| {
+                        apply_noting(&mut state, &reader, frame, position as u32, &mut uncounted)
+                            .map_err(|e| e.to_string())
+                    });
                 if let Err(detail) = applied {
                     stopped = Some(recovery_error(detail));
                     return Err(Stop);
@@ -52,7 +58,7 @@ pub(crate) fn start(
         })?;
         let Ok(wal) = replay else { return Err(stopped.expect("a replay stops with a reason")) };
         replayed_bytes += applied_offset - offset;
-        let memory = Memory { state, applied_offset, pending_start: offset, flushing: None };
+        let memory = Memory { state, applied_offset, pending_start: offset, flushing: None, uncounted };
         let (sender, receiver) = mpsc::channel();
         partitions.push(Arc::new(Partition::new(index, memory, sender)));
         wals.push((wal, receiver));
@@ -78,6 +84,19 @@ pub(crate) fn launch(
     cluster: bool,
 ) -> Result<Engine, EngineError> {
     let event_types = types::EventTypes::new(known_types(&*store, &partitions)?, config.event_types_max);
+    let archiver = match &config.archive {
+        Some(_) if cluster => {
+            return Err(EngineError::Unavailable { reason: "archiving in cluster mode is not built yet".into() });
+        }
+        Some(location) => {
+            let checkpoints: Vec<u64> =
+                partitions.iter().map(|p| p.checkpoint_offset.load(Ordering::Acquire)).collect();
+            let archiver = Archiver::open(location, &config.data_dir, &checkpoints)
+                .map_err(|reason| EngineError::Unavailable { reason: format!("archive {location}: {reason}") })?;
+            Some(Arc::new(archiver))
+        }
+        None => None,
+    };
     let record_bytes_max = wals.iter().map(|(wal, _)| wal.record_bytes_max()).min().unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         budget: QueueBudget::new(config.queue_bytes_max),
@@ -93,6 +112,7 @@ pub(crate) fn launch(
         event_types,
         record_bytes_max,
         cluster,
+        archiver,
     });
     let mut writers = Vec::new();
     for (partition, (wal, receiver)) in shared.partitions.iter().zip(wals) {
@@ -106,7 +126,23 @@ pub(crate) fn launch(
         );
     }
     let flusher = FlusherHandle::start(Arc::clone(&shared));
-    Ok(Engine { _log: log, shared, writers: Mutex::new(writers), flusher: Mutex::new(Some(flusher)), recovery })
+    let archiving = shared.archiver.as_ref().map(|archiver| {
+        let (archiver, shared, stop) = (Arc::clone(archiver), Arc::clone(&shared), Arc::new(AtomicU8::new(0)));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("tally-archiver".into())
+            .spawn(move || archiver.run(&shared.partitions, &flag))
+            .expect("spawn archiver thread");
+        (stop, thread)
+    });
+    Ok(Engine {
+        _log: log,
+        shared,
+        writers: Mutex::new(writers),
+        flusher: Mutex::new(Some(flusher)),
+        archiving: Mutex::new(archiving),
+        recovery,
+    })
 }
 
 /// A partition's state as its checkpoint left it: the offset to replay from, and the

@@ -4,7 +4,21 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 
 /// What each metric counts: (kind, name, help).
-const METRICS: [(Kind, &str, &str); 45] = [
+const METRICS: [(Kind, &str, &str); 51] = [
+    (Kind::Counter, "tally_archive_files_total", "Archive files written (one per archiving round)."),
+    (Kind::Counter, "tally_archive_events_total", "Counted events written to the archive."),
+    (Kind::Counter, "tally_archive_errors_total", "Archiving rounds that failed (retried; the log keeps the frames)."),
+    (
+        Kind::Counter,
+        "tally_archive_gaps_total",
+        "Log stretches the archive lacks because the log no longer held them when archiving began.",
+    ),
+    (Kind::Gauge, "tally_archive_offset", "Log offset before which every counted event is archived, per partition."),
+    (
+        Kind::Gauge,
+        "tally_archive_lag_bytes",
+        "Log bytes checkpointed in the store but not yet archived, per partition (the log keeps them).",
+    ),
     (Kind::Counter, "tally_connections_shed_total", "Connections refused at the connection limit (fast 503)."),
     (Kind::Counter, "tally_connections_timed_out_total", "Connections closed for an idle, head or body deadline."),
     (

@@ -588,6 +588,69 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, WalError> {
     Ok(bases)
 }
 
+/// Reads the frames of the log in `dir` between `from` and `to`, both frame boundaries
+/// below the durable end (a checkpoint is one): `visit(end, records)` for each (a frame is
+/// named by its end offset, as `Wal::open` names it), in order, until it answers false. Read-only, beside the writer: it reads exactly the bytes
+/// of whole frames, never the segment's unwritten rest.
+pub fn read_frames(
+    dir: &Path,
+    from: u64,
+    to: u64,
+    mut visit: impl FnMut(u64, FrameRecords<'_>) -> bool,
+) -> Result<(), WalError> {
+    let bases = list_segments(dir)?;
+    let first = bases.partition_point(|&base| base <= from);
+    if first == 0 {
+        let oldest = bases.first().map_or("no segment".to_string(), |b| format!("the oldest segment starts at {b}"));
+        return Err(WalError::Missing { dir: dir.into(), offset: from, detail: oldest });
+    }
+    let mut at = from;
+    for (index, &base) in bases.iter().enumerate().skip(first - 1) {
+        if at >= to {
+            break;
+        }
+        let segment_end = bases.get(index + 1).copied().unwrap_or(u64::MAX);
+        let end = to.min(segment_end);
+        let path = segment_path(dir, base);
+        let file = File::open(&path).map_err(WalError::io(&path))?;
+        let mut bytes = vec![0; usize::try_from(end - at).expect("a segment fits in memory")];
+        file.read_exact_at(&mut bytes, at - base).map_err(WalError::io(&path))?;
+        let mut position = 0;
+        while position < bytes.len() {
+            match frame::scan(&bytes, position, false) {
+                // The roll marker: the rest is in the next segment.
+                Scan::Frame { payload: [], .. } => break,
+                Scan::Frame { payload, next } => {
+                    if !visit(at + next as u64, FrameRecords::new(payload)) {
+                        return Ok(());
+                    }
+                    position = next;
+                }
+                Scan::End => break,
+                Scan::TornTail { reason } => {
+                    let detail = reason.to_string();
+                    return Err(WalError::Corrupt {
+                        path,
+                        position: at - base + position as u64,
+                        offset: at + position as u64,
+                        detail,
+                    });
+                }
+                Scan::Corrupt { detail } => {
+                    return Err(WalError::Corrupt {
+                        path,
+                        position: at - base + position as u64,
+                        offset: at + position as u64,
+                        detail,
+                    });
+                }
+            }
+        }
+        at = end;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,6 +710,36 @@ mod tests {
             assert_eq!(replayed.first().map(|r| r.1[1].clone()), (i < 20).then(|| vec![i as u8]));
             assert_eq!(wal.end_offset(), *ends.last().unwrap());
         }
+    }
+
+    #[test]
+    fn frames_are_read_between_any_two_boundaries_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = fresh(dir.path(), small(64));
+        let mut ends = vec![0];
+        for i in 0..20u8 {
+            ends.push(wal.append(&[&[i; 10], &[i]]).unwrap().0);
+        }
+        assert!(wal.stats().segments > 5);
+        for (from, to) in [(0, 20), (3, 17), (7, 8), (19, 20), (5, 5)] {
+            let mut read = Vec::new();
+            read_frames(dir.path(), ends[from], ends[to], |end, records| {
+                read.push((end, records.map(|r| r.unwrap()[0]).collect::<Vec<u8>>()));
+                true
+            })
+            .unwrap();
+            let expected: Vec<(u64, Vec<u8>)> = (from..to).map(|i| (ends[i + 1], vec![i as u8, i as u8])).collect();
+            assert_eq!(read, expected, "frames {from}..{to}");
+        }
+        // The writer goes on while a reader reads what is durable.
+        wal.append(&[b"more"]).unwrap();
+        let mut count = 0;
+        read_frames(dir.path(), 0, ends[20], |_, _| {
+            count += 1;
+            count < 5
+        })
+        .unwrap();
+        assert_eq!(count, 5, "the visitor stops the read");
     }
 
     #[test]

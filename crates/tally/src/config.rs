@@ -245,6 +245,11 @@ pub struct FileConfig {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_skew_max: Option<Duration>,
+    /// Archive every counted event as Parquet files in this directory (`file:///path` or a
+    /// path), laid out by receive hour; log segments are kept until archived [default: none]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<String>,
     /// Log lines as text or JSON; RUST_LOG filters them (default info) [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -383,6 +388,7 @@ impl FileConfig {
             retention_interval_ms: millis(self.retention_interval, default.retention_interval_ms),
             disk_free_bytes_min: bytes(self.disk_free_bytes_min, default.disk_free_bytes_min),
             event_types_max: self.event_types_max.unwrap_or(default.event_types_max),
+            archive: self.archive.clone(),
             accept_log_loss: false,
             clock: default.clock,
         }
@@ -495,6 +501,7 @@ impl ServeConfig {
             retention_interval: Some(Duration(engine.retention_interval_ms)),
             disk_free_bytes_min: size(engine.disk_free_bytes_min),
             event_types_max: Some(engine.event_types_max),
+            archive: engine.archive.clone(),
             ..self.effective_server(server)
         }
     }
@@ -743,6 +750,7 @@ mod tests {
             keys_required = true
             lateness_max = "1s"
             clock_skew_max = "1s"
+            archive = "file:///var/lib/tally/archive"
             log_format = "json"
             access_log = true
         "#;

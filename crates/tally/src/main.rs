@@ -3,6 +3,7 @@
 //! server's store). Thin glue: parse arguments, run the chosen command, map errors to exit
 //! codes.
 
+mod audit;
 mod bench;
 #[cfg(feature = "cluster")]
 mod bridge;
@@ -51,6 +52,9 @@ enum Command {
     StoreStats(StoreStatsArgs),
     /// API keys: create, list and revoke them in a keys file.
     Keys(keys::KeysArgs),
+    /// Recompute every counter of a time range from the raw-event archive and compare it
+    /// with the store, printing each difference (exit 1 if any).
+    Audit(audit::AuditArgs),
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
         Command::StoreStats(args) => store_stats(args),
         Command::Keys(args) => keys::run(args),
         Command::Bench(args) => run_client(bench::run(args)),
+        Command::Audit(args) => run_client(audit::run(args)),
         Command::Health(args) => probe_runtime().and_then(|rt| rt.block_on(health::run(args))),
         #[cfg(feature = "cluster")]
         Command::Cluster(args) => cluster::run(args),

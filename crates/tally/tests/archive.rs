@@ -1,0 +1,161 @@
+//! The raw-event archive through the real binary: every counted event is archived once
+//! (duplicates and repeated requests left out), a clean stop leaves it complete, a SIGKILL
+//! under load loses and doubles nothing, and log segments wait for the archive.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tally_archive::{Archive, aggregate};
+
+fn config(archive: &Path) -> String {
+    format!("archive = {:?}\nflush_interval = \"100ms\"\npartitions = 2\n", archive.display().to_string())
+}
+
+/// Counts per (type, video).
+type Counts = BTreeMap<(String, String), u64>;
+/// Each partition's files, as log offset ranges.
+type Ranges = BTreeMap<u32, Vec<(u64, u64)>>;
+
+/// The archive's counts, and its files' ranges.
+fn archived(dir: &Path) -> (Counts, Ranges) {
+    let archive = Archive::open(dir.to_str().unwrap()).unwrap();
+    let files = archive.files().unwrap();
+    let totals = aggregate(&archive, &files, i64::MIN, i64::MAX).unwrap();
+    let counts = totals.totals.into_iter().map(|(key, total)| (key, total.count)).collect();
+    let mut ranges = Ranges::new();
+    for file in files {
+        ranges.entry(file.partition).or_default().push((file.first_offset, file.end_offset));
+    }
+    (counts, ranges)
+}
+
+/// Each partition's files follow one another: no offset archived twice, none skipped.
+fn assert_contiguous(ranges: &Ranges) {
+    for (partition, files) in ranges {
+        for pair in files.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "partition {partition}: files {pair:?} must follow one another");
+        }
+    }
+}
+
+#[test]
+fn every_counted_event_is_archived_once_and_duplicates_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut server = common::start(&dir.path().join("data"), &config(&archive));
+    let events: String = (0..300).map(|i| format!("{{\"video_id\":\"v{}\"}}\n", i % 5)).collect();
+    assert_eq!(server.post_ndjson(events.as_bytes()).status, 200);
+    let with_ids =
+        r#"[{"video_id":"ids","event_id":"a"},{"video_id":"ids","event_id":"a"},{"video_id":"ids","event_id":"b"}]"#;
+    assert_eq!(server.post_events(with_ids, &[]).status, 200);
+    assert_eq!(server.post_events(with_ids, &[]).status, 200, "both ids already seen: two duplicates");
+    let keyed = r#"[{"video_id":"keyed","type":"like","value":7}]"#;
+    for _ in 0..3 {
+        assert_eq!(server.post_events(keyed, &[("idempotency-key", "once")]).status, 200);
+    }
+    assert!(server.terminate(Duration::from_secs(60)).success());
+    let (counts, ranges) = archived(&archive);
+    let count = |t: &str, v: &str| counts.get(&(t.to_string(), v.to_string())).copied().unwrap_or(0);
+    for video in 0..5 {
+        assert_eq!(count("view", &format!("v{video}")), 60);
+    }
+    assert_eq!(count("view", "ids"), 2, "event ids a and b once each");
+    assert_eq!(count("like", "keyed"), 1, "the request sent three times under one key");
+    assert_eq!(counts.values().sum::<u64>(), 303);
+    assert_contiguous(&ranges);
+    let layout = std::fs::read_dir(archive.join("events")).unwrap().next().unwrap().unwrap().file_name();
+    assert!(layout.to_string_lossy().starts_with("date="), "laid out by date and hour: {layout:?}");
+}
+
+#[test]
+fn a_sigkill_under_load_then_a_clean_stop_leaves_each_counted_event_archived_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, archive) = (dir.path().join("data"), dir.path().join("archive"));
+    let mut server = common::start(&data, &config(&archive));
+    let address = server.address;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|writer| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut batch = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // Some events repeat an id from the batch before: duplicates, left out.
+                    let body: String = (0..200)
+                        .map(|i| {
+                            format!(
+                                "{{\"video_id\":\"w{writer}-{}\",\"event_id\":\"{batch}-{}\"}}\n",
+                                i % 150 % 7,
+                                i % 150
+                            )
+                        })
+                        .collect();
+                    let _ = common::request(
+                        address,
+                        "POST",
+                        "/v1/events",
+                        &[("content-type", "application/x-ndjson")],
+                        body.as_bytes(),
+                    );
+                    batch += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill();
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let mut server = common::start(&data, &config(&archive));
+    let mut expected = BTreeMap::new();
+    for writer in 0..3 {
+        for video in 0..7 {
+            let id = format!("w{writer}-{video}");
+            expected.insert(("view".to_string(), id.clone()), server.count(&id));
+        }
+    }
+    assert!(expected.values().sum::<u64>() > 0, "the writers got events in before the kill");
+    assert!(server.terminate(Duration::from_secs(60)).success());
+    let (counts, ranges) = archived(&archive);
+    assert_eq!(
+        counts,
+        expected.into_iter().filter(|(_, n)| *n > 0).collect(),
+        "the archive counts what the store counts"
+    );
+    assert_contiguous(&ranges);
+}
+
+#[test]
+fn log_segments_wait_for_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, archive) = (dir.path().join("data"), dir.path().join("archive"));
+    // The archive location is a file: every round fails, so nothing may be forgotten.
+    std::fs::create_dir_all(&archive).unwrap();
+    let config = format!("{}segment_bytes_max = 65536\n", config(&archive));
+    let mut server = common::start(&data, &config);
+    std::fs::remove_dir_all(&archive).unwrap();
+    std::fs::write(&archive, "not a directory").unwrap();
+    let events: String = (0..2000).map(|i| format!("{{\"video_id\":\"long-video-id-{i:06}\"}}\n")).collect();
+    for _ in 0..10 {
+        assert_eq!(server.post_ndjson(events.as_bytes()).status, 200);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let metrics = server.get("/metrics").text();
+    assert!(common::metric(&metrics, "tally_archive_errors_total").unwrap() > 0.0, "{metrics}");
+    let segments = |partition: u32| std::fs::read_dir(data.join(format!("wal/p{partition:03}"))).unwrap().count();
+    let held = segments(0) + segments(1);
+    assert!(held > 4, "the log keeps its segments while the archive fails ({held} files)");
+    std::fs::remove_file(&archive).unwrap();
+    std::fs::create_dir_all(&archive).unwrap();
+    assert!(server.terminate(Duration::from_secs(60)).success());
+    let (counts, ranges) = archived(&archive);
+    assert_eq!(counts.values().sum::<u64>(), 20_000, "archived in full once the archive is back");
+    assert_contiguous(&ranges);
+}
