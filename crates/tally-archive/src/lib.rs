@@ -157,6 +157,9 @@ pub fn aggregate(archive: &Archive, files: &[ArchivedFile], from_ms: i64, to_ms:
     Ok(totals)
 }
 
+/// Rows decoded at a time when aggregating.
+const READ_BATCH_ROWS: usize = 64 << 10;
+
 fn aggregate_file(bytes: Bytes, from_ms: i64, to_ms: i64, totals: &mut Totals) -> Result<(), ArchiveError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
     let version = builder
@@ -169,7 +172,7 @@ fn aggregate_file(bytes: Bytes, from_ms: i64, to_ms: i64, totals: &mut Totals) -
     }
     // video_id, type, ts, value: the first four columns.
     let mask = ProjectionMask::roots(builder.parquet_schema(), [0, 1, 2, 3]);
-    for batch in builder.with_projection(mask).with_batch_size(64 << 10).build()? {
+    for batch in builder.with_projection(mask).with_batch_size(READ_BATCH_ROWS).build()? {
         let batch = batch?;
         let (videos, types) = (batch.column(0).as_string::<i32>(), batch.column(1).as_string::<i32>());
         let ts = batch.column(2).as_primitive::<TimestampMillisecondType>();

@@ -155,11 +155,7 @@ impl Api {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<Answer, Error> {
-        let deadline = Instant::now() + self.retry.give_up_after;
-        let Some(permit) = self.admitted(deadline).await else {
-            return Err(Error::GaveUp(format!("the circuit breaker stayed open past {:?}", self.retry.give_up_after)));
-        };
-        self.attempt(permit, method, path, headers, body, false).await.0
+        self.call(method, path, headers, body, 1).await
     }
 
     /// Tries until an answer is final or the attempts run out; then the last answer (which
@@ -171,18 +167,25 @@ impl Api {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<Answer, Error> {
+        self.call(method, path, headers, body, self.retry.attempts).await
+    }
+
+    /// Up to `attempts` attempts, within `give_up_after`.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        attempts: u32,
+    ) -> Result<Answer, Error> {
         let deadline = Instant::now() + self.retry.give_up_after;
         let mut attempt = 1;
         loop {
-            let Some(permit) = self.admitted(deadline).await else {
-                return Err(Error::GaveUp(format!(
-                    "the circuit breaker stayed open past {:?}",
-                    self.retry.give_up_after
-                )));
-            };
+            let permit = self.admitted(deadline).await?;
             let (result, verdict) =
                 self.attempt(permit, method.clone(), path, headers, body.clone(), attempt > 1).await;
-            if matches!(verdict, Verdict::Final | Verdict::Untold) || attempt >= self.retry.attempts {
+            if matches!(verdict, Verdict::Final | Verdict::Untold) || attempt >= attempts {
                 return result;
             }
             let retry_after = result.as_ref().ok().and_then(Answer::retry_after);
@@ -216,11 +219,14 @@ impl Api {
     }
 
     /// Waits while the breaker is open, until `deadline` at most.
-    async fn admitted(&self, deadline: Instant) -> Option<Permit<'_>> {
+    async fn admitted(&self, deadline: Instant) -> Result<Permit<'_>, Error> {
         loop {
             match self.breaker.admit() {
-                Ok(probe) => return Some(Permit { breaker: &self.breaker, probe, told: false }),
-                Err(wait) if Instant::now() + wait > deadline => return None,
+                Ok(probe) => return Ok(Permit { breaker: &self.breaker, probe, told: false }),
+                Err(wait) if Instant::now() + wait > deadline => {
+                    let waited = self.retry.give_up_after;
+                    return Err(Error::GaveUp(format!("the circuit breaker stayed open past {waited:?}")));
+                }
                 Err(wait) => tokio::time::sleep(wait).await,
             }
         }

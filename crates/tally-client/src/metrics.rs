@@ -28,59 +28,83 @@ pub struct Snapshot {
     pub breaker_state: BreakerState,
 }
 
-#[derive(Debug)]
+/// One counter, kept here (for `snapshot`) and exported (its handle registered once).
+struct Tallied {
+    value: AtomicU64,
+    exported: metrics::Counter,
+}
+
+impl Tallied {
+    fn new(name: &'static str, server: &str) -> Tallied {
+        Tallied { value: AtomicU64::new(0), exported: metrics::counter!(name, "server" => server.to_owned()) }
+    }
+
+    fn add(&self, n: u64) {
+        self.value.fetch_add(n, Relaxed);
+        self.exported.increment(n);
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Relaxed)
+    }
+}
+
 pub(crate) struct Stats {
-    server: String,
-    events_accepted: AtomicU64,
-    events_duplicate: AtomicU64,
-    events_failed: AtomicU64,
-    events_dropped: AtomicU64,
+    events_accepted: Tallied,
+    events_duplicate: Tallied,
+    events_failed: Tallied,
+    events_dropped: Tallied,
+    requests: Tallied,
+    retries: Tallied,
+    breaker_opened: Tallied,
     events_buffered: AtomicU64,
-    requests: AtomicU64,
-    retries: AtomicU64,
-    breaker_opened: AtomicU64,
+    buffered_gauge: metrics::Gauge,
     breaker_state: AtomicU8,
+    breaker_gauge: metrics::Gauge,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Stats").field(&self.snapshot()).finish()
+    }
 }
 
 impl Stats {
     pub(crate) fn new(server: &str) -> Stats {
+        let label = || server.to_owned();
         Stats {
-            server: server.to_owned(),
-            events_accepted: AtomicU64::new(0),
-            events_duplicate: AtomicU64::new(0),
-            events_failed: AtomicU64::new(0),
-            events_dropped: AtomicU64::new(0),
+            events_accepted: Tallied::new("tally_client_events_accepted_total", server),
+            events_duplicate: Tallied::new("tally_client_events_duplicate_total", server),
+            events_failed: Tallied::new("tally_client_events_failed_total", server),
+            events_dropped: Tallied::new("tally_client_events_dropped_total", server),
+            requests: Tallied::new("tally_client_requests_total", server),
+            retries: Tallied::new("tally_client_retries_total", server),
+            breaker_opened: Tallied::new("tally_client_breaker_opened_total", server),
             events_buffered: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            breaker_opened: AtomicU64::new(0),
+            buffered_gauge: metrics::gauge!("tally_client_events_buffered", "server" => label()),
             breaker_state: AtomicU8::new(BreakerState::Closed as u8),
+            breaker_gauge: metrics::gauge!("tally_client_breaker_state", "server" => label()),
         }
     }
 
-    fn count(&self, counter: &AtomicU64, name: &'static str, n: u64) {
-        counter.fetch_add(n, Relaxed);
-        metrics::counter!(name, "server" => self.server.clone()).increment(n);
-    }
-
     pub(crate) fn request(&self, retry: bool) {
-        self.count(&self.requests, "tally_client_requests_total", 1);
+        self.requests.add(1);
         if retry {
-            self.count(&self.retries, "tally_client_retries_total", 1);
+            self.retries.add(1);
         }
     }
 
     pub(crate) fn acknowledged(&self, accepted: u64, duplicates: u64) {
-        self.count(&self.events_accepted, "tally_client_events_accepted_total", accepted);
-        self.count(&self.events_duplicate, "tally_client_events_duplicate_total", duplicates);
+        self.events_accepted.add(accepted);
+        self.events_duplicate.add(duplicates);
     }
 
     pub(crate) fn failed(&self, events: u64) {
-        self.count(&self.events_failed, "tally_client_events_failed_total", events);
+        self.events_failed.add(events);
     }
 
     pub(crate) fn dropped(&self, events: u64) {
-        self.count(&self.events_dropped, "tally_client_events_dropped_total", events);
+        self.events_dropped.add(events);
     }
 
     /// `delta` events joined (+) or left (-) the buffer.
@@ -90,29 +114,29 @@ impl Stats {
         } else {
             self.events_buffered.fetch_sub(delta.unsigned_abs(), Relaxed) - delta.unsigned_abs()
         };
-        metrics::gauge!("tally_client_events_buffered", "server" => self.server.clone()).set(now as f64);
+        self.buffered_gauge.set(now as f64);
     }
 
     pub(crate) fn breaker_state(&self, state: BreakerState) {
         self.breaker_state.store(state as u8, Relaxed);
-        metrics::gauge!("tally_client_breaker_state", "server" => self.server.clone()).set(state as u8 as f64);
+        self.breaker_gauge.set(state as u8 as f64);
     }
 
     pub(crate) fn breaker_opened(&self) {
-        self.count(&self.breaker_opened, "tally_client_breaker_opened_total", 1);
+        self.breaker_opened.add(1);
         self.breaker_state(BreakerState::Open);
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot {
-            events_accepted: self.events_accepted.load(Relaxed),
-            events_duplicate: self.events_duplicate.load(Relaxed),
-            events_failed: self.events_failed.load(Relaxed),
-            events_dropped: self.events_dropped.load(Relaxed),
+            events_accepted: self.events_accepted.get(),
+            events_duplicate: self.events_duplicate.get(),
+            events_failed: self.events_failed.get(),
+            events_dropped: self.events_dropped.get(),
             events_buffered: self.events_buffered.load(Relaxed),
-            requests: self.requests.load(Relaxed),
-            retries: self.retries.load(Relaxed),
-            breaker_opened: self.breaker_opened.load(Relaxed),
+            requests: self.requests.get(),
+            retries: self.retries.get(),
+            breaker_opened: self.breaker_opened.get(),
             breaker_state: match self.breaker_state.load(Relaxed) {
                 1 => BreakerState::Open,
                 2 => BreakerState::HalfOpen,

@@ -44,8 +44,9 @@ pub(crate) struct Archiver {
 }
 
 impl Archiver {
-    /// Opens the archive at `location` for a log under `data_dir`.
-    pub(crate) fn open(location: &str, data_dir: &Path, checkpoints: &[u64]) -> Result<Archiver, String> {
+    /// Opens the archive at `location` for a log under `data_dir`; `now_ms` places the
+    /// first file of a partition archived for the first time.
+    pub(crate) fn open(location: &str, data_dir: &Path, checkpoints: &[u64], now_ms: i64) -> Result<Archiver, String> {
         let archive = Archive::open(location).map_err(|e| e.to_string())?;
         let mut archived: Vec<u64> = checkpoints.to_vec();
         let mut seen = vec![false; checkpoints.len()];
@@ -58,12 +59,9 @@ impl Archiver {
         // before has no notes to go by); an empty file records where, so that a crash
         // before its first round does not move the start.
         for (partition, offset) in archived.iter().enumerate().filter(|(p, _)| !seen[*p]) {
-            let key = FileKey::of(
-                partition as u32,
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
-            );
+            let path = FileKey::of(partition as u32, now_ms).path(*offset, *offset);
             let empty = FileBuilder::default().encode().map_err(|e| e.to_string())?;
-            archive.put(&key.path(*offset, *offset), empty).map_err(|e| e.to_string())?;
+            archive.put(&path, empty).map_err(|e| format!("writing {path}: {e}"))?;
         }
         let notes_dir = data_dir.join("archive-notes");
         std::fs::create_dir_all(&notes_dir).map_err(|e| format!("{}: {e}", notes_dir.display()))?;
@@ -90,12 +88,7 @@ impl Archiver {
             return Ok(());
         }
         let _held = self.notes[partition as usize].lock();
-        let mut bytes = Vec::with_capacity(uncounted.len() * NOTE_BYTES);
-        for note in uncounted {
-            bytes.extend_from_slice(&note.frame.to_le_bytes());
-            bytes.extend_from_slice(&note.record.to_le_bytes());
-            bytes.extend_from_slice(&note.event.to_le_bytes());
-        }
+        let bytes: Vec<u8> = uncounted.iter().flat_map(encode).collect();
         let mut file = OpenOptions::new().create(true).append(true).open(self.notes_path(partition))?;
         file.write_all(&bytes)?;
         file.sync_data()
@@ -104,38 +97,33 @@ impl Archiver {
     /// The notes of frames ending in `(from, to]`.
     fn noted(&self, partition: u32, from: u64, to: u64) -> std::io::Result<HashSet<Uncounted>> {
         let _held = self.notes[partition as usize].lock();
+        self.read_notes(partition, from, to)
+    }
+
+    /// `noted`, with the partition's notes lock held by the caller.
+    fn read_notes(&self, partition: u32, from: u64, to: u64) -> std::io::Result<HashSet<Uncounted>> {
         let mut bytes = Vec::new();
         match File::open(self.notes_path(partition)) {
             Ok(mut file) => file.read_to_end(&mut bytes)?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
             Err(error) => return Err(error),
         };
-        Ok(bytes
-            .chunks_exact(NOTE_BYTES)
-            .map(|n| Uncounted {
-                frame: u64::from_le_bytes(n[..8].try_into().expect("8 bytes")),
-                record: u32::from_le_bytes(n[8..12].try_into().expect("4 bytes")),
-                event: u32::from_le_bytes(n[12..].try_into().expect("4 bytes")),
-            })
-            .filter(|n| n.frame > from && n.frame <= to)
-            .collect())
+        Ok(bytes.chunks_exact(NOTE_BYTES).map(decode).filter(|n| n.frame > from && n.frame <= to).collect())
     }
 
-    /// Rewrites a large notes file without the notes of archived frames.
+    /// Rewrites a large notes file without the notes of archived frames, holding the notes
+    /// lock throughout so that no note the flusher appends meanwhile is lost.
     fn compact_notes(&self, partition: u32) -> std::io::Result<()> {
         let path = self.notes_path(partition);
         if std::fs::metadata(&path).map_or(0, |m| m.len()) < NOTES_COMPACT_BYTES {
             return Ok(());
         }
-        let keep = self.noted(partition, self.archived(partition), u64::MAX)?;
         let _held = self.notes[partition as usize].lock();
+        let keep = self.read_notes(partition, self.archived(partition), u64::MAX)?;
         let temporary = path.with_extension("new");
+        let bytes: Vec<u8> = keep.iter().flat_map(encode).collect();
         let mut file = File::create(&temporary)?;
-        for note in keep {
-            file.write_all(&note.frame.to_le_bytes())?;
-            file.write_all(&note.record.to_le_bytes())?;
-            file.write_all(&note.event.to_le_bytes())?;
-        }
+        file.write_all(&bytes)?;
         file.sync_data()?;
         std::fs::rename(&temporary, &path)?;
         File::open(&self.notes_dir)?.sync_all()
@@ -171,7 +159,7 @@ impl Archiver {
         let Some(hour) = hour else { return Ok(false) };
         let (events, path) = (builder.rows(), FileKey { partition, hour_ms: hour }.path(from, end));
         let bytes = builder.encode().map_err(|e| e.to_string())?;
-        self.archive.put(&path, bytes).map_err(|e| e.to_string())?;
+        self.archive.put(&path, bytes).map_err(|e| format!("writing {path}: {e}"))?;
         self.archived[partition as usize].store(end, Ordering::Release);
         metrics::counter!("tally_archive_files_total").increment(1);
         metrics::counter!("tally_archive_events_total").increment(events as u64);
@@ -238,13 +226,33 @@ pub(crate) const RUN: u8 = 0;
 pub(crate) const STOP: u8 = 1;
 pub(crate) const HALT: u8 = 2;
 
+/// How soon the archiver notices a stop while it waits.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
 /// Sleeps `duration`, or less once `stop` leaves `RUN`.
 fn wait(stop: &AtomicU8, duration: Duration) {
-    let step = Duration::from_millis(20);
+    let step = STOP_POLL;
     let mut waited = Duration::ZERO;
     while waited < duration && stop.load(Ordering::Acquire) == RUN {
         std::thread::sleep(step);
         waited += step;
+    }
+}
+
+/// A note's bytes: frame end offset, record index, event index, little-endian.
+fn encode(note: &Uncounted) -> [u8; NOTE_BYTES] {
+    let mut bytes = [0; NOTE_BYTES];
+    bytes[..8].copy_from_slice(&note.frame.to_le_bytes());
+    bytes[8..12].copy_from_slice(&note.record.to_le_bytes());
+    bytes[12..].copy_from_slice(&note.event.to_le_bytes());
+    bytes
+}
+
+fn decode(bytes: &[u8]) -> Uncounted {
+    Uncounted {
+        frame: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+        record: u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
+        event: u32::from_le_bytes(bytes[12..NOTE_BYTES].try_into().expect("4 bytes")),
     }
 }
 

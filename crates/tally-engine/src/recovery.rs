@@ -91,7 +91,7 @@ pub(crate) fn launch(
         Some(location) => {
             let checkpoints: Vec<u64> =
                 partitions.iter().map(|p| p.checkpoint_offset.load(Ordering::Acquire)).collect();
-            let archiver = Archiver::open(location, &config.data_dir, &checkpoints)
+            let archiver = Archiver::open(location, &config.data_dir, &checkpoints, config.clock.now_ms())
                 .map_err(|reason| EngineError::Unavailable { reason: format!("archive {location}: {reason}") })?;
             Some(Arc::new(archiver))
         }
