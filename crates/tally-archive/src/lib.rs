@@ -1,24 +1,28 @@
 //! The raw-event archive: every counted event, as Parquet files (schema in `schema`) that
 //! DuckDB, Spark, pandas and pyarrow read, laid out by receive hour and named by the log
 //! offset range they hold (`file::FileKey::path`), so rewriting a range after a crash
-//! replaces a file instead of adding one. `Archive` puts, lists and reads files in a
-//! directory (`file://…` or a path) through `object_store`; `aggregate` recomputes counts
-//! and sums from the files (the batch layer of the lambda architecture).
-//!
-//! Not yet wired to the engine: see the README's "Not built yet".
+//! replaces a file instead of adding one. `Archive` puts, lists, reads and deletes files in
+//! S3-compatible object storage (`s3://bucket/prefix`) or a directory (`file://…` or a
+//! path) through `object_store`; `aggregate` recomputes counts and sums from the files (the
+//! batch layer of the lambda architecture).
 
 mod file;
 mod schema;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use arrow_array::Array;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int64Type, TimestampMillisecondType};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use hashbrown::HashMap;
+use object_store::RetryConfig;
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -28,7 +32,7 @@ pub use schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY, schema};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("archive location {0:?}: expected file:///path or a directory path")]
+    #[error("archive location {0:?}: expected s3://bucket/prefix, file:///path or a directory path")]
     Location(String),
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
@@ -42,6 +46,33 @@ pub enum ArchiveError {
     File { path: String, reason: String },
 }
 
+/// A directory: each file written to a temporary name, fsync-ed, renamed into place.
+fn local(directory: &str) -> Result<Arc<dyn ObjectStore>, ArchiveError> {
+    if directory.is_empty() {
+        return Err(ArchiveError::Location(directory.to_owned()));
+    }
+    std::fs::create_dir_all(directory)?;
+    Ok(Arc::new(LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true).with_fsync(true)))
+}
+
+/// A bucket and an optional prefix inside it. A PUT of S3 is atomic: a reader sees the
+/// whole object or none.
+fn s3(location: &str, rest: &str) -> Result<Arc<dyn ObjectStore>, ArchiveError> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(ArchiveError::Location(location.to_owned()));
+    }
+    // A few quick retries, then the error: the archiver retries every round anyway, and
+    // `/readyz` should say the store is down within seconds, not minutes.
+    let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(20), ..RetryConfig::default() };
+    // HTTPS through rustls on ring, the process's one crypto provider (installed once;
+    // a provider installed before is kept).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let store = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry).build()?;
+    let prefix = prefix.trim_matches('/');
+    Ok(if prefix.is_empty() { Arc::new(store) } else { Arc::new(PrefixStore::new(store, prefix)) })
+}
+
 /// One file in the archive, as its name describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchivedFile {
@@ -51,6 +82,8 @@ pub struct ArchivedFile {
     pub first_offset: u64,
     pub end_offset: u64,
     pub bytes: u64,
+    /// The receive hour it lies in (epoch milliseconds at its start), from its directory.
+    pub hour_ms: Option<i64>,
 }
 
 impl ArchivedFile {
@@ -67,8 +100,19 @@ impl ArchivedFile {
             first_offset,
             end_offset,
             bytes,
+            hour_ms: hour_of(path),
         })
     }
+}
+
+/// The receive hour of `events/date=YYYY-MM-DD/hour=HH/…`, epoch milliseconds.
+fn hour_of(path: &str) -> Option<i64> {
+    let mut parts = path.split('/');
+    let date = parts.find_map(|part| part.strip_prefix("date="))?;
+    let hour: i8 = parts.next()?.strip_prefix("hour=")?.parse().ok()?;
+    let date: jiff::civil::Date = date.parse().ok()?;
+    let at = jiff::tz::TimeZone::UTC.to_timestamp(date.at(hour, 0, 0, 0)).ok()?;
+    Some(at.as_millisecond())
 }
 
 /// An archive location. Blocking: it drives `object_store` on a small runtime of its own,
@@ -90,17 +134,19 @@ impl Drop for Archive {
 }
 
 impl Archive {
-    /// `file:///var/lib/tally/archive` or a directory path (created if absent).
+    /// `s3://bucket/prefix` (credentials, region and endpoint from the usual `AWS_*`
+    /// variables: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT_URL` for S3-compatible servers, `AWS_ALLOW_HTTP=true` for plain HTTP),
+    /// `file:///var/lib/tally/archive`, or a directory path (created if absent).
     pub fn open(location: &str) -> Result<Archive, ArchiveError> {
-        let directory = match location.strip_prefix("file://") {
-            Some(path) => path,
-            None if !location.contains("://") => location,
-            None => return Err(ArchiveError::Location(location.to_owned())),
+        let store: Arc<dyn ObjectStore> = match location.split_once("://") {
+            Some(("s3", rest)) => s3(location, rest)?,
+            Some(("file", directory)) => local(directory)?,
+            None => local(location)?,
+            Some(_) => return Err(ArchiveError::Location(location.to_owned())),
         };
-        std::fs::create_dir_all(directory)?;
-        let store = LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true).with_fsync(true);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        Ok(Archive { store: Arc::new(store), runtime: Some(runtime) })
+        Ok(Archive { store, runtime: Some(runtime) })
     }
 
     /// Runs `future` to completion on the archive's runtime. Not from within another
@@ -118,6 +164,10 @@ impl Archive {
 
     pub fn get(&self, path: &str) -> Result<Bytes, ArchiveError> {
         Ok(self.block_on(async { self.store.get(&Path::from(path)).await?.bytes().await })?)
+    }
+
+    pub fn delete(&self, path: &str) -> Result<(), ArchiveError> {
+        Ok(self.block_on(self.store.delete(&Path::from(path)))?)
     }
 
     /// Every archive file, in partition and offset order.
@@ -150,17 +200,50 @@ pub struct Totals {
 pub fn aggregate(archive: &Archive, files: &[ArchivedFile], from_ms: i64, to_ms: i64) -> Result<Totals, ArchiveError> {
     let mut totals = Totals::default();
     for file in files {
-        let bytes = archive.get(&file.path)?;
-        aggregate_file(bytes, from_ms, to_ms, &mut totals)
-            .map_err(|error| ArchiveError::File { path: file.path.clone(), reason: error.to_string() })?;
+        let rows = read_events(archive, file, false, &mut |event| {
+            if event.ts_ms < from_ms || event.ts_ms >= to_ms {
+                return;
+            }
+            let key = Key(event.event_type, event.video_id);
+            let total = match totals.totals.get_mut(&key) {
+                Some(total) => total,
+                None => totals.totals.entry((key.0.to_owned(), key.1.to_owned())).or_default(),
+            };
+            total.count += 1;
+            total.sum += event.value;
+        })?;
+        totals.rows_read += rows;
     }
     Ok(totals)
 }
 
-/// Rows decoded at a time when aggregating.
+/// One archived event, borrowed from the batch being read.
+pub struct ArchivedEvent<'a> {
+    pub video_id: &'a str,
+    pub event_type: &'a str,
+    pub ts_ms: i64,
+    pub value: i64,
+    /// Read only when asked for (`read_events`' `viewers`).
+    pub viewer_id: Option<&'a str>,
+}
+
+/// Rows decoded at a time when reading.
 const READ_BATCH_ROWS: usize = 64 << 10;
 
-fn aggregate_file(bytes: Bytes, from_ms: i64, to_ms: i64, totals: &mut Totals) -> Result<(), ArchiveError> {
+/// Visits every event of `file`, reading only the columns needed (the viewer id too when
+/// `viewers`); the rows read.
+pub fn read_events(
+    archive: &Archive,
+    file: &ArchivedFile,
+    viewers: bool,
+    visit: &mut dyn FnMut(ArchivedEvent<'_>),
+) -> Result<u64, ArchiveError> {
+    let bytes = archive.get(&file.path)?;
+    read_file(bytes, viewers, visit)
+        .map_err(|error| ArchiveError::File { path: file.path.clone(), reason: error.to_string() })
+}
+
+fn read_file(bytes: Bytes, viewers: bool, visit: &mut dyn FnMut(ArchivedEvent<'_>)) -> Result<u64, ArchiveError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
     let version = builder
         .metadata()
@@ -170,29 +253,28 @@ fn aggregate_file(bytes: Bytes, from_ms: i64, to_ms: i64, totals: &mut Totals) -
     if version.as_deref() != Some(&SCHEMA_VERSION.to_string()) {
         return Err(ArchiveError::Location(format!("schema version {version:?}, this build reads {SCHEMA_VERSION}")));
     }
-    // video_id, type, ts, value: the first four columns.
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [0, 1, 2, 3]);
+    // video_id, type, ts, value: the first four columns; viewer_id the sixth.
+    let columns: &[usize] = if viewers { &[0, 1, 2, 3, 5] } else { &[0, 1, 2, 3] };
+    let mask = ProjectionMask::roots(builder.parquet_schema(), columns.iter().copied());
+    let mut rows = 0;
     for batch in builder.with_projection(mask).with_batch_size(READ_BATCH_ROWS).build()? {
         let batch = batch?;
         let (videos, types) = (batch.column(0).as_string::<i32>(), batch.column(1).as_string::<i32>());
         let ts = batch.column(2).as_primitive::<TimestampMillisecondType>();
         let values = batch.column(3).as_primitive::<Int64Type>();
-        totals.rows_read += batch.num_rows() as u64;
+        let viewer_ids = viewers.then(|| batch.column(4).as_string::<i32>());
+        rows += batch.num_rows() as u64;
         for row in 0..batch.num_rows() {
-            let at = ts.value(row);
-            if at < from_ms || at >= to_ms {
-                continue;
-            }
-            let key = Key(types.value(row), videos.value(row));
-            let total = match totals.totals.get_mut(&key) {
-                Some(total) => total,
-                None => totals.totals.entry((key.0.to_owned(), key.1.to_owned())).or_default(),
-            };
-            total.count += 1;
-            total.sum += values.value(row);
+            visit(ArchivedEvent {
+                video_id: videos.value(row),
+                event_type: types.value(row),
+                ts_ms: ts.value(row),
+                value: values.value(row),
+                viewer_id: viewer_ids.and_then(|ids| ids.is_valid(row).then(|| ids.value(row))),
+            });
         }
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// A `(type, video)` key borrowed from a batch: looks the owned key up without allocating
@@ -223,6 +305,7 @@ mod tests {
         assert_eq!(path, "events/date=2025-12-02/hour=05/p0003-00000000000000000120-00000000000000004096.parquet");
         let parsed = ArchivedFile::parse(&path, 10).unwrap();
         assert_eq!((parsed.partition, parsed.first_offset, parsed.end_offset), (3, 120, 4_096));
+        assert_eq!(parsed.hour_ms, Some(key.hour_ms));
         assert!(ArchivedFile::parse("events/date=2025-12-02/hour=05/notes.txt", 1).is_none());
     }
 
@@ -261,6 +344,7 @@ mod tests {
         let files = archive.files().unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(aggregate(&archive, &files, 0, 10).unwrap().rows_read, 1);
-        assert!(Archive::open("s3://bucket/prefix").is_err(), "object storage is not built yet");
+        assert!(Archive::open("gs://bucket/prefix").is_err(), "only s3:// and file:// are known");
+        assert!(Archive::open("s3:///prefix").is_err(), "a bucket is needed");
     }
 }

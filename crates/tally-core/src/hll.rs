@@ -71,6 +71,11 @@ fn dense_of(entry: u32) -> (usize, u8) {
 }
 
 impl Hll {
+    /// True when nothing was inserted.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Hll::Sparse { entries, .. } if entries.is_empty())
+    }
+
     /// Adds one value (e.g. a viewer id).
     pub fn insert(&mut self, value: &[u8]) {
         self.insert_hash(xxh3_64_with_seed(value, HASH_SEED));

@@ -38,6 +38,13 @@ pub struct CounterRow<'a> {
     pub counter: Counter,
 }
 
+impl<'a> CounterRow<'a> {
+    /// (type, video, bucket).
+    pub fn key(&self) -> (&'a str, &'a str, i64) {
+        (self.event_type, self.video_id, self.bucket)
+    }
+}
+
 /// Distinct viewers one (type, video) gained in one bucket: merged into the stored sketch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UniquesRow<'a> {

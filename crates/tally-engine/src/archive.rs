@@ -9,10 +9,10 @@
 //! written just before a crash is found at the next start instead of written twice, and log
 //! segments are deleted only behind both checkpoints (`Shared::forget_limit`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use tally_core::RecordReader;
 use tally_wal::WalError;
 
 use crate::partition::{Partition, Uncounted};
+use crate::{Clock, EngineConfig};
 
 /// Rows one round writes at most: one file's memory (a few bytes per row, encoded).
 const ROUND_ROWS_MAX: usize = 4 * tally_archive::ROW_GROUP_ROWS;
@@ -30,23 +31,46 @@ const ROUND_ROWS_MAX: usize = 4 * tally_archive::ROW_GROUP_ROWS;
 const NOTE_BYTES: usize = 16;
 /// A notes file larger than this is rewritten without the notes already archived.
 const NOTES_COMPACT_BYTES: u64 = 4 << 20;
+/// How often the archiver looks for files past their retention.
+const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
 /// How often the archiver looks for frames behind the checkpoints.
 pub(crate) const ARCHIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Archiver {
     archive: Archive,
+    /// Raw events are purged, in whole files, once their receive hour is this old; never
+    /// when `None`.
+    retention_ms: Option<i64>,
+    clock: Clock,
     wal_root: PathBuf,
     notes_dir: PathBuf,
     /// Per partition: every counted event before this log offset is archived.
     archived: Vec<AtomicU64>,
     /// Per partition: the flusher's appends and the archiver's compaction, one at a time.
     notes: Vec<Mutex<()>>,
+    /// Per partition: one round at a time (the archiver thread's, or a recompute's
+    /// catching up), so that two never write overlapping ranges.
+    rounds: Vec<Mutex<()>>,
+    /// Why the last pass over the partitions failed, until one succeeds (`/readyz`).
+    trouble: Mutex<Option<String>>,
+}
+
+/// How the archive is doing, for `/readyz` and the metrics.
+#[derive(Debug, Clone)]
+pub struct ArchiveStatus {
+    /// Why archiving fails, while it does (the log keeps what is not archived).
+    pub error: Option<String>,
+    /// Log bytes checkpointed in the store but not archived yet, all partitions together.
+    pub lag_bytes: u64,
 }
 
 impl Archiver {
-    /// Opens the archive at `location` for a log under `data_dir`; `now_ms` places the
-    /// first file of a partition archived for the first time.
-    pub(crate) fn open(location: &str, data_dir: &Path, checkpoints: &[u64], now_ms: i64) -> Result<Archiver, String> {
+    /// Opens the archive at `location` for the log under `config.data_dir`, whose
+    /// partitions' store checkpoints are `checkpoints`.
+    pub(crate) fn open(location: &str, config: &EngineConfig, checkpoints: &[u64]) -> Result<Archiver, String> {
+        let (data_dir, now_ms) = (&config.data_dir, config.clock.now_ms());
         let archive = Archive::open(location).map_err(|e| e.to_string())?;
         let mut archived: Vec<u64> = checkpoints.to_vec();
         let mut seen = vec![false; checkpoints.len()];
@@ -67,15 +91,37 @@ impl Archiver {
         std::fs::create_dir_all(&notes_dir).map_err(|e| format!("{}: {e}", notes_dir.display()))?;
         Ok(Archiver {
             archive,
+            retention_ms: config.archive_retention_days.map(|days| i64::from(days) * DAY_MS),
+            clock: config.clock.clone(),
             wal_root: data_dir.join("wal"),
             notes_dir,
             archived: archived.into_iter().map(AtomicU64::new).collect(),
             notes: checkpoints.iter().map(|_| Mutex::new(())).collect(),
+            rounds: checkpoints.iter().map(|_| Mutex::new(())).collect(),
+            trouble: Mutex::new(None),
         })
+    }
+
+    pub(crate) fn archive(&self) -> &Archive {
+        &self.archive
     }
 
     pub(crate) fn archived(&self, partition: u32) -> u64 {
         self.archived[partition as usize].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn status(&self, partitions: &[Arc<Partition>]) -> ArchiveStatus {
+        let lag_bytes = partitions
+            .iter()
+            .map(|p| p.checkpoint_offset.load(Ordering::Acquire).saturating_sub(self.archived(p.index)))
+            .sum();
+        ArchiveStatus { error: self.trouble.lock().clone(), lag_bytes }
+    }
+
+    /// Records why archiving stopped or fails; `None` once it works again.
+    pub(crate) fn set_trouble(&self, trouble: Option<String>) {
+        metrics::gauge!("tally_archive_failing").set(if trouble.is_some() { 1.0 } else { 0.0 });
+        *self.trouble.lock() = trouble;
     }
 
     fn notes_path(&self, partition: u32) -> PathBuf {
@@ -132,6 +178,7 @@ impl Archiver {
     /// Archives the next stretch of `partition`'s log behind `checkpoint`: true if it wrote
     /// a file, false if there was nothing to archive.
     pub(crate) fn round(&self, partition: u32, checkpoint: u64) -> Result<bool, String> {
+        let _round = self.rounds[partition as usize].lock();
         let from = self.archived(partition);
         if from >= checkpoint {
             return Ok(false);
@@ -179,8 +226,54 @@ impl Archiver {
         )
     }
 
+    /// Deletes the files whose receive hour ended more than the retention ago, but never a
+    /// partition's newest file (its end offset is where archiving resumes); how many.
+    fn purge(&self) -> Result<usize, String> {
+        let Some(retention_ms) = self.retention_ms else { return Ok(0) };
+        let cutoff = self.clock.now_ms() - retention_ms;
+        let files = self.archive.files().map_err(|e| e.to_string())?;
+        let mut newest: HashMap<u32, u64> = HashMap::new();
+        for file in &files {
+            let end = newest.entry(file.partition).or_default();
+            *end = (*end).max(file.end_offset);
+        }
+        let mut purged = 0;
+        for file in files.iter().filter(|f| f.hour_ms.is_some_and(|hour| hour + HOUR_MS <= cutoff)) {
+            if newest.get(&file.partition) == Some(&file.end_offset) {
+                continue;
+            }
+            self.archive.delete(&file.path).map_err(|e| format!("deleting {}: {e}", file.path))?;
+            purged += 1;
+        }
+        metrics::counter!("tally_archive_purged_files_total").increment(purged as u64);
+        Ok(purged)
+    }
+
+    /// Archives `partition` up to its checkpoint, round after round while `stop` says to
+    /// run, and reports where it stands in the metrics.
+    fn pass(&self, partition: &Partition, stop: &AtomicU8) -> Result<(), String> {
+        let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
+        let mut result = Ok(());
+        loop {
+            match self.round(partition.index, checkpoint) {
+                Ok(true) if stop.load(Ordering::Acquire) == RUN => {}
+                Ok(_) => break,
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        let label = partition.index.to_string();
+        let archived = self.archived(partition.index);
+        metrics::gauge!("tally_archive_offset", "partition" => label.clone()).set(archived as f64);
+        metrics::gauge!("tally_archive_lag_bytes", "partition" => label)
+            .set(checkpoint.saturating_sub(archived) as f64);
+        result
+    }
+
     /// Archives everything behind the checkpoints (a clean stop), or fails with why not.
-    fn catch_up(&self, partitions: &[Arc<Partition>]) -> Result<(), String> {
+    pub(crate) fn catch_up(&self, partitions: &[Arc<Partition>]) -> Result<(), String> {
         for partition in partitions {
             let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
             while self.round(partition.index, checkpoint)? {}
@@ -191,26 +284,25 @@ impl Archiver {
     /// The archiver thread's loop, until `stop` says to: `STOP` archives everything behind
     /// the checkpoints first (a clean stop), `HALT` does not (a stop like a crash).
     pub(crate) fn run(&self, partitions: &[Arc<Partition>], stop: &AtomicU8) {
+        let mut purged_at: Option<std::time::Instant> = None;
         while stop.load(Ordering::Acquire) == RUN {
-            for partition in partitions {
-                let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
-                loop {
-                    match self.round(partition.index, checkpoint) {
-                        Ok(true) if stop.load(Ordering::Acquire) == RUN => {}
-                        Ok(_) => break,
-                        Err(error) => {
-                            metrics::counter!("tally_archive_errors_total").increment(1);
-                            tracing::warn!(partition = partition.index, %error, "archiving failed; retrying");
-                            break;
-                        }
-                    }
+            if purged_at.is_none_or(|at| at.elapsed() >= PURGE_INTERVAL) {
+                purged_at = Some(std::time::Instant::now());
+                match self.purge() {
+                    Ok(0) => {}
+                    Ok(files) => tracing::info!(files, "purged archive files past their retention"),
+                    Err(error) => tracing::warn!(%error, "purging the archive failed; retried later"),
                 }
-                let label = partition.index.to_string();
-                let archived = self.archived(partition.index);
-                metrics::gauge!("tally_archive_offset", "partition" => label.clone()).set(archived as f64);
-                metrics::gauge!("tally_archive_lag_bytes", "partition" => label)
-                    .set(checkpoint.saturating_sub(archived) as f64);
             }
+            let mut trouble = None;
+            for partition in partitions {
+                if let Err(error) = self.pass(partition, stop) {
+                    metrics::counter!("tally_archive_errors_total").increment(1);
+                    tracing::warn!(partition = partition.index, %error, "archiving failed; retrying");
+                    trouble = Some(format!("partition {}: {error}", partition.index));
+                }
+            }
+            self.set_trouble(trouble);
             wait(stop, ARCHIVE_INTERVAL);
         }
         if stop.load(Ordering::Acquire) == STOP

@@ -20,6 +20,7 @@ mod partition;
 mod plan;
 mod position;
 mod query;
+mod recompute;
 mod recovery;
 mod types;
 
@@ -35,9 +36,11 @@ use tally_core::{EventRef, RecordWriter, RequestKey, partition_of};
 use tally_store::{CounterStore, StoreError};
 use tally_wal::WalError;
 
+pub use archive::ArchiveStatus;
 pub use plan::Boundaries;
 pub use position::Position;
 pub use query::{TopAnswer, TopItem};
+pub use recompute::{RecomputeRange, RecomputeReport};
 pub use tally_aggregate::{Counter, Outcome};
 pub use tally_core::{Cutoffs, Granularity, MinuteRange, Retention};
 
@@ -95,6 +98,9 @@ pub struct EngineConfig {
     /// Where counted events are archived as Parquet (`file:///dir` or a directory), if
     /// anywhere. Log segments are then kept until archived.
     pub archive: Option<String>,
+    /// Days raw events are kept in the archive (by receive hour, whole files); `None`
+    /// keeps them forever.
+    pub archive_retention_days: Option<u32>,
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
@@ -120,6 +126,7 @@ impl Default for EngineConfig {
             disk_free_bytes_min: 256 << 20,
             event_types_max: 1_000,
             archive: None,
+            archive_retention_days: None,
             accept_log_loss: false,
             clock: Clock::system(),
         }
@@ -150,6 +157,8 @@ pub enum EngineError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("invalid position: {reason}")]
     InvalidPosition { reason: String },
+    #[error("recompute refused: {reason}")]
+    Recompute { reason: String },
     #[error("query too expensive: {reason}")]
     TooExpensive { reason: String },
     /// One partition's part of a request is larger than its log takes in one record.
@@ -556,6 +565,18 @@ impl Engine {
             store_failing: self.shared.store_trouble.lock().is_some(),
             event_types: self.shared.event_types.count() as u64,
         }
+    }
+
+    /// Rewrites the stored aggregates of the days of `range` from the archive, while the
+    /// engine runs (see `recompute`). Blocking: seconds to minutes, flushes held back only
+    /// for the last part.
+    pub fn recompute(&self, range: RecomputeRange) -> Result<RecomputeReport, EngineError> {
+        recompute::recompute(&self.shared, range)
+    }
+
+    /// How the raw-event archive is doing, when one is configured.
+    pub fn archive_status(&self) -> Option<ArchiveStatus> {
+        self.shared.archiver.as_ref().map(|archiver| archiver.status(&self.shared.partitions))
     }
 
     /// Flushes every partition's deltas to the store now and moves the checkpoints.

@@ -91,7 +91,7 @@ pub(crate) fn launch(
         Some(location) => {
             let checkpoints: Vec<u64> =
                 partitions.iter().map(|p| p.checkpoint_offset.load(Ordering::Acquire)).collect();
-            let archiver = Archiver::open(location, &config.data_dir, &checkpoints, config.clock.now_ms())
+            let archiver = Archiver::open(location, &config, &checkpoints)
                 .map_err(|reason| EngineError::Unavailable { reason: format!("archive {location}: {reason}") })?;
             Some(Arc::new(archiver))
         }
@@ -131,7 +131,13 @@ pub(crate) fn launch(
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("tally-archiver".into())
-            .spawn(move || archiver.run(&shared.partitions, &flag))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| archiver.run(&shared.partitions, &flag));
+                if std::panic::catch_unwind(run).is_err() {
+                    archiver
+                        .set_trouble(Some("the archiver thread stopped (a panic, logged); restart to resume".into()));
+                }
+            })
             .expect("spawn archiver thread");
         (stop, thread)
     });

@@ -5,6 +5,7 @@
 //! reported the events durable and applied; every other outcome counts nothing that the
 //! response does not say it counted.
 
+mod admin;
 mod analytics;
 mod auth;
 mod body;
@@ -148,7 +149,7 @@ type Route = (&'static str, &'static str, MethodRouter<Arc<AppState>>, Option<Sc
 /// Every route: method, path, handler, and the key scope it needs. The router is built
 /// from this table alone, and the OpenAPI document is checked against it (`routes`), so
 /// neither can drift.
-fn table() -> [Route; 15] {
+fn table() -> [Route; 16] {
     [
         ("post", "/v1/events", post(ingest::ingest), Some(Scope::Write)),
         ("get", "/v1/count", get(query::count), Some(Scope::Read)),
@@ -165,6 +166,7 @@ fn table() -> [Route; 15] {
         ("get", "/healthz", get(monitoring::healthz), None),
         ("get", "/readyz", get(monitoring::readyz), None),
         ("get", "/metrics", get(monitoring::metrics), Some(Scope::Admin)),
+        ("post", "/v1/admin/recompute", post(admin::recompute), Some(Scope::Admin)),
     ]
 }
 

@@ -4,7 +4,7 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 
 /// What each metric counts: (kind, name, help).
-const METRICS: [(Kind, &str, &str); 51] = [
+const METRICS: [(Kind, &str, &str); 53] = [
     (Kind::Counter, "tally_archive_files_total", "Archive files written (one per archiving round)."),
     (Kind::Counter, "tally_archive_events_total", "Counted events written to the archive."),
     (Kind::Counter, "tally_archive_errors_total", "Archiving rounds that failed (retried; the log keeps the frames)."),
@@ -13,6 +13,8 @@ const METRICS: [(Kind, &str, &str); 51] = [
         "tally_archive_gaps_total",
         "Log stretches the archive lacks because the log no longer held them when archiving began.",
     ),
+    (Kind::Gauge, "tally_archive_failing", "1 while archiving fails (why: /readyz), else 0; the log keeps what waits."),
+    (Kind::Counter, "tally_archive_purged_files_total", "Archive files deleted past archive_retention_days."),
     (Kind::Gauge, "tally_archive_offset", "Log offset before which every counted event is archived, per partition."),
     (
         Kind::Gauge,

@@ -99,7 +99,16 @@ pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         Some(engine) if !engine.is_healthy() => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
         Some(_) => (StatusCode::OK, "ready"),
     };
-    (status, axum::Json(json!({ "status": text }))).into_response()
+    let mut body = json!({ "status": text });
+    // Archiving trouble does not stop ingest (the log keeps what waits): said, not refused.
+    if let Some(archive) = state.engine.get().and_then(|engine| engine.archive_status()) {
+        body["archive"] = json!({
+            "status": if archive.error.is_some() { "failing" } else { "ok" },
+            "error": archive.error,
+            "lag_bytes": archive.lag_bytes,
+        });
+    }
+    (status, axum::Json(body)).into_response()
 }
 
 pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {

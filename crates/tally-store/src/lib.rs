@@ -175,6 +175,14 @@ pub trait CounterStore: Send + Sync + 'static {
     fn recover(&self) -> Result<(), StoreError>;
     /// Whether the store refuses every operation until `recover` (after an I/O error).
     fn needs_recovery(&self) -> bool;
+    /// Recompute: sets each row's stored counter, distinct-viewer sketch and top items to
+    /// the row's value instead of adding to them (a zero counter removes its row), in one
+    /// atomic, durable transaction that moves no checkpoint. The caller holds off flushes
+    /// meanwhile.
+    fn rewrite<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>) -> Result<(), StoreError> {
+        let _ = tiers;
+        Err(StoreError::Config { detail: "recomputing stored aggregates is not built for this store yet".into() })
+    }
     /// Drops what lies wholly before the cutoffs; returns the tables dropped.
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
     /// A consistent read view.

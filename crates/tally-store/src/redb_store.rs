@@ -234,6 +234,10 @@ impl CounterStore for RedbStore {
         self.written(self.purge_expired(cutoffs))
     }
 
+    fn rewrite<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>) -> Result<(), StoreError> {
+        self.written(self.rewrite_buckets(tiers))
+    }
+
     /// Closes the file and opens it again; redb repairs what the failed write left. Refused
     /// after a failed sync (see `StoreFile::sync_failed`).
     fn recover(&self) -> Result<(), StoreError> {
@@ -308,6 +312,16 @@ impl RedbStore {
             }
         }
         txn.commit().map_err(redb_error("commit flush"))
+    }
+
+    fn rewrite_buckets<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>) -> Result<(), StoreError> {
+        let txn = self.db()?.begin_write().map_err(redb_error("begin rewrite"))?;
+        for granularity in Granularity::ALL {
+            let mut work = FlushWork::build(tiers(granularity));
+            work.replace = true;
+            work.write(&txn)?;
+        }
+        txn.commit().map_err(redb_error("commit rewrite"))
     }
 
     fn purge_expired(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError> {
@@ -397,6 +411,9 @@ struct FlushWork<'a> {
     video_types: BTreeMap<TableOf, KeyedRows<()>>,
     /// The last day bucket each type has events in (day tier only).
     last_days: HashMap<String, i64>,
+    /// Rows replace what is stored instead of adding to it (recompute); a zero counter
+    /// removes its row.
+    replace: bool,
 }
 
 /// Rows of one table with distinct keys, the keys back to back in one buffer: one
@@ -489,9 +506,15 @@ impl<'a> FlushWork<'a> {
             let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush counters"))?;
             for row in rows {
                 bucket_key(&mut key, row.event_type, row.video_id, row.bucket);
+                if self.replace && row.counter == Counter::default() {
+                    table.remove(key.as_slice()).map_err(redb_error("rewrite counters"))?;
+                    continue;
+                }
                 let mut counter = match table.get(key.as_slice()).map_err(redb_error("flush counters"))? {
-                    Some(stored) => decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?,
-                    None => Counter::default(),
+                    Some(stored) if !self.replace => {
+                        decode_counter(stored.value()).map_err(|detail| corrupt(&name, detail))?
+                    }
+                    _ => Counter::default(),
                 };
                 counter.add(row.counter);
                 table.insert(key.as_slice(), &encode_counter(counter)[..]).map_err(redb_error("flush counters"))?;
@@ -508,9 +531,15 @@ impl<'a> FlushWork<'a> {
             let name = tables::name(Kind::Uniques, granularity, period);
             let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush uniques"))?;
             for (key, sketch) in sketches {
+                if self.replace && sketch.is_empty() {
+                    table.remove(key.as_slice()).map_err(redb_error("rewrite uniques"))?;
+                    continue;
+                }
                 let mut merged = match table.get(key.as_slice()).map_err(redb_error("flush uniques"))? {
-                    Some(stored) => Hll::decode(stored.value()).map_err(|detail| corrupt(&name, detail))?,
-                    None => Hll::default(),
+                    Some(stored) if !self.replace => {
+                        Hll::decode(stored.value()).map_err(|detail| corrupt(&name, detail))?
+                    }
+                    _ => Hll::default(),
                 };
                 merged.merge(sketch);
                 table.insert(key.as_slice(), merged.encode().as_slice()).map_err(redb_error("flush uniques"))?;
@@ -520,7 +549,13 @@ impl<'a> FlushWork<'a> {
             let name = tables::name(Kind::Top, granularity, period);
             let mut table = txn.open_table(blob_table(&name)).map_err(redb_error("flush top items"))?;
             for (key, mut merged) in sketches {
-                if let Some(stored) = table.get(key.as_slice()).map_err(redb_error("flush top items"))? {
+                if self.replace && merged.is_empty() {
+                    table.remove(key.as_slice()).map_err(redb_error("rewrite top items"))?;
+                    continue;
+                }
+                if let Some(stored) = table.get(key.as_slice()).map_err(redb_error("flush top items"))?
+                    && !self.replace
+                {
                     merged.merge_encoded(stored.value()).map_err(|detail| corrupt(&name, detail))?;
                 }
                 merged.prune(TOP_SKETCH_ITEMS[granularity as usize]);

@@ -4,20 +4,25 @@
 
 use anyhow::Context;
 pub use tally_client::Api;
-use tally_client::ApiConfig;
+pub use tally_client::ApiConfig;
 
 /// Attempts for a query (`get_json`, `post_json`).
 pub const QUERY_ATTEMPTS: u32 = 3;
 
 /// An `Api` for `server` that tries each request up to `attempts` times.
 pub fn api(server: &str, key: Option<&str>, attempts: u32) -> anyhow::Result<Api> {
+    Ok(Api::new(api_config(server, key, attempts)?)?)
+}
+
+/// The settings `api` uses, for a caller that changes some (a longer timeout).
+pub fn api_config(server: &str, key: Option<&str>, attempts: u32) -> anyhow::Result<ApiConfig> {
     let mut config = ApiConfig::new(server);
     config.key = key.map(str::to_owned).or_else(|| std::env::var("TALLY_KEY").ok().filter(|key| !key.is_empty()));
     if let Some(path) = std::env::var_os("TALLY_CA_FILE") {
         config.ca_pem = Some(std::fs::read(&path).with_context(|| format!("TALLY_CA_FILE {}", path.display()))?);
     }
     config.retry.attempts = attempts;
-    Ok(Api::new(config)?)
+    Ok(config)
 }
 
 /// Percent-encodes a query parameter value.

@@ -245,11 +245,18 @@ pub struct FileConfig {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_skew_max: Option<Duration>,
-    /// Archive every counted event as Parquet files in this directory (`file:///path` or a
-    /// path), laid out by receive hour; log segments are kept until archived [default: none]
+    /// Archive every counted event as Parquet files in S3-compatible object storage
+    /// (`s3://bucket/prefix`, credentials from AWS_* variables) or a directory
+    /// (`file:///path` or a path), laid out by receive hour; log segments are kept until
+    /// archived [default: none]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive: Option<String>,
+    /// Days raw events stay in the archive, by receive hour, purged in whole files; 0 keeps
+    /// them forever [default: 0]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_retention_days: Option<u32>,
     /// Log lines as text or JSON; RUST_LOG filters them (default info) [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -389,6 +396,7 @@ impl FileConfig {
             disk_free_bytes_min: bytes(self.disk_free_bytes_min, default.disk_free_bytes_min),
             event_types_max: self.event_types_max.unwrap_or(default.event_types_max),
             archive: self.archive.clone(),
+            archive_retention_days: days(self.archive_retention_days, default.archive_retention_days),
             accept_log_loss: false,
             clock: default.clock,
         }
@@ -502,6 +510,7 @@ impl ServeConfig {
             disk_free_bytes_min: size(engine.disk_free_bytes_min),
             event_types_max: Some(engine.event_types_max),
             archive: engine.archive.clone(),
+            archive_retention_days: forever(engine.archive_retention_days),
             ..self.effective_server(server)
         }
     }

@@ -14,6 +14,7 @@ mod config;
 mod health;
 mod inspect;
 mod keys;
+mod recompute;
 mod send;
 mod serve;
 mod units;
@@ -55,6 +56,9 @@ enum Command {
     /// Recompute every counter of a time range from the raw-event archive and compare it
     /// with the store, printing each difference (exit 1 if any).
     Audit(audit::AuditArgs),
+    /// Rewrite the stored aggregates of whole UTC days from the raw-event archive, while
+    /// the server runs (the batch layer correcting the speed layer).
+    Recompute(recompute::RecomputeArgs),
     /// Load generator: write or read load against a server, with latency percentiles and
     /// (for writes) an exact check of the server's counts at the end.
     Bench(bench::BenchArgs),
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => keys::run(args),
         Command::Bench(args) => run_client(bench::run(args)),
         Command::Audit(args) => run_client(audit::run(args)),
+        Command::Recompute(args) => run_client(recompute::run(args)),
         Command::Health(args) => probe_runtime().and_then(|rt| rt.block_on(health::run(args))),
         #[cfg(feature = "cluster")]
         Command::Cluster(args) => cluster::run(args),

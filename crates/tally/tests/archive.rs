@@ -159,3 +159,52 @@ fn log_segments_wait_for_the_archive() {
     assert_eq!(counts.values().sum::<u64>(), 20_000, "archived in full once the archive is back");
     assert_contiguous(&ranges);
 }
+
+/// `tally recompute` under load: the days are rewritten while writers go on, nothing is
+/// corrected on a healthy store, nothing acknowledged is lost; without an archive it is
+/// refused with the reason.
+#[test]
+fn recompute_under_load_corrects_nothing_on_a_healthy_store_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, archive) = (dir.path().join("data"), dir.path().join("archive"));
+    let mut server = common::start(&data, &config(&archive));
+    let address = server.address;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut acknowledged = 0u64;
+            let body: String = (0..100).map(|i| format!("{{\"video_id\":\"r{}\"}}\n", i % 4)).collect();
+            while !stop.load(Ordering::Relaxed) {
+                let headers = [("content-type", "application/x-ndjson")];
+                if common::request(address, "POST", "/v1/events", &headers, body.as_bytes()).unwrap().status == 200 {
+                    acknowledged += 100;
+                }
+            }
+            acknowledged
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (now, later) = (common::now_ms().to_string(), (common::now_ms() + 1).to_string());
+    let recompute = std::process::Command::new(common::tally_binary())
+        .args(["recompute", "--from", &now, "--to", &later, "--server", &server.url()])
+        .output()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writer.join().unwrap();
+    let stdout = String::from_utf8_lossy(&recompute.stdout);
+    assert!(recompute.status.success(), "{stdout}{}", String::from_utf8_lossy(&recompute.stderr));
+    assert!(stdout.contains(" 0 corrected"), "{stdout}");
+    let counted: u64 = (0..4).map(|v| server.count(&format!("r{v}"))).sum();
+    assert_eq!(counted, acknowledged, "every acknowledged event counted once");
+    assert!(server.terminate(Duration::from_secs(60)).success());
+
+    let (_dir, plain) = common::server("partitions = 2\n");
+    let refused = std::process::Command::new(common::tally_binary())
+        .args(["recompute", "--from", &now, "--to", &later, "--server", &plain.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("409") && stderr.contains("no archive is configured"), "{stderr}");
+}

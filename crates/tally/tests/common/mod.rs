@@ -63,6 +63,11 @@ pub fn spawn_with(data_dir: &Path, config: &str, args: &[&str]) -> Server {
 /// `tally serve --data-dir DATA_DIR --config (CONFIG written beside it) ARGS…`, returned
 /// once it listens.
 pub fn spawn_serve(data_dir: &Path, config: &str, args: &[&str]) -> Server {
+    spawn_serve_env(data_dir, config, args, &[])
+}
+
+/// `spawn_serve` with more environment variables.
+pub fn spawn_serve_env(data_dir: &Path, config: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
     let config_path = data_dir.with_extension("toml");
     std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(tally_binary())
@@ -72,6 +77,7 @@ pub fn spawn_serve(data_dir: &Path, config: &str, args: &[&str]) -> Server {
         .arg(&config_path)
         .args(args)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
