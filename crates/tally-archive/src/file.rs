@@ -9,7 +9,8 @@ use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesBuilder};
+use parquet::schema::types::ColumnPath;
 use tally_core::EventRef;
 
 use crate::ArchiveError;
@@ -113,7 +114,15 @@ impl FileBuilder {
             Arc::new(self.log_offset.finish()),
         ];
         let batch = RecordBatch::try_new(schema(), columns)?;
-        let properties = WriterProperties::builder()
+        // Statistics (min and max) only where readers prune by them, the two times, and
+        // per column chunk: per page, on every string column, they cost as much as the
+        // encoding.
+        let times = |builder: WriterPropertiesBuilder| {
+            ["ts", "received_at"].into_iter().fold(builder, |builder, column| {
+                builder.set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::Chunk)
+            })
+        };
+        let properties = times(WriterProperties::builder().set_statistics_enabled(EnabledStatistics::None))
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_key_value_metadata(Some(vec![KeyValue::new(SCHEMA_VERSION_KEY.into(), SCHEMA_VERSION.to_string())]))

@@ -26,6 +26,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tally_core::hll::Hll;
 
 pub use file::{FileBuilder, FileKey, ROW_GROUP_ROWS};
 pub use schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY, schema};
@@ -189,18 +190,39 @@ pub struct Total {
 }
 
 /// Counts and sums per (event type, video) of the archived events whose `ts` lies in
-/// `[from_ms, to_ms)`, and the rows read.
+/// `[from_ms, to_ms)`, and the rows read; with `aggregate_viewers`, the distinct-viewer
+/// sketch of each (event type, video) whose events carry viewer ids, too.
 #[derive(Debug, Default)]
 pub struct Totals {
     pub totals: HashMap<(String, String), Total>,
+    pub viewers: HashMap<(String, String), Hll>,
     pub rows_read: u64,
 }
 
 /// Recomputes `Totals` from `files`: reads only the columns it needs.
 pub fn aggregate(archive: &Archive, files: &[ArchivedFile], from_ms: i64, to_ms: i64) -> Result<Totals, ArchiveError> {
+    aggregate_files(archive, files, (from_ms, to_ms), false)
+}
+
+/// `aggregate`, with the distinct-viewer sketches (built as the store builds them).
+pub fn aggregate_viewers(
+    archive: &Archive,
+    files: &[ArchivedFile],
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Totals, ArchiveError> {
+    aggregate_files(archive, files, (from_ms, to_ms), true)
+}
+
+fn aggregate_files(
+    archive: &Archive,
+    files: &[ArchivedFile],
+    (from_ms, to_ms): (i64, i64),
+    viewers: bool,
+) -> Result<Totals, ArchiveError> {
     let mut totals = Totals::default();
     for file in files {
-        let rows = read_events(archive, file, false, &mut |event| {
+        let rows = read_events(archive, file, viewers, &mut |event| {
             if event.ts_ms < from_ms || event.ts_ms >= to_ms {
                 return;
             }
@@ -211,6 +233,13 @@ pub fn aggregate(archive: &Archive, files: &[ArchivedFile], from_ms: i64, to_ms:
             };
             total.count += 1;
             total.sum += event.value;
+            if let Some(viewer) = event.viewer_id {
+                let sketch = match totals.viewers.get_mut(&key) {
+                    Some(sketch) => sketch,
+                    None => totals.viewers.entry((key.0.to_owned(), key.1.to_owned())).or_default(),
+                };
+                sketch.insert(viewer.as_bytes());
+            }
         })?;
         totals.rows_read += rows;
     }

@@ -14,19 +14,24 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tally_archive::{Archive, FileBuilder, FileKey};
+use tally_archive::{Archive, ArchiveError, FileBuilder, FileKey};
 use tally_core::RecordReader;
 use tally_wal::WalError;
 
 use crate::partition::{Partition, Uncounted};
 use crate::{Clock, EngineConfig};
 
-/// Rows one round writes at most: one file's memory (a few bytes per row, encoded).
-const ROUND_ROWS_MAX: usize = 4 * tally_archive::ROW_GROUP_ROWS;
+/// Rows one round writes at most: one row group, the memory of one file being built
+/// (tens of MiB).
+const ROUND_ROWS_MAX: usize = tally_archive::ROW_GROUP_ROWS;
+/// The archiver thread writes a partition's file once this much log waits, or once the
+/// file interval (`archive_file_interval`) passed since its last: few, large files under
+/// load, one an interval when quiet. A clean stop and a recompute write whatever waits.
+const ROUND_BYTES_MIN: u64 = 64 << 20;
 /// Bytes of one note: frame end offset, record index, event index.
 const NOTE_BYTES: usize = 16;
 /// A notes file larger than this is rewritten without the notes already archived.
@@ -43,6 +48,7 @@ pub(crate) struct Archiver {
     /// Raw events are purged, in whole files, once their receive hour is this old; never
     /// when `None`.
     retention_ms: Option<i64>,
+    file_interval: Duration,
     clock: Clock,
     wal_root: PathBuf,
     notes_dir: PathBuf,
@@ -53,8 +59,34 @@ pub(crate) struct Archiver {
     /// Per partition: one round at a time (the archiver thread's, or a recompute's
     /// catching up), so that two never write overlapping ranges.
     rounds: Vec<Mutex<()>>,
+    /// Per partition: the end of a file whose write failed. It may have landed all the
+    /// same (an answer lost after S3 stored the object): the next round writes exactly
+    /// that range again, under the same name, instead of a longer one beside it.
+    attempted: Vec<Mutex<Option<u64>>>,
+    /// Per partition: its last round failed, so the next pass tries again at once.
+    failing: Vec<AtomicBool>,
+    /// Per partition: when its last file was written (`None` before the first).
+    written_at: Vec<Mutex<Option<std::time::Instant>>>,
     /// Why the last pass over the partitions failed, until one succeeds (`/readyz`).
     trouble: Mutex<Option<String>>,
+    /// What finding where the archive ends needs, until it was found (`begin`).
+    opening: Mutex<Option<Opening>>,
+    /// `begin` succeeded: `archived` holds where each partition's archive ends (0 before,
+    /// which keeps every log segment).
+    ready: AtomicBool,
+}
+
+struct Opening {
+    checkpoints: Vec<u64>,
+    notes_from: Vec<u64>,
+}
+
+/// Why `begin` did not succeed.
+enum Begin {
+    /// The archive cannot be used with this log: the server must not start.
+    Refused(String),
+    /// The archive could not be reached: tried again later.
+    Unreachable(String),
 }
 
 /// How the archive is doing, for `/readyz` and the metrics.
@@ -68,38 +100,98 @@ pub struct ArchiveStatus {
 
 impl Archiver {
     /// Opens the archive at `location` for the log under `config.data_dir`, whose
-    /// partitions' store checkpoints are `checkpoints`.
+    /// partitions' store checkpoints are `checkpoints`, and finds where each partition's
+    /// archive ends. If the archive cannot be reached now (object storage down), the server
+    /// starts all the same: the archiver thread tries again, `/readyz` says why, and no
+    /// log segment is deleted meanwhile.
     pub(crate) fn open(location: &str, config: &EngineConfig, checkpoints: &[u64]) -> Result<Archiver, String> {
-        let (data_dir, now_ms) = (&config.data_dir, config.clock.now_ms());
+        let data_dir = &config.data_dir;
         let archive = Archive::open(location).map_err(|e| e.to_string())?;
-        let mut archived: Vec<u64> = checkpoints.to_vec();
-        let mut seen = vec![false; checkpoints.len()];
-        for file in archive.files().map_err(|e| e.to_string())? {
-            let Some(slot) = archived.get_mut(file.partition as usize) else { continue };
-            *slot = if seen[file.partition as usize] { (*slot).max(file.end_offset) } else { file.end_offset };
-            seen[file.partition as usize] = true;
-        }
-        // A partition archived for the first time starts at its checkpoint (what came
-        // before has no notes to go by); an empty file records where, so that a crash
-        // before its first round does not move the start.
-        for (partition, offset) in archived.iter().enumerate().filter(|(p, _)| !seen[*p]) {
-            let path = FileKey::of(partition as u32, now_ms).path(*offset, *offset);
-            let empty = FileBuilder::default().encode().map_err(|e| e.to_string())?;
-            archive.put(&path, empty).map_err(|e| format!("writing {path}: {e}"))?;
-        }
         let notes_dir = data_dir.join("archive-notes");
-        std::fs::create_dir_all(&notes_dir).map_err(|e| format!("{}: {e}", notes_dir.display()))?;
-        Ok(Archiver {
+        let notes_from = prepare_notes(&notes_dir, checkpoints).map_err(|e| format!("{}: {e}", notes_dir.display()))?;
+        let archiver = Archiver {
             archive,
             retention_ms: config.archive_retention_days.map(|days| i64::from(days) * DAY_MS),
+            file_interval: Duration::from_millis(config.archive_file_interval_ms),
             clock: config.clock.clone(),
             wal_root: data_dir.join("wal"),
             notes_dir,
-            archived: archived.into_iter().map(AtomicU64::new).collect(),
+            opening: Mutex::new(Some(Opening { checkpoints: checkpoints.to_vec(), notes_from })),
+            ready: AtomicBool::new(false),
+            archived: checkpoints.iter().map(|_| AtomicU64::new(0)).collect(),
             notes: checkpoints.iter().map(|_| Mutex::new(())).collect(),
             rounds: checkpoints.iter().map(|_| Mutex::new(())).collect(),
+            attempted: checkpoints.iter().map(|_| Mutex::new(None)).collect(),
+            failing: checkpoints.iter().map(|_| AtomicBool::new(false)).collect(),
+            written_at: checkpoints.iter().map(|_| Mutex::new(None)).collect(),
             trouble: Mutex::new(None),
-        })
+        };
+        match archiver.begin() {
+            Err(Begin::Refused(reason)) => Err(reason),
+            Err(Begin::Unreachable(reason)) => {
+                tracing::warn!(%reason, "the archive cannot be reached; archiving starts once it can");
+                archiver.set_trouble(Some(reason));
+                Ok(archiver)
+            }
+            Ok(()) => Ok(archiver),
+        }
+    }
+
+    /// Finds where each partition's archive ends and records where archiving goes on
+    /// (an empty file, so that a crash before the first round does not move it): once.
+    fn begin(&self) -> Result<(), Begin> {
+        let mut opening = self.opening.lock();
+        let Some(Opening { checkpoints, notes_from }) = opening.as_ref() else { return Ok(()) };
+        let unreachable = |e: ArchiveError| Begin::Unreachable(format!("reading the archive: {e}"));
+        let mut ends: Vec<Option<u64>> = vec![None; checkpoints.len()];
+        for file in self.archive.files().map_err(unreachable)? {
+            if let Some(end) = ends.get_mut(file.partition as usize) {
+                *end = Some(end.map_or(file.end_offset, |e| e.max(file.end_offset)));
+            }
+        }
+        let mut starts = Vec::with_capacity(checkpoints.len());
+        for (partition, (&checkpoint, end)) in checkpoints.iter().zip(ends).enumerate() {
+            let start = match end {
+                Some(end) if end > checkpoint => {
+                    return Err(Begin::Refused(format!(
+                        "the archive of partition {partition} ends at log offset {end}, past the store's checkpoint \
+                         {checkpoint}: it holds another log (a data directory made anew?); archive this one elsewhere"
+                    )));
+                }
+                Some(end) if end >= notes_from[partition] => {
+                    starts.push((end, false));
+                    continue;
+                }
+                // Frames flushed while archiving was off have no notes: their duplicates
+                // cannot be told, so the archive leaves them out, and says so.
+                Some(end) => {
+                    metrics::counter!("tally_archive_gaps_total").increment(1);
+                    tracing::warn!(
+                        partition,
+                        from = end,
+                        to = notes_from[partition],
+                        "archiving was off: the archive lacks these offsets"
+                    );
+                    notes_from[partition]
+                }
+                // Archived for the first time: from the checkpoint (what came before has
+                // no notes to go by).
+                None => checkpoint,
+            };
+            starts.push((start, true));
+        }
+        let now_ms = self.clock.now_ms();
+        for (partition, &(start, _)) in starts.iter().enumerate().filter(|(_, (_, mark))| *mark) {
+            let path = FileKey::of(partition as u32, now_ms).path(start, start);
+            let empty = FileBuilder::default().encode().map_err(|e| Begin::Refused(e.to_string()))?;
+            self.archive.put(&path, empty).map_err(|e| Begin::Unreachable(format!("writing {path}: {e}")))?;
+        }
+        for (slot, (start, _)) in self.archived.iter().zip(starts) {
+            slot.store(start, Ordering::Release);
+        }
+        *opening = None;
+        self.ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     pub(crate) fn archive(&self) -> &Archive {
@@ -178,14 +270,20 @@ impl Archiver {
     /// Archives the next stretch of `partition`'s log behind `checkpoint`: true if it wrote
     /// a file, false if there was nothing to archive.
     pub(crate) fn round(&self, partition: u32, checkpoint: u64) -> Result<bool, String> {
+        if !self.ready.load(Ordering::Acquire) {
+            self.begin().map_err(|(Begin::Refused(reason) | Begin::Unreachable(reason))| reason)?;
+        }
         let _round = self.rounds[partition as usize].lock();
         let from = self.archived(partition);
+        let checkpoint = self.attempted[partition as usize].lock().unwrap_or(checkpoint);
         if from >= checkpoint {
             return Ok(false);
         }
         let noted = self.noted(partition, from, checkpoint).map_err(|e| format!("reading the archive notes: {e}"))?;
         let wal_dir = self.wal_root.join(format!("p{partition:03}"));
-        let mut round = Round { partition, noted: &noted, builder: FileBuilder::default(), hour: None, end: from };
+        let noted_frames = noted.iter().map(|note| note.frame).collect();
+        let mut round =
+            Round { partition, noted: &noted, noted_frames, builder: FileBuilder::default(), hour: None, end: from };
         let mut failed = None;
         let read = tally_wal::read_frames(&wal_dir, from, checkpoint, |end, records| match round.take(end, records) {
             Ok(more) => more,
@@ -206,8 +304,13 @@ impl Archiver {
         let Some(hour) = hour else { return Ok(false) };
         let (events, path) = (builder.rows(), FileKey { partition, hour_ms: hour }.path(from, end));
         let bytes = builder.encode().map_err(|e| e.to_string())?;
-        self.archive.put(&path, bytes).map_err(|e| format!("writing {path}: {e}"))?;
+        if let Err(error) = self.archive.put(&path, bytes) {
+            *self.attempted[partition as usize].lock() = Some(end);
+            return Err(format!("writing {path}: {error}"));
+        }
+        *self.attempted[partition as usize].lock() = None;
         self.archived[partition as usize].store(end, Ordering::Release);
+        *self.written_at[partition as usize].lock() = Some(std::time::Instant::now());
         metrics::counter!("tally_archive_files_total").increment(1);
         metrics::counter!("tally_archive_events_total").increment(events as u64);
         if let Err(error) = self.compact_notes(partition) {
@@ -254,8 +357,10 @@ impl Archiver {
     fn pass(&self, partition: &Partition, stop: &AtomicU8) -> Result<(), String> {
         let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
         let mut result = Ok(());
-        loop {
-            match self.round(partition.index, checkpoint) {
+        while self.due(partition.index, checkpoint) {
+            let round = self.round(partition.index, checkpoint);
+            self.failing[partition.index as usize].store(round.is_err(), Ordering::Release);
+            match round {
                 Ok(true) if stop.load(Ordering::Acquire) == RUN => {}
                 Ok(_) => break,
                 Err(error) => {
@@ -272,6 +377,16 @@ impl Archiver {
         result
     }
 
+    /// Whether the archiver thread writes `partition`'s next file now: 64 MiB of its log
+    /// wait, or the file interval passed since its last file (a tail under 64 MiB waits
+    /// for the next interval instead of making a small file).
+    fn due(&self, partition: u32, checkpoint: u64) -> bool {
+        let waiting = checkpoint.saturating_sub(self.archived(partition));
+        let last = *self.written_at[partition as usize].lock();
+        let retry = self.failing[partition as usize].load(Ordering::Acquire);
+        waiting > 0 && (retry || waiting >= ROUND_BYTES_MIN || last.is_none_or(|at| at.elapsed() >= self.file_interval))
+    }
+
     /// Archives everything behind the checkpoints (a clean stop), or fails with why not.
     pub(crate) fn catch_up(&self, partitions: &[Arc<Partition>]) -> Result<(), String> {
         for partition in partitions {
@@ -286,6 +401,12 @@ impl Archiver {
     pub(crate) fn run(&self, partitions: &[Arc<Partition>], stop: &AtomicU8) {
         let mut purged_at: Option<std::time::Instant> = None;
         while stop.load(Ordering::Acquire) == RUN {
+            if let Err(Begin::Refused(reason) | Begin::Unreachable(reason)) = self.begin() {
+                metrics::counter!("tally_archive_errors_total").increment(1);
+                self.set_trouble(Some(reason));
+                wait(stop, ARCHIVE_INTERVAL);
+                continue;
+            }
             if purged_at.is_none_or(|at| at.elapsed() >= PURGE_INTERVAL) {
                 purged_at = Some(std::time::Instant::now());
                 match self.purge() {
@@ -313,6 +434,25 @@ impl Archiver {
     }
 }
 
+/// The archiver thread's nice value: when the cores are all busy, the writers and the
+/// HTTP threads go first (acknowledging is what clients wait for) and the archive takes
+/// what is left; under a load the machine cannot archive as fast, the log holds the
+/// difference until it can (up to the disk limit). With cores to spare it changes nothing.
+const ARCHIVER_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to `ARCHIVER_NICE` (Linux: nice is per
+/// thread). A refusal is logged, not fatal.
+pub(crate) fn lower_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    let result = unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, ARCHIVER_NICE)
+    };
+    if result != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "the archiver thread keeps its priority");
+    }
+}
+
 /// The archiver thread's orders (`run`'s `stop`).
 pub(crate) const RUN: u8 = 0;
 pub(crate) const STOP: u8 = 1;
@@ -328,6 +468,75 @@ fn wait(stop: &AtomicU8, duration: Duration) {
     while waited < duration && stop.load(Ordering::Acquire) == RUN {
         std::thread::sleep(step);
         waited += step;
+    }
+}
+
+/// Makes each partition's notes file durable before the first note goes in (file, then
+/// directory entries), and cuts a torn last note: its append was never fsync-ed, so its
+/// checkpoint did not move, and the replay notes it again. Returns, per partition, the log
+/// offset from which the notes are complete (`pNNN.from`, the checkpoint when archiving
+/// began; a start without an archive removes the notes, see `forget_notes`).
+fn prepare_notes(notes_dir: &std::path::Path, checkpoints: &[u64]) -> std::io::Result<Vec<u64>> {
+    std::fs::create_dir_all(notes_dir)?;
+    let mut complete_from = Vec::with_capacity(checkpoints.len());
+    for (partition, &checkpoint) in checkpoints.iter().enumerate() {
+        let path = notes_dir.join(format!("p{partition:03}"));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let length = file.metadata()?.len();
+        let torn = length % NOTE_BYTES as u64;
+        if torn != 0 {
+            tracing::warn!(path = %path.display(), bytes = torn, "cutting a torn archive note (never acknowledged)");
+            file.set_len(length - torn)?;
+        }
+        file.sync_all()?;
+        drop_notes_after(&path, checkpoint)?;
+        let marker = path.with_extension("from");
+        let from = match std::fs::read(&marker) {
+            Ok(bytes) if bytes.len() == 8 => u64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+            Ok(_) => return Err(std::io::Error::other(format!("{} is not 8 bytes", marker.display()))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let temporary = marker.with_extension("from.new");
+                let mut file = File::create(&temporary)?;
+                file.write_all(&checkpoint.to_le_bytes())?;
+                file.sync_all()?;
+                std::fs::rename(&temporary, &marker)?;
+                checkpoint
+            }
+            Err(error) => return Err(error),
+        };
+        complete_from.push(from);
+    }
+    File::open(notes_dir)?.sync_all()?;
+    if let Some(parent) = notes_dir.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(complete_from)
+}
+
+/// Rewrites the notes file at `path` without the notes of frames past `checkpoint`: their
+/// flush never committed, and the replay notes those frames again, as it counts them now
+/// (a note half written before a crash would otherwise leave a counted event out).
+fn drop_notes_after(path: &std::path::Path, checkpoint: u64) -> std::io::Result<()> {
+    let bytes = std::fs::read(path)?;
+    let notes: Vec<Uncounted> = bytes.chunks_exact(NOTE_BYTES).map(decode).collect();
+    if notes.iter().all(|note| note.frame <= checkpoint) {
+        return Ok(());
+    }
+    let kept: Vec<u8> = notes.iter().filter(|note| note.frame <= checkpoint).flat_map(encode).collect();
+    let temporary = path.with_extension("new");
+    let mut file = File::create(&temporary)?;
+    file.write_all(&kept)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+/// A start without an archive: flushes will not note what they leave out, so the notes
+/// kept so far must not vouch for the log any more.
+pub(crate) fn forget_notes(data_dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(data_dir.join("archive-notes")) {
+        Ok(()) => File::open(data_dir)?.sync_all(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -352,6 +561,8 @@ fn decode(bytes: &[u8]) -> Uncounted {
 struct Round<'a> {
     partition: u32,
     noted: &'a HashSet<Uncounted>,
+    /// The frames `noted` names.
+    noted_frames: HashSet<u64>,
     builder: FileBuilder,
     /// The receive hour of the round's frames (a frame's is its first record's).
     hour: Option<i64>,
@@ -371,13 +582,15 @@ impl Round<'_> {
             return Ok(false);
         }
         self.hour = Some(hour);
+        // Most frames have no uncounted event: no lookup per event for them.
+        let noted_frame = self.noted_frames.contains(&end);
         for (index, reader) in readers.iter().enumerate() {
             let mut event_index = 0;
             reader
                 .for_each_event(|event| {
                     let note = Uncounted { frame: end, record: index as u32, event: event_index };
                     event_index += 1;
-                    if !self.noted.contains(&note) {
+                    if !noted_frame || !self.noted.contains(&note) {
                         self.builder.push(&event, reader.receive_ms, self.partition, end);
                     }
                 })
@@ -385,5 +598,66 @@ impl Round<'_> {
         }
         self.end = end;
         Ok(self.builder.rows() < ROUND_ROWS_MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archiver(dir: &std::path::Path, retention_days: Option<u32>, now_ms: i64) -> Archiver {
+        let config = EngineConfig {
+            data_dir: dir.join("data"),
+            archive_retention_days: retention_days,
+            clock: Clock::fixed(now_ms),
+            ..EngineConfig::default()
+        };
+        Archiver::open(&dir.join("archive").display().to_string(), &config, &[100, 100]).unwrap()
+    }
+
+    fn put(archiver: &Archiver, partition: u32, hour_ms: i64, first: u64, end: u64) {
+        let path = FileKey { partition, hour_ms }.path(first, end);
+        archiver.archive.put(&path, FileBuilder::default().encode().unwrap()).unwrap();
+    }
+
+    fn ranges(archiver: &Archiver) -> Vec<(u32, u64, u64)> {
+        archiver.archive.files().unwrap().iter().map(|f| (f.partition, f.first_offset, f.end_offset)).collect()
+    }
+
+    #[test]
+    fn retention_purges_whole_files_past_it_but_never_a_partitions_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 20_000 * DAY_MS;
+        let archiver = archiver(dir.path(), Some(2), now);
+        // Opening wrote each partition's empty start file [100, 100) at the current hour.
+        put(&archiver, 0, now - 3 * DAY_MS, 0, 10);
+        put(&archiver, 0, now - 3 * DAY_MS + HOUR_MS, 10, 20);
+        put(&archiver, 0, now - DAY_MS, 20, 30);
+        put(&archiver, 1, now - 5 * DAY_MS, 0, 40);
+        assert_eq!(archiver.purge().unwrap(), 3, "the files received more than 2 days ago");
+        assert_eq!(ranges(&archiver), [(0, 20, 30), (0, 100, 100), (1, 100, 100)]);
+
+        let forever = self::archiver(dir.path(), None, now + 100 * DAY_MS);
+        assert_eq!(forever.purge().unwrap(), 0, "no retention: nothing purged");
+        let later = self::archiver(dir.path(), Some(2), now + 100 * DAY_MS);
+        assert_eq!(later.purge().unwrap(), 1);
+        assert_eq!(ranges(&later), [(0, 100, 100), (1, 100, 100)], "each partition's newest stays, however old");
+    }
+
+    #[test]
+    fn a_torn_note_is_cut_at_open_and_notes_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let archiver = archiver(dir.path(), None, 0);
+        let note = Uncounted { frame: 7, record: 1, event: 2 };
+        archiver.note(0, &[note]).unwrap();
+        let path = archiver.notes_path(0);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[1, 2, 3]).unwrap();
+        drop((file, archiver));
+        let archiver = self::archiver(dir.path(), None, 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), NOTE_BYTES as u64);
+        let second = Uncounted { frame: 9, record: 0, event: 0 };
+        archiver.note(0, &[second]).unwrap();
+        assert_eq!(archiver.noted(0, 0, 10).unwrap(), HashSet::from([note, second]));
     }
 }

@@ -127,6 +127,12 @@ pub(crate) struct FlushState {
 }
 
 impl FlushState {
+    /// Whether every flush taken was committed and the store needs no reopening: the
+    /// store then holds exactly what the checkpoints say.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.unsettled.is_empty() && !self.reopen
+    }
+
     /// How long until the next try of the store is due, if one is scheduled and not due.
     fn retry_wait(&self) -> Option<Duration> {
         let left = self.retry_at?.saturating_duration_since(Instant::now());

@@ -101,6 +101,9 @@ pub struct EngineConfig {
     /// Days raw events are kept in the archive (by receive hour, whole files); `None`
     /// keeps them forever.
     pub archive_retention_days: Option<u32>,
+    /// Longest a counted event waits before the archiver writes it, milliseconds (sooner
+    /// once 64 MiB of a partition's log waits).
+    pub archive_file_interval_ms: u64,
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.
     pub accept_log_loss: bool,
@@ -127,6 +130,7 @@ impl Default for EngineConfig {
             event_types_max: 1_000,
             archive: None,
             archive_retention_days: None,
+            archive_file_interval_ms: 60_000,
             accept_log_loss: false,
             clock: Clock::system(),
         }
@@ -211,6 +215,8 @@ pub(crate) struct Shared {
     /// receives keyed requests in the same order, and two requests reusing one key are
     /// seen in the same order everywhere.
     keyed_order: Mutex<()>,
+    /// One recompute at a time (each holds a day's cells in memory).
+    recomputing: Mutex<()>,
     event_types: types::EventTypes,
     /// The largest record every partition's log takes (`PartitionLog::record_bytes_max`).
     record_bytes_max: usize,

@@ -11,6 +11,7 @@
 //! applied after the checkpoints reach the store later, by the flushes, as always.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tally_aggregate::{Deltas, rollup};
@@ -60,31 +61,52 @@ fn refused(reason: impl Into<String>) -> EngineError {
     EngineError::Recompute { reason: reason.into() }
 }
 
+/// A failure that may pass (the object store, a flush being retried): 503, try again.
+fn unavailable(reason: impl Into<String>) -> EngineError {
+    EngineError::Unavailable { reason: reason.into() }
+}
+
+/// Passes of catching up and reading before flushes are held back: each leaves less
+/// for the held part to do.
+const UNHELD_PASSES: usize = 2;
+
 pub(crate) fn recompute(shared: &Shared, range: RecomputeRange) -> Result<RecomputeReport, EngineError> {
     let started = Instant::now();
     let archiver = shared.archiver.as_deref().ok_or_else(|| refused("no archive is configured (`archive`)"))?;
-    if range.from_ms >= range.to_ms {
-        return Err(refused("`from` must be before `to`"));
-    }
     let from_ms = range.from_ms.div_euclid(DAY_MS) * DAY_MS;
     let to_ms = (range.to_ms + DAY_MS - 1).div_euclid(DAY_MS) * DAY_MS;
-    let received = (from_ms - range.clock_skew_max_ms, to_ms + range.lateness_max_ms);
+    if range.from_ms >= range.to_ms || to_ms - from_ms > DAY_MS {
+        return Err(refused("the range must lie within one UTC day (`tally recompute` walks longer ones day by day)"));
+    }
+    let Some(_one_at_a_time) = shared.recomputing.try_lock() else {
+        return Err(unavailable("another recompute is running"));
+    };
+    // A file's hour is its first frame's, and a frame's records are not in receive order:
+    // an hour of margin on each side.
+    let received = (from_ms - range.clock_skew_max_ms - HOUR_MS, to_ms + range.lateness_max_ms + HOUR_MS);
     let mut report = RecomputeReport { from_ms, to_ms, ..RecomputeReport::default() };
     let mut deltas = Deltas::default();
     let mut read: HashSet<String> = HashSet::new();
-    let files = archiver.archive().files().map_err(|e| refused(format!("listing the archive: {e}")))?;
-    check_complete(&files, received.0)?;
-    read_files(archiver, &files, received, (from_ms, to_ms), &mut read, &mut deltas, &mut report)?;
-
+    let mut gather = |report: &mut RecomputeReport| -> Result<(), EngineError> {
+        archiver.catch_up(&shared.partitions).map_err(|e| unavailable(format!("the archive cannot catch up: {e}")))?;
+        let files = archiver.archive().files().map_err(|e| unavailable(format!("listing the archive: {e}")))?;
+        check_complete(&files, shared.partitions.len(), received.0)?;
+        read_files(archiver, &files, received, (from_ms, to_ms), &mut read, &mut deltas, report)
+    };
+    for _ in 0..UNHELD_PASSES {
+        gather(&mut report)?;
+    }
     let held = Instant::now();
-    let _flushes = shared.flush_lock.lock();
+    let state = shared.flush_lock.lock();
     if let Some(reason) = shared.failure.lock().clone() {
         return Err(EngineError::Unavailable { reason });
     }
-    archiver.catch_up(&shared.partitions).map_err(|e| refused(format!("the archive cannot catch up: {e}")))?;
-    let files = archiver.archive().files().map_err(|e| refused(format!("listing the archive: {e}")))?;
-    read_files(archiver, &files, received, (from_ms, to_ms), &mut read, &mut deltas, &mut report)?;
+    if !state.is_settled() {
+        return Err(unavailable("a flush is being retried; the store may hold more than its checkpoint says"));
+    }
+    gather(&mut report)?;
     rewrite(shared, &deltas, (from_ms, to_ms), &mut report)?;
+    drop(state);
     report.flush_hold_ms = held.elapsed().as_millis() as u64;
     report.seconds = started.elapsed().as_secs_f64();
     metrics::counter!("tally_recompute_counters_corrected_total").increment(report.counters_corrected as u64);
@@ -93,13 +115,18 @@ pub(crate) fn recompute(shared: &Shared, range: RecomputeRange) -> Result<Recomp
 }
 
 /// Refuses when the archive may lack events received from `received_from` on: a
-/// partition whose archive starts later, and not at the log's beginning (archiving
-/// enabled then, or files purged), or whose files leave a gap.
-fn check_complete(files: &[ArchivedFile], received_from: i64) -> Result<(), EngineError> {
+/// partition without files, or whose archive starts after the log did, in an hour that
+/// ends after `received_from` (archiving enabled then, or files purged), or whose files
+/// leave a gap.
+fn check_complete(files: &[ArchivedFile], partitions: usize, received_from: i64) -> Result<(), EngineError> {
+    let mut seen = vec![false; partitions];
     for partition in files.chunk_by(|a, b| a.partition == b.partition) {
-        // A partition archived from offset 0 holds its whole log, however late it began.
         let first = &partition[0];
-        if first.first_offset > 0 && first.hour_ms.is_none_or(|hour| hour > received_from) {
+        if let Some(seen) = seen.get_mut(first.partition as usize) {
+            *seen = true;
+        }
+        // A partition archived from offset 0 holds its whole log, however late it began.
+        if first.first_offset > 0 && first.hour_ms.is_none_or(|hour| hour + HOUR_MS > received_from) {
             return Err(refused(format!(
                 "the archive of partition {} begins with {} (archiving began later, or older files were purged): \
                  events of the range may be missing from it",
@@ -115,6 +142,9 @@ fn check_complete(files: &[ArchivedFile], received_from: i64) -> Result<(), Engi
                 )));
             }
         }
+    }
+    if let Some(missing) = seen.iter().position(|seen| !seen) {
+        return Err(refused(format!("the archive holds no file of partition {missing}")));
     }
     Ok(())
 }
@@ -142,11 +172,16 @@ fn read_files(
                 deltas.add(event.event_type, event.video_id, minute, event.value, event.viewer_id);
             }
         })
-        .map_err(|e| refused(format!("reading the archive: {e}")))?;
+        .map_err(|e| unavailable(format!("reading the archive: {e}")))?;
         report.files_read += 1;
         report.rows_read += rows;
     }
     Ok(())
+}
+
+/// Whether the archive ends before `checkpoint` for `partition` (it must not, once caught up).
+fn archiver_behind(shared: &Shared, partition: u32, checkpoint: u64) -> bool {
+    shared.archiver.as_ref().is_some_and(|archiver| archiver.archived(partition) < checkpoint)
 }
 
 /// The stored counters of the days, per (type, video): each tier's buckets.
@@ -181,6 +216,16 @@ fn rewrite(
 ) -> Result<(), EngineError> {
     let stored = {
         let snapshot = shared.store.snapshot()?;
+        for partition in &shared.partitions {
+            let (held, stored) =
+                (partition.checkpoint_offset.load(Ordering::Acquire), snapshot.checkpoint_offset(partition.index)?);
+            if held != stored || archiver_behind(shared, partition.index, held) {
+                return Err(unavailable(format!(
+                    "partition {}: the store's checkpoint ({stored}), the engine's ({held}) and the archive's differ; try again",
+                    partition.index
+                )));
+            }
+        }
         read_stored(&*snapshot, days)?
     };
     let cutoffs = shared.write_cutoffs();

@@ -84,19 +84,7 @@ pub(crate) fn launch(
     cluster: bool,
 ) -> Result<Engine, EngineError> {
     let event_types = types::EventTypes::new(known_types(&*store, &partitions)?, config.event_types_max);
-    let archiver = match &config.archive {
-        Some(_) if cluster => {
-            return Err(EngineError::Unavailable { reason: "archiving in cluster mode is not built yet".into() });
-        }
-        Some(location) => {
-            let checkpoints: Vec<u64> =
-                partitions.iter().map(|p| p.checkpoint_offset.load(Ordering::Acquire)).collect();
-            let archiver = Archiver::open(location, &config, &checkpoints)
-                .map_err(|reason| EngineError::Unavailable { reason: format!("archive {location}: {reason}") })?;
-            Some(Arc::new(archiver))
-        }
-        None => None,
-    };
+    let archiver = open_archiver(&config, &partitions, cluster)?;
     let record_bytes_max = wals.iter().map(|(wal, _)| wal.record_bytes_max()).min().unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         budget: QueueBudget::new(config.queue_bytes_max),
@@ -109,6 +97,7 @@ pub(crate) fn launch(
         store_trouble: Mutex::new(None),
         admission: parking_lot::RwLock::new(true),
         keyed_order: Mutex::new(()),
+        recomputing: Mutex::new(()),
         event_types,
         record_bytes_max,
         cluster,
@@ -132,6 +121,7 @@ pub(crate) fn launch(
         let thread = std::thread::Builder::new()
             .name("tally-archiver".into())
             .spawn(move || {
+                crate::archive::lower_priority();
                 let run = std::panic::AssertUnwindSafe(|| archiver.run(&shared.partitions, &flag));
                 if std::panic::catch_unwind(run).is_err() {
                     archiver
@@ -149,6 +139,32 @@ pub(crate) fn launch(
         archiving: Mutex::new(archiving),
         recovery,
     })
+}
+
+/// The archiver, when an archive is configured; otherwise the notes of an earlier
+/// archiving are dropped (flushes will not keep them up).
+fn open_archiver(
+    config: &EngineConfig,
+    partitions: &[Arc<Partition>],
+    cluster: bool,
+) -> Result<Option<Arc<Archiver>>, EngineError> {
+    match &config.archive {
+        Some(_) if cluster => {
+            Err(EngineError::Unavailable { reason: "archiving in cluster mode is not built yet".into() })
+        }
+        Some(location) => {
+            let checkpoints: Vec<u64> =
+                partitions.iter().map(|p| p.checkpoint_offset.load(Ordering::Acquire)).collect();
+            let archiver = Archiver::open(location, config, &checkpoints)
+                .map_err(|reason| EngineError::Unavailable { reason: format!("archive {location}: {reason}") })?;
+            Ok(Some(Arc::new(archiver)))
+        }
+        None => {
+            crate::archive::forget_notes(&config.data_dir)
+                .map_err(|source| EngineError::DataDir { path: config.data_dir.join("archive-notes"), source })?;
+            Ok(None)
+        }
+    }
 }
 
 /// A partition's state as its checkpoint left it: the offset to replay from, and the

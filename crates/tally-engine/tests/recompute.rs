@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tally_aggregate::{Deltas, rollup};
 use tally_core::EventRef;
 use tally_engine::{Clock, Engine, EngineConfig, MinuteRange, RecomputeRange, Retention};
+use tally_store::{CounterStore, PoolOptions, PostgresStore};
 
 const MINUTE_MS: i64 = 60_000;
 const DAY_MS: i64 = 24 * 60 * MINUTE_MS;
@@ -35,15 +36,33 @@ fn day() -> MinuteRange {
 #[test]
 fn a_damaged_store_is_rewritten_from_the_archive_in_every_tier() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        data_dir: dir.path().join("data"),
+    let config = config(dir.path());
+    let (store, log) = tally_engine::local::open(&config).unwrap();
+    rewrites_a_damaged_store(Engine::start(config, Arc::clone(&store), Box::new(log)).unwrap(), &*store);
+}
+
+#[test]
+fn a_damaged_postgresql_store_is_rewritten_from_the_archive_in_every_tier() {
+    let server = tally_pgtest::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let options = PoolOptions { connections_max: 4, ..PoolOptions::default() };
+    let store: Arc<dyn CounterStore> = Arc::new(PostgresStore::open(&server.create_database(), options).unwrap());
+    let log = tally_engine::local::open_log(&config, &*store).unwrap();
+    rewrites_a_damaged_store(Engine::start(config, Arc::clone(&store), Box::new(log)).unwrap(), &*store);
+}
+
+fn config(dir: &std::path::Path) -> EngineConfig {
+    EngineConfig {
+        data_dir: dir.join("data"),
         flush_interval_ms: 3_600_000,
-        archive: Some(dir.path().join("archive").display().to_string()),
+        archive: Some(dir.join("archive").display().to_string()),
         clock: Clock::fixed(NOW_MS),
         ..EngineConfig::default()
-    };
-    let (store, log) = tally_engine::local::open(&config).unwrap();
-    let engine = Engine::start(config, Arc::clone(&store), Box::new(log)).unwrap();
+    }
+}
+
+fn rewrites_a_damaged_store(engine: Engine, store: &dyn CounterStore) {
     let an_hour_ago = NOW_MS - 60 * MINUTE_MS;
     let mut events: Vec<EventRef<'_>> =
         ["v1", "v2", "v3", "v1", "v2"].iter().map(|viewer| event("a", "view", an_hour_ago, 1, Some(viewer))).collect();

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
-use tally_core::bucket::MINUTE_MS;
+use tally_core::bucket::{DAY_MINUTES, MINUTE_MS};
 use tally_engine::RecomputeRange;
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorCode};
 use crate::query::{params_among, parse_instant, query_pairs, rfc3339};
+
+const DAY_MS: i64 = DAY_MINUTES * MINUTE_MS;
 
 pub(crate) async fn recompute(
     State(state): State<Arc<AppState>>,
@@ -29,6 +31,11 @@ pub(crate) async fn recompute(
     let (from_ms, to_ms) = (instant("from")?, instant("to")?);
     if from_ms >= to_ms {
         return Err(ApiError::new(ErrorCode::InvalidRange, "from must be before to"));
+    }
+    if to_ms - 1 - from_ms.div_euclid(DAY_MS) * DAY_MS >= DAY_MS {
+        let message = "a request rewrites one UTC day: from and to must lie within the same day";
+        return Err(ApiError::new(ErrorCode::InvalidRange, message)
+            .with_hint(Some("tally recompute walks longer ranges day by day".into())));
     }
     let limits = &state.config.limits;
     let range = RecomputeRange {

@@ -11,7 +11,7 @@ const METRICS: [(Kind, &str, &str); 53] = [
     (
         Kind::Counter,
         "tally_archive_gaps_total",
-        "Log stretches the archive lacks because the log no longer held them when archiving began.",
+        "Log stretches the archive lacks: flushed while archiving was off, or gone from the log when it began.",
     ),
     (Kind::Gauge, "tally_archive_failing", "1 while archiving fails (why: /readyz), else 0; the log keeps what waits."),
     (Kind::Counter, "tally_archive_purged_files_total", "Archive files deleted past archive_retention_days."),

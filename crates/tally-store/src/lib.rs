@@ -179,10 +179,7 @@ pub trait CounterStore: Send + Sync + 'static {
     /// the row's value instead of adding to them (a zero counter removes its row), in one
     /// atomic, durable transaction that moves no checkpoint. The caller holds off flushes
     /// meanwhile.
-    fn rewrite<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>) -> Result<(), StoreError> {
-        let _ = tiers;
-        Err(StoreError::Config { detail: "recomputing stored aggregates is not built for this store yet".into() })
-    }
+    fn rewrite<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>) -> Result<(), StoreError>;
     /// Drops what lies wholly before the cutoffs; returns the tables dropped.
     fn purge(&self, cutoffs: &Cutoffs) -> Result<usize, StoreError>;
     /// A consistent read view.

@@ -279,7 +279,7 @@ impl RedbStore {
             // One granularity at a time: the sorted rows of a flush are held for one tier,
             // not all three at once.
             for granularity in Granularity::ALL {
-                FlushWork::build(tiers(granularity)).write(&txn)?;
+                FlushWork::build(tiers(granularity), false).write(&txn)?;
             }
             let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(redb_error("flush checkpoints"))?;
             let mut dedup = txn.open_table(DEDUP).map_err(redb_error("flush dedup journal"))?;
@@ -317,9 +317,7 @@ impl RedbStore {
     fn rewrite_buckets<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>) -> Result<(), StoreError> {
         let txn = self.db()?.begin_write().map_err(redb_error("begin rewrite"))?;
         for granularity in Granularity::ALL {
-            let mut work = FlushWork::build(tiers(granularity));
-            work.replace = true;
-            work.write(&txn)?;
+            FlushWork::build(tiers(granularity), true).write(&txn)?;
         }
         txn.commit().map_err(redb_error("commit rewrite"))
     }
@@ -454,9 +452,9 @@ impl<V> KeyedRows<V> {
 impl<'a> FlushWork<'a> {
     /// One tier's rows, keyed and grouped by the table they go to: counter rows also
     /// become the video index and the per-video type index (day tier).
-    fn build(mut rows: TierRows<'a>) -> FlushWork<'a> {
+    fn build(mut rows: TierRows<'a>, replace: bool) -> FlushWork<'a> {
         let granularity = rows.granularity;
-        let mut work = FlushWork { granularity: Some(granularity), ..FlushWork::default() };
+        let mut work = FlushWork { granularity: Some(granularity), replace, ..FlushWork::default() };
         let table = |bucket: i64| (granularity, tables::period_of(granularity, bucket));
         let mut key = Vec::new();
         // The order of `bucket_key`'s bytes: length-prefixed type, length-prefixed video,
@@ -466,7 +464,16 @@ impl<'a> FlushWork<'a> {
             (period, row.event_type.len(), row.event_type, row.video_id.len(), row.video_id, row.bucket)
         }
         rows.counters.sort_unstable_by(|a, b| order(granularity, a).cmp(&order(granularity, b)));
-        for (event_type, day, video_id) in rows.videos() {
+        // Replacing, a zero counter removes its row: it adds nothing to the indexes.
+        let kept;
+        let indexed = if replace {
+            let counters = rows.counters.iter().filter(|r| r.counter != Counter::default()).copied().collect();
+            kept = TierRows { counters, ..TierRows::new(granularity) };
+            &kept
+        } else {
+            &rows
+        };
+        for (event_type, day, video_id) in indexed.videos() {
             key::videos_key(&mut key, event_type, day, video_id);
             work.videos.entry(table(day)).or_default().push(&key, ());
             // One row per (type, video, day table): sorted by table, then type and video,
@@ -477,7 +484,7 @@ impl<'a> FlushWork<'a> {
                 rows.push(&key, ());
             }
         }
-        for (event_type, last) in rows.last_days() {
+        for (event_type, last) in indexed.last_days() {
             work.last_days.insert(event_type.to_owned(), last);
         }
         for row in rows.uniques {

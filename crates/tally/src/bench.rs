@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Stop after this many events (write mode) or requests (read mode), if sooner
     #[arg(long)]
     events: Option<u64>,
+    /// Events per second to send at most, spread over the connections (write mode; a
+    /// connection that falls behind sends at once) [default: as fast as the server takes]
+    #[arg(long)]
+    rate: Option<u64>,
     /// Distinct request bodies prepared before the run (write mode)
     #[arg(long, default_value_t = 64)]
     bodies: usize,
@@ -207,8 +211,8 @@ fn take_one(left: &AtomicU64) -> bool {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.videos > 0 && args.concurrency > 0 && args.batch_size > 0 && args.bodies > 0,
-        "sizes must be positive"
+        args.videos > 0 && args.concurrency > 0 && args.batch_size > 0 && args.bodies > 0 && args.rate != Some(0),
+        "sizes and --rate must be positive"
     );
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("seed {seed}");
@@ -225,6 +229,64 @@ fn spinner() -> ProgressBar {
         .with_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+/// One connection of a write run: sends bodies in turn until the deadline, what is left
+/// runs out, or another connection failed.
+struct Connection {
+    worker: usize,
+    client: Api,
+    bodies: Arc<Vec<Body>>,
+    sent: Arc<Vec<AtomicU64>>,
+    left: Arc<AtomicU64>,
+    acknowledged: Arc<AtomicU64>,
+    reached: Arc<Reached>,
+    stop: Arc<AtomicBool>,
+    run_id: String,
+    batch: u64,
+    pace: Option<Duration>,
+    deadline: Instant,
+}
+
+impl Connection {
+    /// The latencies of the batches acknowledged, or why one was not.
+    async fn send(self) -> anyhow::Result<Vec<u32>> {
+        let mut latencies = Vec::new();
+        let mut sequence = 0u64;
+        let mut next_at = tokio::time::Instant::now();
+        while !self.stop.load(Ordering::Relaxed) && Instant::now() < self.deadline {
+            if let Some(pace) = self.pace {
+                tokio::time::sleep_until(next_at).await;
+                next_at += pace;
+            }
+            if !take_one(&self.left) {
+                break;
+            }
+            let index = (self.worker + sequence as usize * BODY_STRIDE) % self.bodies.len();
+            let key = format!("bench-{}-{}-{sequence}", self.run_id, self.worker);
+            sequence += 1;
+            let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
+            let sent_at = Instant::now();
+            let body = self.bodies[index].bytes.clone();
+            match self.client.request_retrying(Method::POST, "/v1/events", &headers, body).await {
+                Ok(answer) if answer.status.is_success() => {
+                    latencies.push(Latencies::micros(sent_at.elapsed()));
+                    self.sent[index].fetch_add(1, Ordering::Relaxed);
+                    self.acknowledged.fetch_add(self.batch, Ordering::Relaxed);
+                    self.reached.record(&answer.body);
+                }
+                Ok(answer) => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    return Err(anyhow::anyhow!("server refused a batch: {}", answer.error_text()));
+                }
+                Err(error) => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    return Err(anyhow::Error::from(error).context(format!("a batch failed {WRITE_ATTEMPTS} attempts")));
+                }
+            }
+        }
+        Ok(latencies)
+    }
 }
 
 async fn write(args: BenchArgs, client: Api, seed: u64) -> anyhow::Result<()> {
@@ -248,50 +310,24 @@ async fn write(args: BenchArgs, client: Api, seed: u64) -> anyhow::Result<()> {
 
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
-        let (client, bodies, sent, left, acked, stop) = (
-            client.clone(),
-            Arc::clone(&bodies),
-            Arc::clone(&sent_per_body),
-            Arc::clone(&requests_left),
-            Arc::clone(&acknowledged),
-            Arc::clone(&stop),
-        );
-        let reached = Arc::clone(&reached);
-        let run_id = run_id.clone();
-        let batch = args.batch_size as u64;
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut sequence = 0u64;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if !take_one(&left) {
-                    break;
-                }
-                let index = (worker + sequence as usize * BODY_STRIDE) % bodies.len();
-                let key = format!("bench-{run_id}-{worker}-{sequence}");
-                sequence += 1;
-                let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
-                let sent_at = Instant::now();
-                match client.request_retrying(Method::POST, "/v1/events", &headers, bodies[index].bytes.clone()).await {
-                    Ok(answer) if answer.status.is_success() => {
-                        latencies.push(Latencies::micros(sent_at.elapsed()));
-                        sent[index].fetch_add(1, Ordering::Relaxed);
-                        acked.fetch_add(batch, Ordering::Relaxed);
-                        reached.record(&answer.body);
-                    }
-                    Ok(answer) => {
-                        stop.store(true, Ordering::Relaxed);
-                        return Err(anyhow::anyhow!("server refused a batch: {}", answer.error_text()));
-                    }
-                    Err(error) => {
-                        stop.store(true, Ordering::Relaxed);
-                        return Err(
-                            anyhow::Error::from(error).context(format!("a batch failed {WRITE_ATTEMPTS} attempts"))
-                        );
-                    }
-                }
-            }
-            Ok(latencies)
-        }));
+        let connection = Connection {
+            worker,
+            client: client.clone(),
+            bodies: Arc::clone(&bodies),
+            sent: Arc::clone(&sent_per_body),
+            left: Arc::clone(&requests_left),
+            acknowledged: Arc::clone(&acknowledged),
+            reached: Arc::clone(&reached),
+            stop: Arc::clone(&stop),
+            run_id: run_id.clone(),
+            batch: args.batch_size as u64,
+            // Each connection's share of --rate: one request every `pace`.
+            pace: args
+                .rate
+                .map(|rate| Duration::from_secs_f64((args.batch_size * args.concurrency) as f64 / rate as f64)),
+            deadline,
+        };
+        workers.push(tokio::spawn(connection.send()));
     }
     let ticker = {
         let (bar, acked) = (bar.clone(), Arc::clone(&acknowledged));

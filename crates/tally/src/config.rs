@@ -257,6 +257,11 @@ pub struct FileConfig {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_retention_days: Option<u32>,
+    /// Longest a counted event waits before it is written to the archive; a file is written
+    /// sooner once 64 MiB of log waits [default: 1m]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_file_interval: Option<Duration>,
     /// Log lines as text or JSON; RUST_LOG filters them (default info) [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -397,6 +402,7 @@ impl FileConfig {
             event_types_max: self.event_types_max.unwrap_or(default.event_types_max),
             archive: self.archive.clone(),
             archive_retention_days: days(self.archive_retention_days, default.archive_retention_days),
+            archive_file_interval_ms: millis(self.archive_file_interval, default.archive_file_interval_ms),
             accept_log_loss: false,
             clock: default.clock,
         }
@@ -511,6 +517,7 @@ impl ServeConfig {
             event_types_max: Some(engine.event_types_max),
             archive: engine.archive.clone(),
             archive_retention_days: forever(engine.archive_retention_days),
+            archive_file_interval: Some(Duration(engine.archive_file_interval_ms)),
             ..self.effective_server(server)
         }
     }
@@ -649,6 +656,7 @@ fn validate(engine: &EngineConfig, server: &ServerConfig, worker_threads: Option
     within("pending_cells_max", engine.pending_cells_max as u64, 1000, 1 << 32)?;
     within("store_cache_bytes", engine.store_cache_bytes as u64, 16 * MIB, 1 << 40)?;
     within_ms("retention_interval", engine.retention_interval_ms, 1000, 86_400_000)?;
+    within_ms("archive_file_interval", engine.archive_file_interval_ms, 100, 3_600_000)?;
     within("disk_free_bytes_min", engine.disk_free_bytes_min, 0, 1 << 50)?;
     within("event_types_max", engine.event_types_max as u64, 1, 1_000_000)?;
     // A coarser tier answers for a finer one past its retention, so it must last as long.
@@ -760,6 +768,8 @@ mod tests {
             lateness_max = "1s"
             clock_skew_max = "1s"
             archive = "file:///var/lib/tally/archive"
+            archive_retention_days = 30
+            archive_file_interval = "10s"
             log_format = "json"
             access_log = true
         "#;

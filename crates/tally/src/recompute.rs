@@ -1,12 +1,15 @@
-//! `tally recompute`: asks the server to rewrite the stored aggregates of whole UTC days
-//! from the raw-event archive (`POST /v1/admin/recompute`), and prints what it did.
+//! `tally recompute`: asks the server to rewrite the stored aggregates of each UTC day of a
+//! range from the raw-event archive (`POST /v1/admin/recompute`, one day per request),
+//! with a progress bar, and prints what it did.
 
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use hyper::Method;
+use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::client::{Api, api_config, encode_query};
+use crate::client::{Api, api_config};
 
 #[derive(clap::Args)]
 pub struct RecomputeArgs {
@@ -16,7 +19,7 @@ pub struct RecomputeArgs {
     /// End, exclusive (same formats); widened to the end of its UTC day
     #[arg(long)]
     to: String,
-    /// How long to wait for the server to finish (seconds)
+    /// How long to wait for the server to finish one day (seconds)
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
     /// Server URL
@@ -27,29 +30,81 @@ pub struct RecomputeArgs {
     key: Option<String>,
 }
 
+const DAY_MS: i64 = 86_400_000;
+
+/// What the days rewritten so far add up to.
+#[derive(Default)]
+struct Sums {
+    days: u64,
+    events: u64,
+    rows_read: u64,
+    counters_written: u64,
+    counters_corrected: u64,
+    flush_hold_ms_max: u64,
+}
+
 pub async fn run(args: RecomputeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.timeout > 0, "--timeout must be at least 1 second");
-    // One attempt: a request that timed out may still be running on the server.
+    let (from, to) = (instant("--from", &args.from)?, instant("--to", &args.to)?);
+    anyhow::ensure!(from < to, "--from must be before --to");
+    // One attempt per day: a request that timed out may still be running on the server.
     let mut config = api_config(&args.server, args.key.as_deref(), 1)?;
     config.timeout = Duration::from_secs(args.timeout);
     let api = Api::new(config)?;
-    let path = format!("/v1/admin/recompute?from={}&to={}", encode_query(&args.from), encode_query(&args.to));
-    eprintln!("recomputing the days of {} to {} from the archive…", args.from, args.to);
-    let answer = api.request(Method::POST, &path, &[], Bytes::new()).await?;
-    anyhow::ensure!(answer.status.is_success(), "the server refused: {}", answer.error_text());
-    let report = answer.json()?;
+    let first_day = from.div_euclid(DAY_MS) * DAY_MS;
+    let days: Vec<i64> = (first_day..to).step_by(DAY_MS as usize).collect();
+    let bar = ProgressBar::new(days.len() as u64)
+        .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} days ({eta} left)").expect("valid template"));
+    let mut sums = Sums::default();
+    for day in days {
+        let path = format!("/v1/admin/recompute?from={day}&to={}", day + DAY_MS);
+        let answer = api.request(Method::POST, &path, &[], Bytes::new()).await?;
+        anyhow::ensure!(
+            answer.status.is_success(),
+            "the server refused the day {}: {}",
+            date(day),
+            answer.error_text()
+        );
+        let report = answer.json()?;
+        let field = |name: &str| report[name].as_u64().unwrap_or(0);
+        bar.suspend(|| {
+            eprintln!(
+                "{}: {} events; {} counters written, {} corrected; flushes held back {} ms",
+                date(day),
+                field("events"),
+                field("counters_written"),
+                field("counters_corrected"),
+                field("flush_hold_ms")
+            )
+        });
+        sums.days += 1;
+        sums.events += field("events");
+        sums.rows_read += field("rows_read");
+        sums.counters_written += field("counters_written");
+        sums.counters_corrected += field("counters_corrected");
+        sums.flush_hold_ms_max = sums.flush_hold_ms_max.max(field("flush_hold_ms"));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
     println!(
-        "rewrote {} to {}: {} events of {} rows in {} files; {} counters written, {} corrected; \
-         flushes held back {} ms; {:.2} s in all",
-        report["from"].as_str().unwrap_or("?"),
-        report["to"].as_str().unwrap_or("?"),
-        report["events"],
-        report["rows_read"],
-        report["files_read"],
-        report["counters_written"],
-        report["counters_corrected"],
-        report["flush_hold_ms"],
-        report["seconds"].as_f64().unwrap_or(0.0),
+        "rewrote {} days from the archive: {} events of {} rows read; {} counters written, {} corrected; \
+         flushes held back {} ms at most",
+        sums.days, sums.events, sums.rows_read, sums.counters_written, sums.counters_corrected, sums.flush_hold_ms_max
     );
     Ok(())
+}
+
+/// Epoch milliseconds or RFC 3339.
+fn instant(flag: &str, text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let at: jiff::Timestamp =
+        text.parse().with_context(|| format!("{flag} {text:?}: expected epoch milliseconds or RFC 3339"))?;
+    Ok(at.as_millisecond())
+}
+
+fn date(day_ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(day_ms)
+        .map_or_else(|_| day_ms.to_string(), |t| t.strftime("%Y-%m-%d").to_string())
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use tally_archive::{Archive, aggregate};
 
 fn config(archive: &Path) -> String {
-    format!("archive = {:?}\nflush_interval = \"100ms\"\npartitions = 2\n", archive.display().to_string())
+    let archive = archive.display().to_string();
+    format!("archive = {archive:?}\narchive_file_interval = \"200ms\"\nflush_interval = \"100ms\"\npartitions = 2\n")
 }
 
 /// Counts per (type, video).
@@ -41,6 +42,14 @@ fn assert_contiguous(ranges: &Ranges) {
             assert_eq!(pair[0].1, pair[1].0, "partition {partition}: files {pair:?} must follow one another");
         }
     }
+}
+
+/// `tally audit` of `archive` against `server`.
+fn run_audit(archive: &Path, server: &common::Server) -> std::process::Output {
+    std::process::Command::new(common::tally_binary())
+        .args(["audit", "--archive", archive.to_str().unwrap(), "--server", &server.url()])
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -72,6 +81,24 @@ fn every_counted_event_is_archived_once_and_duplicates_are_left_out() {
     assert!(layout.to_string_lossy().starts_with("date="), "laid out by date and hour: {layout:?}");
 }
 
+/// Writer `writer` sends batches of 200 events over 7 videos of its own until `stop`; some
+/// events repeat an id from the batch before: duplicates, left out.
+fn write_until(address: std::net::SocketAddr, writer: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut batch = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let body: String = (0..200)
+                .map(|i| {
+                    format!("{{\"video_id\":\"w{writer}-{}\",\"event_id\":\"{batch}-{}\"}}\n", i % 150 % 7, i % 150)
+                })
+                .collect();
+            let headers = [("content-type", "application/x-ndjson")];
+            let _ = common::request(address, "POST", "/v1/events", &headers, body.as_bytes());
+            batch += 1;
+        }
+    })
+}
+
 #[test]
 fn a_sigkill_under_load_then_a_clean_stop_leaves_each_counted_event_archived_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,34 +106,7 @@ fn a_sigkill_under_load_then_a_clean_stop_leaves_each_counted_event_archived_onc
     let mut server = common::start(&data, &config(&archive));
     let address = server.address;
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..3)
-        .map(|writer| {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut batch = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    // Some events repeat an id from the batch before: duplicates, left out.
-                    let body: String = (0..200)
-                        .map(|i| {
-                            format!(
-                                "{{\"video_id\":\"w{writer}-{}\",\"event_id\":\"{batch}-{}\"}}\n",
-                                i % 150 % 7,
-                                i % 150
-                            )
-                        })
-                        .collect();
-                    let _ = common::request(
-                        address,
-                        "POST",
-                        "/v1/events",
-                        &[("content-type", "application/x-ndjson")],
-                        body.as_bytes(),
-                    );
-                    batch += 1;
-                }
-            })
-        })
-        .collect();
+    let writers: Vec<_> = (0..3).map(|writer| write_until(address, writer, Arc::clone(&stop))).collect();
     std::thread::sleep(Duration::from_millis(1500));
     server.kill();
     stop.store(true, Ordering::Relaxed);
@@ -130,6 +130,24 @@ fn a_sigkill_under_load_then_a_clean_stop_leaves_each_counted_event_archived_onc
         "the archive counts what the store counts"
     );
     assert_contiguous(&ranges);
+    let server = common::start(&data, &config(&archive));
+    let audit = run_audit(&archive, &server);
+    let stdout = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success() && stdout.contains("no differences"), "{stdout}");
+
+    // An archive file gone (one of several of its partition, so that its videos have
+    // events left elsewhere): the audit says which counters no longer match, and fails.
+    let files = Archive::open(archive.to_str().unwrap()).unwrap().files().unwrap();
+    let holding: Vec<_> = files.iter().filter(|f| f.end_offset > f.first_offset).collect();
+    let gone = holding
+        .iter()
+        .find(|f| holding.iter().filter(|g| g.partition == f.partition).count() > 1)
+        .expect("a partition with several files");
+    std::fs::remove_file(archive.join(&gone.path)).unwrap();
+    let audit = run_audit(&archive, &server);
+    let (stdout, stderr) = (String::from_utf8_lossy(&audit.stdout), String::from_utf8_lossy(&audit.stderr));
+    assert!(!audit.status.success(), "{stdout}");
+    assert!(stdout.contains(" view: store count ") && stderr.contains("counters differ"), "{stdout}{stderr}");
 }
 
 #[test]

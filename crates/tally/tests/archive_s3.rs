@@ -1,8 +1,9 @@
 //! The raw-event archive on S3-compatible object storage: moto's S3 server (PyPI
 //! `moto[server]`, installed by `.ci/run`) behind a proxy the test can cut. Events go in
 //! while the object store refuses every request: ingest goes on, `/readyz` and the metrics
-//! say why, the log keeps its segments; once the store is back, a SIGKILL, a restart and a
-//! clean stop leave every counted event archived once, which `tally audit` proves.
+//! say why, the log keeps its segments; a SIGKILL and a start while the store is still
+//! down, then the store back and a clean stop leave every counted event archived once,
+//! which `tally audit` proves.
 
 mod common;
 
@@ -92,7 +93,8 @@ fn s3_env(endpoint: SocketAddr) -> Vec<(&'static str, String)> {
 
 fn serve(data: &std::path::Path, env: &[(&'static str, String)]) -> common::Server {
     let config = format!(
-        "archive = \"s3://{BUCKET}/events-of-test\"\nflush_interval = \"100ms\"\npartitions = 2\nsegment_bytes_max = 65536\n"
+        "archive = \"s3://{BUCKET}/events-of-test\"\narchive_file_interval = \"200ms\"\nflush_interval = \"100ms\"\n\
+         partitions = 2\nsegment_bytes_max = 65536\n"
     );
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = common::spawn_serve_env(data, &config, &["--listen", "127.0.0.1:0"], &env);
@@ -100,10 +102,27 @@ fn serve(data: &std::path::Path, env: &[(&'static str, String)]) -> common::Serv
     server
 }
 
+/// Waits until `/readyz` says the archive is `status`; its answer.
+fn wait_for_archive(server: &common::Server, status: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = server.get("/readyz");
+        assert_eq!(ready.status, 200, "archiving trouble does not make the server unready: {}", ready.text());
+        if ready.json()["archive"]["status"] == status {
+            return ready.json();
+        }
+        assert!(Instant::now() < deadline, "the archive never became {status}: {}", ready.text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn batch(round: usize) -> String {
     // Events 900 to 999 repeat an (event id, video) of the batch: duplicates, not counted.
     (0..1000)
-        .map(|i| format!("{{\"video_id\":\"s3-{}\",\"event_id\":\"{round}-{}\"}}\n", i % 900 % 13, i % 900))
+        .map(|i| {
+            let (video, id) = (i % 900 % 13, i % 900);
+            format!("{{\"video_id\":\"s3-{video}\",\"event_id\":\"{round}-{id}\",\"viewer_id\":\"u{}\"}}\n", id % 97)
+        })
         .collect()
 }
 
@@ -122,17 +141,8 @@ fn an_s3_archive_survives_refused_writes_and_a_sigkill_and_the_audit_finds_no_di
     for round in 1..=20 {
         assert_eq!(server.post_ndjson(batch(round).as_bytes()).status, 200, "ingest goes on without the archive");
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ready = loop {
-        let ready = server.get("/readyz");
-        if ready.json()["archive"]["status"] == "failing" || Instant::now() > deadline {
-            break ready;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(ready.status, 200, "archiving trouble does not make the server unready");
-    let archive = &ready.json()["archive"];
-    assert_eq!(archive["status"], "failing", "{}", ready.text());
+    let ready = wait_for_archive(&server, "failing");
+    let archive = &ready["archive"];
     assert!(archive["error"].as_str().is_some_and(|e| !e.is_empty()), "{archive}");
     assert!(archive["lag_bytes"].as_u64().unwrap() > 0, "{archive}");
     let metrics = server.get("/metrics").text();
@@ -140,10 +150,16 @@ fn an_s3_archive_survives_refused_writes_and_a_sigkill_and_the_audit_finds_no_di
     let segments = |partition: u32| std::fs::read_dir(data.join(format!("wal/p{partition:03}"))).unwrap().count();
     assert!(segments(0) + segments(1) > 4, "the log keeps what the archive has not taken");
 
-    up.store(true, Ordering::Release);
-    assert_eq!(server.post_ndjson(batch(21).as_bytes()).status, 200);
+    // A crash while the store is down, and a start while it still is: the server starts
+    // and acknowledges all the same.
     server.kill();
     let mut server = serve(&data, &env);
+    assert_eq!(server.post_ndjson(batch(21).as_bytes()).status, 200);
+    let ready = wait_for_archive(&server, "failing");
+    assert!(ready["archive"]["error"].as_str().unwrap().contains("archive"), "{ready}");
+
+    up.store(true, Ordering::Release);
+    wait_for_archive(&server, "ok");
     assert_eq!(server.post_ndjson(batch(22).as_bytes()).status, 200);
     let counted: u64 = (0..13).map(|v| server.count(&format!("s3-{v}"))).sum();
     assert_eq!(counted, 23 * 900, "each batch holds 900 distinct event ids");

@@ -7,7 +7,7 @@
 //! distinct-viewer sketches meanwhile; a bucket's top-items row, which every partition
 //! adds to, is locked while it is merged).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -15,13 +15,17 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
 use tally_core::hll::Hll;
-use tally_core::{CounterRow, Granularity, TOP_SKETCH_ITEMS, TierRows, TopRow, UniquesRow};
+use tally_core::{Counter, CounterRow, Granularity, TOP_SKETCH_ITEMS, TierRows, TopRow, UniquesRow};
 
 use super::numeric::Numeric;
 use super::pool::{Connection, wait};
 use super::{encode_generations, pg_error, schema};
 use crate::tables::{Kind, period_of};
 use crate::{PartitionFlush, StoreError};
+
+/// The keys of the rows a rewrite deletes from one table: types, video ids (empty for
+/// top-items rows), buckets.
+type DeletedKeys<'r> = (Vec<&'r str>, Vec<&'r str>, Vec<i64>);
 
 /// Rows per statement: big enough to amortise a round trip, small enough to bound the
 /// arrays a statement holds.
@@ -38,6 +42,9 @@ pub(super) struct Writer<'t> {
     pub(super) found: &'t mut Vec<String>,
     /// Period tables this transaction created: empty before it.
     pub(super) fresh: Vec<String>,
+    /// Rows replace the stored ones instead of adding to them (recompute); an empty
+    /// counter, sketch or top-items row deletes the stored one.
+    pub(super) replace: bool,
 }
 
 impl Writer<'_> {
@@ -96,10 +103,13 @@ impl Writer<'_> {
         StoreError::Fenced { partition, detail }
     }
 
-    /// Adds one tier's rows to its tables.
+    /// Adds one tier's rows to its tables (or, replacing, sets them).
     pub(super) fn write_tier(&mut self, mut rows: TierRows<'_>) -> Result<(), StoreError> {
         let granularity = rows.granularity;
         let period = |bucket: i64| period_of(granularity, bucket);
+        if self.replace {
+            self.delete_emptied(&mut rows)?;
+        }
         // In key order: PostgreSQL's B-tree then takes them about twice as fast.
         rows.counters.sort_unstable_by_key(|row| (period(row.bucket), row.event_type, row.video_id, row.bucket));
         self.add_counters(granularity, &rows.counters)?;
@@ -126,6 +136,55 @@ impl Writer<'_> {
             for part in chunk.chunks_mut(CHUNK_ROWS) {
                 self.merge_top(&table, part, TOP_SKETCH_ITEMS[granularity as usize])?;
             }
+        }
+        Ok(())
+    }
+
+    /// Replacing: deletes the stored rows that `rows` empties (zero counters, empty
+    /// sketches) and leaves the rest to be written.
+    fn delete_emptied(&mut self, rows: &mut TierRows<'_>) -> Result<(), StoreError> {
+        let granularity = rows.granularity;
+        // Per table: the (type, video, bucket) keys to delete; top-items rows have no video.
+        let mut deletes: BTreeMap<(String, bool), DeletedKeys<'_>> = BTreeMap::new();
+        let mut gone = |kind: Kind, event_type, video_id, bucket| {
+            let table = schema::table(kind, granularity, period_of(granularity, bucket));
+            let keys = deletes.entry((table, kind != Kind::Top)).or_default();
+            keys.0.push(event_type);
+            keys.1.push(video_id);
+            keys.2.push(bucket);
+        };
+        for row in rows.counters.iter().filter(|r| r.counter == Counter::default()) {
+            gone(Kind::Counters, row.event_type, row.video_id, row.bucket);
+        }
+        for row in rows.uniques.iter().filter(|r| r.sketch.is_empty()) {
+            gone(Kind::Uniques, row.event_type, row.video_id, row.bucket);
+        }
+        for row in rows.top.iter().filter(|r| r.sketch.is_empty()) {
+            gone(Kind::Top, row.event_type, "", row.bucket);
+        }
+        rows.counters.retain(|r| r.counter != Counter::default());
+        rows.uniques.retain(|r| !r.sketch.is_empty());
+        rows.top.retain(|r| !r.sketch.is_empty());
+        for ((table, by_video), (types, videos, buckets)) in deletes {
+            if !self.known.contains(&table) && !self.found.contains(&table) {
+                continue;
+            }
+            let (sql, params): (String, Vec<&(dyn ToSql + Sync)>) = if by_video {
+                let sql = format!(
+                    "DELETE FROM {table} t USING unnest($1::TEXT[], $2::TEXT[], $3::INT8[]) AS r(e, v, b) \
+                     WHERE t.event_type = r.e AND t.video_id = r.v AND t.bucket = r.b"
+                );
+                (sql, vec![&types, &videos, &buckets])
+            } else {
+                let sql = format!(
+                    "DELETE FROM {table} t USING unnest($1::TEXT[], $2::INT8[]) AS r(e, b) \
+                     WHERE t.event_type = r.e AND t.bucket = r.b"
+                );
+                (sql, vec![&types, &buckets])
+            };
+            let statement = self.connection.statement(&sql)?;
+            wait(self.connection.client.execute(&statement, &params))
+                .map_err(pg_error("rewrite: delete emptied rows"))?;
         }
         Ok(())
     }
@@ -172,11 +231,15 @@ impl Writer<'_> {
                 wait(copy_counters(client, &table, same_period)).map_err(pg_error("copy counters"))?;
                 continue;
             }
+            let set = if self.replace {
+                "count = EXCLUDED.count, sum = EXCLUDED.sum".to_string()
+            } else {
+                format!("count = {table}.count + EXCLUDED.count, sum = {table}.sum + EXCLUDED.sum")
+            };
             let statement = self.connection.statement(&format!(
                 "INSERT INTO {table} (event_type, video_id, bucket, count, sum) \
                  SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::INT8[], $4::INT8[], $5::NUMERIC[]) \
-                 ON CONFLICT (event_type, video_id, bucket) \
-                 DO UPDATE SET count = {table}.count + EXCLUDED.count, sum = {table}.sum + EXCLUDED.sum"
+                 ON CONFLICT (event_type, video_id, bucket) DO UPDATE SET {set}"
             ))?;
             chunks.extend(same_period.chunks(CHUNK_ROWS).map(|chunk| (statement.clone(), chunk)));
         }
@@ -199,7 +262,7 @@ impl Writer<'_> {
         let videos: Vec<&str> = rows.iter().map(|r| r.video_id).collect();
         let buckets: Vec<i64> = rows.iter().map(|r| r.bucket).collect();
         let is_new = self.is_new(table);
-        if !is_new {
+        if !is_new && !self.replace {
             let read = self.connection.statement(&format!(
                 "SELECT r.i, t.sketch FROM unnest($1::TEXT[], $2::TEXT[], $3::INT8[]) WITH ORDINALITY AS r(e, v, b, i) \
                  JOIN {table} t ON t.event_type = r.e AND t.video_id = r.v AND t.bucket = r.b"
@@ -234,6 +297,33 @@ impl Writer<'_> {
     fn merge_top(&mut self, table: &str, rows: &mut [TopRow<'_>], items: usize) -> Result<(), StoreError> {
         let types: Vec<&str> = rows.iter().map(|r| r.event_type).collect();
         let buckets: Vec<i64> = rows.iter().map(|r| r.bucket).collect();
+        if !self.replace {
+            self.merge_stored_top(table, rows, &types, &buckets)?;
+        }
+        let sketches: Vec<Vec<u8>> = rows
+            .iter_mut()
+            .map(|r| {
+                r.sketch.prune(items);
+                r.sketch.encode()
+            })
+            .collect();
+        let write = self.connection.statement(&format!(
+            "INSERT INTO {table} (event_type, bucket, sketch) SELECT * FROM unnest($1::TEXT[], $2::INT8[], $3::BYTEA[]) \
+             ON CONFLICT (event_type, bucket) DO UPDATE SET sketch = EXCLUDED.sketch"
+        ))?;
+        wait(self.connection.client.execute(&write, &[&types, &buckets, &sketches]))
+            .map_err(pg_error("flush top items"))?;
+        Ok(())
+    }
+
+    /// Merges the stored top-items rows into `rows`, locking them (see `merge_top`).
+    fn merge_stored_top(
+        &mut self,
+        table: &str,
+        rows: &mut [TopRow<'_>],
+        types: &[&str],
+        buckets: &[i64],
+    ) -> Result<(), StoreError> {
         let make = self.connection.statement(&format!(
             "INSERT INTO {table} (event_type, bucket, sketch) SELECT e, b, $3 FROM unnest($1::TEXT[], $2::INT8[]) AS r(e, b) \
              ON CONFLICT (event_type, bucket) DO NOTHING"
@@ -251,19 +341,6 @@ impl Writer<'_> {
             let index = row.get::<_, i64>(0) as usize - 1;
             rows[index].sketch.merge_encoded(row.get(1)).map_err(|detail| corrupt(table, detail))?;
         }
-        let sketches: Vec<Vec<u8>> = rows
-            .iter_mut()
-            .map(|r| {
-                r.sketch.prune(items);
-                r.sketch.encode()
-            })
-            .collect();
-        let write = self.connection.statement(&format!(
-            "INSERT INTO {table} (event_type, bucket, sketch) SELECT * FROM unnest($1::TEXT[], $2::INT8[], $3::BYTEA[]) \
-             ON CONFLICT (event_type, bucket) DO UPDATE SET sketch = EXCLUDED.sketch"
-        ))?;
-        wait(self.connection.client.execute(&write, &[&types, &buckets, &sketches]))
-            .map_err(pg_error("flush top items"))?;
         Ok(())
     }
 

@@ -267,7 +267,8 @@ impl CounterStore for PostgresStore {
         let known = self.tables.lock().clone();
         let mut connection = self.pool.get()?;
         connection.transaction("BEGIN", |connection| {
-            let mut writer = flush::Writer { connection, known: &known, found: &mut found, fresh: Vec::new() };
+            let mut writer =
+                flush::Writer { connection, known: &known, found: &mut found, fresh: Vec::new(), replace: false };
             for flush in flushes {
                 writer.move_checkpoint(flush, self.epoch(flush.checkpoint.partition)?)?;
             }
@@ -279,6 +280,25 @@ impl CounterStore for PostgresStore {
                 writer.write_tier(rows)?;
                 let (rollup_ms, write_ms) = (rolled_up.as_millis(), (started.elapsed() - rolled_up).as_millis());
                 tracing::debug!(tier = granularity.name(), counters, rollup_ms, write_ms, "flush tier written");
+            }
+            Ok(())
+        })?;
+        self.tables.lock().extend(found);
+        Ok(())
+    }
+
+    /// One transaction, fenced like a purge (every partition still this store's): rows
+    /// replace the stored ones, empty ones delete them.
+    fn rewrite<'a>(&self, tiers: &mut dyn FnMut(Granularity) -> tally_core::TierRows<'a>) -> Result<(), StoreError> {
+        let mut found = Vec::new();
+        let known = self.tables.lock().clone();
+        let mut connection = self.pool.get()?;
+        connection.transaction("BEGIN", |connection| {
+            self.still_owner(connection)?;
+            let mut writer =
+                flush::Writer { connection, known: &known, found: &mut found, fresh: Vec::new(), replace: true };
+            for granularity in Granularity::ALL {
+                writer.write_tier(tiers(granularity))?;
             }
             Ok(())
         })?;
