@@ -94,8 +94,9 @@ enum Begin {
 pub struct ArchiveStatus {
     /// Why archiving fails, while it does (the log keeps what is not archived).
     pub error: Option<String>,
-    /// Log bytes checkpointed in the store but not archived yet, all partitions together.
-    pub lag_bytes: u64,
+    /// Log bytes checkpointed in the store but not archived yet, all partitions together;
+    /// `None` until the archiver found where the archive ends.
+    pub lag_bytes: Option<u64>,
 }
 
 impl Archiver {
@@ -174,9 +175,11 @@ impl Archiver {
                     );
                     notes_from[partition]
                 }
-                // Archived for the first time: from the checkpoint (what came before has
-                // no notes to go by).
-                None => checkpoint,
+                // Archived for the first time: from where the notes begin, the checkpoint
+                // when archiving was enabled (what came before has no notes to go by; the
+                // log kept everything since, even across restarts before the archive could
+                // first be reached).
+                None => notes_from[partition],
             };
             starts.push((start, true));
         }
@@ -203,10 +206,12 @@ impl Archiver {
     }
 
     pub(crate) fn status(&self, partitions: &[Arc<Partition>]) -> ArchiveStatus {
-        let lag_bytes = partitions
-            .iter()
-            .map(|p| p.checkpoint_offset.load(Ordering::Acquire).saturating_sub(self.archived(p.index)))
-            .sum();
+        let lag_bytes = self.ready.load(Ordering::Acquire).then(|| {
+            partitions
+                .iter()
+                .map(|p| p.checkpoint_offset.load(Ordering::Acquire).saturating_sub(self.archived(p.index)))
+                .sum()
+        });
         ArchiveStatus { error: self.trouble.lock().clone(), lag_bytes }
     }
 
@@ -321,7 +326,21 @@ impl Archiver {
 
     /// The log no longer holds `from` (segments deleted while archiving was off): the
     /// archive goes on from the checkpoint, and says what it lacks.
+    /// An empty file `[offset, offset)` marks where archiving goes on after a gap, so that
+    /// the gap shows in the archive's offset ranges (a recompute then refuses those days),
+    /// and the archive's end is found there after a restart.
     fn skip_lost(&self, partition: u32, from: u64, checkpoint: u64, detail: &str) -> String {
+        let path = FileKey::of(partition, self.clock.now_ms()).path(checkpoint, checkpoint);
+        let marked = FileBuilder::default()
+            .encode()
+            .map_err(|e| e.to_string())
+            .and_then(|empty| self.archive.put(&path, empty).map_err(|e| e.to_string()));
+        if let Err(error) = marked {
+            return format!(
+                "partition {partition}: marking the gap {from} to {checkpoint} at {path}: {error}; retried"
+            );
+        }
+        *self.attempted[partition as usize].lock() = None;
         self.archived[partition as usize].store(checkpoint, Ordering::Release);
         metrics::counter!("tally_archive_gaps_total").increment(1);
         format!(
@@ -442,6 +461,7 @@ const ARCHIVER_NICE: libc::c_int = 10;
 
 /// Lowers the calling thread's scheduling priority to `ARCHIVER_NICE` (Linux: nice is per
 /// thread). A refusal is logged, not fatal.
+#[cfg(target_os = "linux")]
 pub(crate) fn lower_priority() {
     // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
     let result = unsafe {
@@ -452,6 +472,10 @@ pub(crate) fn lower_priority() {
         tracing::warn!(error = %std::io::Error::last_os_error(), "the archiver thread keeps its priority");
     }
 }
+
+/// Elsewhere a thread's nice value is the process's: left alone.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn lower_priority() {}
 
 /// The archiver thread's orders (`run`'s `stop`).
 pub(crate) const RUN: u8 = 0;

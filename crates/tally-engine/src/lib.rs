@@ -101,8 +101,8 @@ pub struct EngineConfig {
     /// Days raw events are kept in the archive (by receive hour, whole files); `None`
     /// keeps them forever.
     pub archive_retention_days: Option<u32>,
-    /// Longest a counted event waits before the archiver writes it, milliseconds (sooner
-    /// once 64 MiB of a partition's log waits).
+    /// How often the archiver writes a partition's file while less than 64 MiB of its log
+    /// waits, milliseconds (with more, at once).
     pub archive_file_interval_ms: u64,
     /// Start even if the newest log segment of a partition was deleted or cut short,
     /// dropping what was lost (the log says what), instead of refusing to.

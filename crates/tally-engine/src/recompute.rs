@@ -90,7 +90,7 @@ pub(crate) fn recompute(shared: &Shared, range: RecomputeRange) -> Result<Recomp
     let mut gather = |report: &mut RecomputeReport| -> Result<(), EngineError> {
         archiver.catch_up(&shared.partitions).map_err(|e| unavailable(format!("the archive cannot catch up: {e}")))?;
         let files = archiver.archive().files().map_err(|e| unavailable(format!("listing the archive: {e}")))?;
-        check_complete(&files, shared.partitions.len(), received.0)?;
+        check_complete(&files, shared.partitions.len(), received)?;
         read_files(archiver, &files, received, (from_ms, to_ms), &mut read, &mut deltas, report)
     };
     for _ in 0..UNHELD_PASSES {
@@ -114,11 +114,11 @@ pub(crate) fn recompute(shared: &Shared, range: RecomputeRange) -> Result<Recomp
     Ok(report)
 }
 
-/// Refuses when the archive may lack events received from `received_from` on: a
-/// partition without files, or whose archive starts after the log did, in an hour that
-/// ends after `received_from` (archiving enabled then, or files purged), or whose files
-/// leave a gap.
-fn check_complete(files: &[ArchivedFile], partitions: usize, received_from: i64) -> Result<(), EngineError> {
+/// Refuses when the archive may lack events received in `received`: a partition without
+/// files, or whose archive starts after the log did, in an hour that ends after the
+/// window begins (archiving enabled then, or files purged), or whose files leave a gap
+/// that may hold receive times of the window.
+fn check_complete(files: &[ArchivedFile], partitions: usize, received: (i64, i64)) -> Result<(), EngineError> {
     let mut seen = vec![false; partitions];
     for partition in files.chunk_by(|a, b| a.partition == b.partition) {
         let first = &partition[0];
@@ -126,7 +126,7 @@ fn check_complete(files: &[ArchivedFile], partitions: usize, received_from: i64)
             *seen = true;
         }
         // A partition archived from offset 0 holds its whole log, however late it began.
-        if first.first_offset > 0 && first.hour_ms.is_none_or(|hour| hour + HOUR_MS > received_from) {
+        if first.first_offset > 0 && first.hour_ms.is_none_or(|hour| hour + HOUR_MS > received.0) {
             return Err(refused(format!(
                 "the archive of partition {} begins with {} (archiving began later, or older files were purged): \
                  events of the range may be missing from it",
@@ -134,7 +134,10 @@ fn check_complete(files: &[ArchivedFile], partitions: usize, received_from: i64)
             )));
         }
         for pair in partition.windows(2) {
-            let needed = pair[1].hour_ms.is_none_or(|hour| hour + HOUR_MS > received_from);
+            // A gap matters if what it lacks may have been received in the window: between
+            // the hour of the file before it and the end of the hour of the file after it.
+            let (before, after) = (pair[0].hour_ms.unwrap_or(i64::MIN), pair[1].hour_ms.unwrap_or(i64::MAX));
+            let needed = before < received.1 && after.saturating_add(HOUR_MS) > received.0;
             if needed && pair[0].end_offset != pair[1].first_offset {
                 return Err(refused(format!(
                     "the archive of partition {} has a gap between {} and {}",

@@ -49,6 +49,12 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     // The server answers over whole buckets: the archive is read over the same range.
     let probe = client.get_json(&format!("/v1/stats?video_id={PROBE_VIDEO}{range}")).await?;
     let (from_ms, to_ms) = (instant(&probe["from"])?, instant(&probe["to"])?);
+    // Every later query asks for exactly the range the probe resolved ("now" moves on).
+    let range = format!(
+        "&from={}&to={}",
+        encode_query(probe["from"].as_str().unwrap_or_default()),
+        encode_query(probe["to"].as_str().unwrap_or_default())
+    );
     let location = args.archive.clone();
     let started = std::time::Instant::now();
     let archived = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

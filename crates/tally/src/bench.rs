@@ -57,7 +57,8 @@ pub struct BenchArgs {
     #[arg(long)]
     events: Option<u64>,
     /// Events per second to send at most, spread over the connections (write mode; a
-    /// connection that falls behind sends at once) [default: as fast as the server takes]
+    /// connection that falls behind sends at once, and latencies count from when each
+    /// request was due) [default: as fast as the server takes]
     #[arg(long)]
     rate: Option<u64>,
     /// Distinct request bodies prepared before the run (write mode)
@@ -235,6 +236,7 @@ fn spinner() -> ProgressBar {
 /// runs out, or another connection failed.
 struct Connection {
     worker: usize,
+    workers: usize,
     client: Api,
     bodies: Arc<Vec<Body>>,
     sent: Arc<Vec<AtomicU64>>,
@@ -253,12 +255,23 @@ impl Connection {
     async fn send(self) -> anyhow::Result<Vec<u32>> {
         let mut latencies = Vec::new();
         let mut sequence = 0u64;
-        let mut next_at = tokio::time::Instant::now();
+        // Paced connections start spread over one pace, so that their sends interleave.
+        let stagger = self.pace.map_or(Duration::ZERO, |pace| pace.mul_f64(self.worker as f64 / self.workers as f64));
+        let mut next_at = Instant::now() + stagger;
         while !self.stop.load(Ordering::Relaxed) && Instant::now() < self.deadline {
-            if let Some(pace) = self.pace {
-                tokio::time::sleep_until(next_at).await;
-                next_at += pace;
-            }
+            // Paced, a request's latency counts from when it was due, not from when a
+            // connection that fell behind got to send it (no coordinated omission).
+            let due = match self.pace {
+                Some(pace) => {
+                    tokio::time::sleep_until(next_at.min(self.deadline).into()).await;
+                    if Instant::now() >= self.deadline {
+                        break;
+                    }
+                    next_at += pace;
+                    next_at - pace
+                }
+                None => Instant::now(),
+            };
             if !take_one(&self.left) {
                 break;
             }
@@ -266,11 +279,10 @@ impl Connection {
             let key = format!("bench-{}-{}-{sequence}", self.run_id, self.worker);
             sequence += 1;
             let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
-            let sent_at = Instant::now();
             let body = self.bodies[index].bytes.clone();
             match self.client.request_retrying(Method::POST, "/v1/events", &headers, body).await {
                 Ok(answer) if answer.status.is_success() => {
-                    latencies.push(Latencies::micros(sent_at.elapsed()));
+                    latencies.push(Latencies::micros(due.elapsed()));
                     self.sent[index].fetch_add(1, Ordering::Relaxed);
                     self.acknowledged.fetch_add(self.batch, Ordering::Relaxed);
                     self.reached.record(&answer.body);
@@ -312,6 +324,7 @@ async fn write(args: BenchArgs, client: Api, seed: u64) -> anyhow::Result<()> {
     for worker in 0..args.concurrency {
         let connection = Connection {
             worker,
+            workers: args.concurrency,
             client: client.clone(),
             bodies: Arc::clone(&bodies),
             sent: Arc::clone(&sent_per_body),

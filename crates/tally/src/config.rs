@@ -257,8 +257,8 @@ pub struct FileConfig {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_retention_days: Option<u32>,
-    /// Longest a counted event waits before it is written to the archive; a file is written
-    /// sooner once 64 MiB of log waits [default: 1m]
+    /// How often a partition's archive file is written while less than 64 MiB of its log
+    /// waits (with more, at once) [default: 1m]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_file_interval: Option<Duration>,

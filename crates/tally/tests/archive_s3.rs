@@ -116,6 +116,15 @@ fn wait_for_archive(server: &common::Server, status: &str) -> serde_json::Value 
     }
 }
 
+/// `tally audit` of the test's S3 archive against `server`.
+fn audit(env: &[(&'static str, String)], server: &common::Server) -> std::process::Output {
+    Command::new(common::tally_binary())
+        .args(["audit", "--archive", &format!("s3://{BUCKET}/events-of-test"), "--server", &server.url()])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap()
+}
+
 fn batch(round: usize) -> String {
     // Events 900 to 999 repeat an (event id, video) of the batch: duplicates, not counted.
     (0..1000)
@@ -166,11 +175,7 @@ fn an_s3_archive_survives_refused_writes_and_a_sigkill_and_the_audit_finds_no_di
     assert!(server.terminate(Duration::from_secs(60)).success());
 
     let server = serve(&data, &env);
-    let audit = Command::new(common::tally_binary())
-        .args(["audit", "--archive", &format!("s3://{BUCKET}/events-of-test"), "--server", &server.url()])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
+    let audit = audit(&env, &server);
     let (stdout, stderr) = (String::from_utf8_lossy(&audit.stdout), String::from_utf8_lossy(&audit.stderr));
     assert!(audit.status.success(), "audit: {stdout}\n{stderr}");
     assert!(stdout.contains("no differences"), "{stdout}");
@@ -183,4 +188,30 @@ fn an_s3_archive_survives_refused_writes_and_a_sigkill_and_the_audit_finds_no_di
         "laid out by date under the prefix: {}",
         listing.text()
     );
+}
+
+/// Archiving enabled while the object store is down, across a crash: what was counted
+/// before the archive was first reached is archived all the same (the log kept it).
+#[test]
+fn an_archive_first_reached_after_a_restart_still_gets_everything_counted_before() {
+    let moto = start_moto();
+    let up = Arc::new(AtomicBool::new(false));
+    let env = s3_env(proxy(moto.address, Arc::clone(&up)));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = serve(&data, &env);
+    assert_eq!(server.post_ndjson(batch(0).as_bytes()).status, 200);
+    let ready = wait_for_archive(&server, "failing");
+    assert!(ready["archive"]["lag_bytes"].is_null(), "unknown until the archive is reached: {ready}");
+    server.kill();
+    let mut server = serve(&data, &env);
+    assert_eq!(server.post_ndjson(batch(1).as_bytes()).status, 200);
+    up.store(true, Ordering::Release);
+    wait_for_archive(&server, "ok");
+    assert!(server.terminate(Duration::from_secs(60)).success());
+    let server = serve(&data, &env);
+    let audit = audit(&env, &server);
+    let (stdout, stderr) = (String::from_utf8_lossy(&audit.stdout), String::from_utf8_lossy(&audit.stderr));
+    assert!(audit.status.success() && stdout.contains("no differences"), "{stdout}\n{stderr}");
+    assert!(stderr.contains(&format!("archive: {} rows read", 2 * 900)), "both batches archived: {stderr}");
 }
