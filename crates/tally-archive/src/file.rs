@@ -12,6 +12,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesBuilder};
 use parquet::schema::types::ColumnPath;
 use tally_core::EventRef;
+use tally_core::bucket::HOUR_MS;
 
 use crate::ArchiveError;
 use crate::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY, schema};
@@ -20,7 +21,6 @@ use crate::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY, schema};
 /// that a reader holds one group of a few MiB at a time.
 pub const ROW_GROUP_ROWS: usize = 1 << 20;
 const ZSTD_LEVEL: i32 = 3;
-const HOUR_MS: i64 = 3_600_000;
 
 /// Which file an event goes to: its partition and its receive hour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

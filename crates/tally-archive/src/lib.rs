@@ -26,6 +26,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tally_core::EventRef;
 use tally_core::hll::Hll;
 
 pub use file::{FileBuilder, FileKey, ROW_GROUP_ROWS};
@@ -246,33 +247,23 @@ fn aggregate_files(
     Ok(totals)
 }
 
-/// One archived event, borrowed from the batch being read.
-pub struct ArchivedEvent<'a> {
-    pub video_id: &'a str,
-    pub event_type: &'a str,
-    pub ts_ms: i64,
-    pub value: i64,
-    /// Read only when asked for (`read_events`' `viewers`).
-    pub viewer_id: Option<&'a str>,
-}
-
 /// Rows decoded at a time when reading.
 const READ_BATCH_ROWS: usize = 64 << 10;
 
-/// Visits every event of `file`, reading only the columns needed (the viewer id too when
-/// `viewers`); the rows read.
+/// Visits every event of `file`, reading only the columns needed: never the event id, the
+/// viewer id when `viewers`; the rows read.
 pub fn read_events(
     archive: &Archive,
     file: &ArchivedFile,
     viewers: bool,
-    visit: &mut dyn FnMut(ArchivedEvent<'_>),
+    visit: &mut dyn FnMut(EventRef<'_>),
 ) -> Result<u64, ArchiveError> {
     let bytes = archive.get(&file.path)?;
     read_file(bytes, viewers, visit)
         .map_err(|error| ArchiveError::File { path: file.path.clone(), reason: error.to_string() })
 }
 
-fn read_file(bytes: Bytes, viewers: bool, visit: &mut dyn FnMut(ArchivedEvent<'_>)) -> Result<u64, ArchiveError> {
+fn read_file(bytes: Bytes, viewers: bool, visit: &mut dyn FnMut(EventRef<'_>)) -> Result<u64, ArchiveError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
     let version = builder
         .metadata()
@@ -294,11 +285,12 @@ fn read_file(bytes: Bytes, viewers: bool, visit: &mut dyn FnMut(ArchivedEvent<'_
         let viewer_ids = viewers.then(|| batch.column(4).as_string::<i32>());
         rows += batch.num_rows() as u64;
         for row in 0..batch.num_rows() {
-            visit(ArchivedEvent {
+            visit(EventRef {
                 video_id: videos.value(row),
                 event_type: types.value(row),
                 ts_ms: ts.value(row),
                 value: values.value(row),
+                event_id: None,
                 viewer_id: viewer_ids.and_then(|ids| ids.is_valid(row).then(|| ids.value(row))),
             });
         }
@@ -320,7 +312,6 @@ impl hashbrown::Equivalent<(String, String)> for Key<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_core::EventRef;
 
     fn event<'a>(video_id: &'a str, event_type: &'a str, ts_ms: i64, value: i64) -> EventRef<'a> {
         EventRef { video_id, event_type, ts_ms, value, event_id: None, viewer_id: None }

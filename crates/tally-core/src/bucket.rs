@@ -8,6 +8,8 @@
 pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MINUTES: i64 = 60;
 pub const DAY_MINUTES: i64 = 24 * 60;
+pub const HOUR_MS: i64 = HOUR_MINUTES * MINUTE_MS;
+pub const DAY_MS: i64 = DAY_MINUTES * MINUTE_MS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]

@@ -20,6 +20,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tally_archive::{Archive, ArchiveError, FileBuilder, FileKey};
 use tally_core::RecordReader;
+use tally_core::bucket::{DAY_MS, HOUR_MS};
 use tally_wal::WalError;
 
 use crate::partition::{Partition, Uncounted};
@@ -38,8 +39,6 @@ const NOTE_BYTES: usize = 16;
 const NOTES_COMPACT_BYTES: u64 = 4 << 20;
 /// How often the archiver looks for files past their retention.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
-const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
 /// How often the archiver looks for frames behind the checkpoints.
 pub(crate) const ARCHIVE_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tally_aggregate::{Deltas, rollup};
 use tally_archive::{ArchivedFile, read_events};
-use tally_core::bucket::{DAY_MINUTES, MINUTE_MS};
+use tally_core::bucket::{DAY_MS, HOUR_MS, MINUTE_MS};
 use tally_core::hll::Hll;
 use tally_core::topk::TopSketch;
 use tally_core::{Counter, CounterRow, Granularity, TopRow, UniquesRow};
@@ -24,9 +24,6 @@ use tally_store::Snapshot;
 
 use crate::archive::Archiver;
 use crate::{EngineError, Shared};
-
-const DAY_MS: i64 = DAY_MINUTES * MINUTE_MS;
-const HOUR_MS: i64 = 3_600_000;
 
 /// What to recompute: events whose `ts` lies in `[from_ms, to_ms)`, widened to whole UTC
 /// days, and how far the receive time of such an event may be from its `ts`.
@@ -105,7 +102,7 @@ pub(crate) fn recompute(shared: &Shared, range: RecomputeRange) -> Result<Recomp
         return Err(unavailable("a flush is being retried; the store may hold more than its checkpoint says"));
     }
     gather(&mut report)?;
-    rewrite(shared, &deltas, (from_ms, to_ms), &mut report)?;
+    rewrite(shared, archiver, &deltas, (from_ms, to_ms), &mut report)?;
     drop(state);
     report.flush_hold_ms = held.elapsed().as_millis() as u64;
     report.seconds = started.elapsed().as_secs_f64();
@@ -182,11 +179,6 @@ fn read_files(
     Ok(())
 }
 
-/// Whether the archive ends before `checkpoint` for `partition` (it must not, once caught up).
-fn archiver_behind(shared: &Shared, partition: u32, checkpoint: u64) -> bool {
-    shared.archiver.as_ref().is_some_and(|archiver| archiver.archived(partition) < checkpoint)
-}
-
 /// The stored counters of the days, per (type, video): each tier's buckets.
 type Stored = Vec<(String, String, Vec<(Granularity, i64, Counter)>)>;
 
@@ -213,6 +205,7 @@ fn read_stored(snapshot: &dyn Snapshot, days: (i64, i64)) -> Result<Stored, Engi
 /// rows the archive has no event for.
 fn rewrite(
     shared: &Shared,
+    archiver: &Archiver,
     deltas: &Deltas,
     days: (i64, i64),
     report: &mut RecomputeReport,
@@ -222,7 +215,7 @@ fn rewrite(
         for partition in &shared.partitions {
             let (held, stored) =
                 (partition.checkpoint_offset.load(Ordering::Acquire), snapshot.checkpoint_offset(partition.index)?);
-            if held != stored || archiver_behind(shared, partition.index, held) {
+            if held != stored || archiver.archived(partition.index) < held {
                 return Err(unavailable(format!(
                     "partition {}: the store's checkpoint ({stored}), the engine's ({held}) and the archive's differ; try again",
                     partition.index

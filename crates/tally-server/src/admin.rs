@@ -7,14 +7,12 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
-use tally_core::bucket::{DAY_MINUTES, MINUTE_MS};
+use tally_core::bucket::{DAY_MS, MINUTE_MS};
 use tally_engine::RecomputeRange;
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorCode};
 use crate::query::{params_among, parse_instant, query_pairs, rfc3339};
-
-const DAY_MS: i64 = DAY_MINUTES * MINUTE_MS;
 
 pub(crate) async fn recompute(
     State(state): State<Arc<AppState>>,

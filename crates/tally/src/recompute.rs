@@ -8,6 +8,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
+use tally_core::bucket::DAY_MS;
 
 use crate::client::{Api, api_config};
 
@@ -29,8 +30,6 @@ pub struct RecomputeArgs {
     #[arg(long)]
     key: Option<String>,
 }
-
-const DAY_MS: i64 = 86_400_000;
 
 /// What the days rewritten so far add up to.
 #[derive(Default)]
