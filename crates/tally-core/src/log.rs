@@ -53,6 +53,14 @@ pub enum LogError {
     /// cannot be opened as asked (damaged, or missing what the checkpoint needs).
     #[error("{detail}")]
     Failed { detail: String },
+    /// A read asked for what the log no longer holds (deleted by its retention); it
+    /// resumes at `resumes` when the log knows where.
+    #[error("{detail}")]
+    Gone { detail: String, resumes: Option<u64> },
+    /// A read failed for now (the log unreachable, or not yet delivering what it holds):
+    /// a later read may succeed.
+    #[error("{detail}")]
+    Unread { detail: String },
 }
 
 impl LogError {
@@ -94,6 +102,16 @@ pub trait Log: Send + Sync {
         from: u64,
         visit: &mut Visit<'_>,
     ) -> Result<Result<Box<dyn PartitionLog>, Stop>, LogError>;
+}
+
+/// Reads back what a partition's log holds, beside its writer: the raw-event archive
+/// reads the frames the store has checkpointed (`tally-engine`'s archiver).
+pub trait LogReader: Send + Sync {
+    /// Visits the frames of `partition` from `from` to `to` (frame boundaries at or behind
+    /// the store's checkpoint) in order, each with its end offset, until the visitor
+    /// stops. A read may end early, before a stretch the log cannot deliver now; a read
+    /// starting there fails: `Gone` once the log is known not to hold it, else `Unread`.
+    fn read(&self, partition: u32, from: u64, to: u64, visit: &mut Visit<'_>) -> Result<(), LogError>;
 }
 
 /// The engine as the owner of partitions of a log it shares with other nodes (cluster

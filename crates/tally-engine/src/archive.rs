@@ -3,11 +3,18 @@
 //! The flusher notes, before each checkpoint moves, which events of the flushed frames were
 //! not counted (`note`: duplicates and repeated requests, rare, appended to a small file per
 //! partition and fsync-ed). The archiver thread then reads the log's frames behind the
-//! store's checkpoint (`tally_wal::read_frames`), leaves the noted events out, and writes
-//! one Parquet file per round: `[archived, end)` of one partition, never across a receive
-//! hour. The archive's own checkpoint is the largest end offset among its files, so a file
-//! written just before a crash is found at the next start instead of written twice, and log
+//! store's checkpoint (a `LogReader`), leaves the noted events out, and writes one Parquet
+//! file per round: `[archived, end)` of one partition, never across a receive hour. The
+//! archive's own checkpoint is the largest end offset among its files, so a file written
+//! just before a crash is found at the next start instead of written twice, and log
 //! segments are deleted only behind both checkpoints (`Shared::forget_limit`).
+//!
+//! In cluster mode each node archives the partitions it owns, reading them back from
+//! Kafka. The notes travel in the flush's own transaction (`PartitionFlush::notes`), and
+//! each partition's progress sits beside its checkpoint in the store, fenced by the owner
+//! epoch: before a file is written the store records its range as pending, so whoever
+//! archives the partition next (this node after a crash, or the next owner) writes exactly
+//! that range again, under the same name, before going on (`claim`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -21,7 +28,8 @@ use parking_lot::Mutex;
 use tally_archive::{Archive, ArchiveError, FileBuilder, FileKey};
 use tally_core::RecordReader;
 use tally_core::bucket::{DAY_MS, HOUR_MS};
-use tally_wal::WalError;
+use tally_core::log::{FrameRecords, LogError, LogReader, Stop};
+use tally_store::{ArchiveProgress, CounterStore, StoreError};
 
 use crate::partition::{Partition, Uncounted};
 use crate::{Clock, EngineConfig};
@@ -33,6 +41,9 @@ const ROUND_ROWS_MAX: usize = tally_archive::ROW_GROUP_ROWS;
 /// file interval (`archive_file_interval`) passed since its last: few, large files under
 /// load, one an interval when quiet. A clean stop and a recompute write whatever waits.
 const ROUND_BYTES_MIN: u64 = 64 << 20;
+/// `ROUND_BYTES_MIN` in cluster mode, whose log offsets count Kafka messages (each up to
+/// 900 KiB of records, one writer's append).
+const ROUND_MESSAGES_MIN: u64 = 1024;
 /// Bytes of one note: frame end offset, record index, event index.
 const NOTE_BYTES: usize = 16;
 /// A notes file larger than this is rewritten without the notes already archived.
@@ -49,7 +60,11 @@ pub(crate) struct Archiver {
     retention_ms: Option<i64>,
     file_interval: Duration,
     clock: Clock,
-    wal_root: PathBuf,
+    /// Where the frames behind the checkpoints are read back from.
+    reader: Box<dyn LogReader>,
+    /// Cluster mode: the store that keeps the notes and each partition's progress, and the
+    /// partition count (a record list the owners refused is not archived either).
+    cluster: Option<(Arc<dyn CounterStore>, u32)>,
     notes_dir: PathBuf,
     /// Per partition: every counted event before this log offset is archived.
     archived: Vec<AtomicU64>,
@@ -99,33 +114,23 @@ pub struct ArchiveStatus {
 }
 
 impl Archiver {
-    /// Opens the archive at `location` for the log under `config.data_dir`, whose
-    /// partitions' store checkpoints are `checkpoints`, and finds where each partition's
-    /// archive ends. If the archive cannot be reached now (object storage down), the server
-    /// starts all the same: the archiver thread tries again, `/readyz` says why, and no
-    /// log segment is deleted meanwhile.
-    pub(crate) fn open(location: &str, config: &EngineConfig, checkpoints: &[u64]) -> Result<Archiver, String> {
-        let data_dir = &config.data_dir;
+    /// Opens the archive at `location` for the log under `config.data_dir`, read back by
+    /// `reader`, whose partitions' store checkpoints are `checkpoints`, and finds where each
+    /// partition's archive ends. If the archive cannot be reached now (object storage
+    /// down), the server starts all the same: the archiver thread tries again, `/readyz`
+    /// says why, and no log segment is deleted meanwhile.
+    pub(crate) fn open(
+        location: &str,
+        config: &EngineConfig,
+        checkpoints: &[u64],
+        reader: Box<dyn LogReader>,
+    ) -> Result<Archiver, String> {
         let archive = Archive::open(location).map_err(|e| e.to_string())?;
-        let notes_dir = data_dir.join("archive-notes");
+        let notes_dir = config.data_dir.join("archive-notes");
         let notes_from = prepare_notes(&notes_dir, checkpoints).map_err(|e| format!("{}: {e}", notes_dir.display()))?;
-        let archiver = Archiver {
-            archive,
-            retention_ms: config.archive_retention_days.map(|days| i64::from(days) * DAY_MS),
-            file_interval: Duration::from_millis(config.archive_file_interval_ms),
-            clock: config.clock.clone(),
-            wal_root: data_dir.join("wal"),
-            notes_dir,
-            opening: Mutex::new(Some(Opening { checkpoints: checkpoints.to_vec(), notes_from })),
-            ready: AtomicBool::new(false),
-            archived: checkpoints.iter().map(|_| AtomicU64::new(0)).collect(),
-            notes: checkpoints.iter().map(|_| Mutex::new(())).collect(),
-            rounds: checkpoints.iter().map(|_| Mutex::new(())).collect(),
-            attempted: checkpoints.iter().map(|_| Mutex::new(None)).collect(),
-            failing: checkpoints.iter().map(|_| AtomicBool::new(false)).collect(),
-            written_at: checkpoints.iter().map(|_| Mutex::new(None)).collect(),
-            trouble: Mutex::new(None),
-        };
+        let opening = Opening { checkpoints: checkpoints.to_vec(), notes_from };
+        let count = checkpoints.len() as u32;
+        let archiver = Archiver::new(archive, config, count, reader, None, notes_dir, Some(opening));
         match archiver.begin() {
             Err(Begin::Refused(reason)) => Err(reason),
             Err(Begin::Unreachable(reason)) => {
@@ -135,6 +140,114 @@ impl Archiver {
             }
             Ok(()) => Ok(archiver),
         }
+    }
+
+    /// Cluster mode: opens the archive at `location` for the partitions of the shared log,
+    /// read back by `reader`; each is archived from where `store` says, once claimed here.
+    pub(crate) fn open_cluster(
+        location: &str,
+        config: &EngineConfig,
+        store: Arc<dyn CounterStore>,
+        reader: Box<dyn LogReader>,
+    ) -> Result<Archiver, String> {
+        let archive = Archive::open(location).map_err(|e| e.to_string())?;
+        let cluster = Some((store, config.partitions));
+        let archiver = Archiver::new(archive, config, config.partitions, reader, cluster, PathBuf::new(), None);
+        archiver.ready.store(true, Ordering::Release);
+        Ok(archiver)
+    }
+
+    fn new(
+        archive: Archive,
+        config: &EngineConfig,
+        count: u32,
+        reader: Box<dyn LogReader>,
+        cluster: Option<(Arc<dyn CounterStore>, u32)>,
+        notes_dir: PathBuf,
+        opening: Option<Opening>,
+    ) -> Archiver {
+        let partitions = 0..count;
+        Archiver {
+            archive,
+            retention_ms: config.archive_retention_days.map(|days| i64::from(days) * DAY_MS),
+            file_interval: Duration::from_millis(config.archive_file_interval_ms),
+            clock: config.clock.clone(),
+            reader,
+            cluster,
+            notes_dir,
+            opening: Mutex::new(opening),
+            ready: AtomicBool::new(false),
+            archived: partitions.clone().map(|_| AtomicU64::new(0)).collect(),
+            notes: partitions.clone().map(|_| Mutex::new(())).collect(),
+            rounds: partitions.clone().map(|_| Mutex::new(())).collect(),
+            attempted: partitions.clone().map(|_| Mutex::new(None)).collect(),
+            failing: partitions.clone().map(|_| AtomicBool::new(false)).collect(),
+            written_at: partitions.map(|_| Mutex::new(None)).collect(),
+            trouble: Mutex::new(None),
+        }
+    }
+
+    /// Cluster mode: `partition` was just claimed here (the caller holds off flushes, so
+    /// its checkpoint stays where it was claimed): its archive goes on where the store
+    /// says, first writing again the range a crashed or fenced owner may have left half
+    /// written. A round still under way from an earlier ownership cannot record anything
+    /// the store does not expect (`record`), so it cannot write past what this reads.
+    pub(crate) fn claim(&self, partition: u32) -> Result<(), String> {
+        self.reload(partition)?;
+        *self.written_at[partition as usize].lock() = None;
+        self.failing[partition as usize].store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Cluster mode: where `partition`'s archive stands, as the store says.
+    fn reload(&self, partition: u32) -> Result<(), String> {
+        let Some((store, _)) = &self.cluster else { return Ok(()) };
+        let progress = store.begin_archive(partition).map_err(|e| format!("reading the archive's progress: {e}"))?;
+        self.archived[partition as usize].store(progress.archived, Ordering::Release);
+        *self.attempted[partition as usize].lock() = progress.pending;
+        Ok(())
+    }
+
+    /// Cluster mode: moves `partition`'s archive in the store from `expected` to
+    /// `progress`. Refused when another node claimed the partition, or when the store's
+    /// progress is not what this node expected (a round from an earlier ownership, or a
+    /// record whose answer was lost): this node then reads the store's progress again, and
+    /// its next round goes on from there.
+    fn record(&self, partition: u32, expected: ArchiveProgress, progress: ArchiveProgress) -> Result<(), String> {
+        let Some((store, _)) = &self.cluster else { return Ok(()) };
+        match store.set_archive_progress(partition, expected, progress) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Fenced { .. }) => match self.reload(partition) {
+                Ok(()) => {
+                    Err(format!("partition {partition}: its archive moved on meanwhile; going on from the store's"))
+                }
+                Err(error) => Err(format!("partition {partition} is archived by another node now ({error})")),
+            },
+            Err(error) => Err(format!("recording the archive's progress: {error}")),
+        }
+    }
+
+    /// Moves `partition`'s archive from `from` past `end`: `put` writes what holds (or marks)
+    /// `[from, end)`. The range is recorded as pending first (cluster mode), so a failed
+    /// `put`, or one whose answer was lost, is done again over exactly that range, under
+    /// the same name, by whoever archives the partition next.
+    fn advance(
+        &self,
+        partition: u32,
+        (from, end): (u64, u64),
+        put: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        let attempted = &self.attempted[partition as usize];
+        let was = *attempted.lock();
+        let pending = ArchiveProgress { archived: from, pending: Some(end) };
+        self.record(partition, ArchiveProgress { archived: from, pending: was }, pending)?;
+        *attempted.lock() = Some(end);
+        put()?;
+        self.record(partition, pending, ArchiveProgress { archived: end, pending: None })?;
+        *attempted.lock() = None;
+        self.archived[partition as usize].store(end, Ordering::Release);
+        *self.written_at[partition as usize].lock() = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Finds where each partition's archive ends and records where archiving goes on
@@ -206,8 +319,7 @@ impl Archiver {
 
     pub(crate) fn status(&self, partitions: &[Arc<Partition>]) -> ArchiveStatus {
         let lag_bytes = self.ready.load(Ordering::Acquire).then(|| {
-            partitions
-                .iter()
+            owned(partitions)
                 .map(|p| p.checkpoint_offset.load(Ordering::Acquire).saturating_sub(self.archived(p.index)))
                 .sum()
         });
@@ -237,9 +349,14 @@ impl Archiver {
     }
 
     /// The notes of frames ending in `(from, to]`.
-    fn noted(&self, partition: u32, from: u64, to: u64) -> std::io::Result<HashSet<Uncounted>> {
-        let _held = self.notes[partition as usize].lock();
-        self.read_notes(partition, from, to)
+    fn noted(&self, partition: u32, from: u64, to: u64) -> Result<HashSet<Uncounted>, String> {
+        let Some((store, _)) = &self.cluster else {
+            let _held = self.notes[partition as usize].lock();
+            return self.read_notes(partition, from, to).map_err(|e| format!("reading the archive notes: {e}"));
+        };
+        let flushes = store.archive_notes(partition, from).map_err(|e| format!("reading the archive notes: {e}"))?;
+        let notes = flushes.iter().flat_map(|notes| notes.chunks_exact(NOTE_BYTES).map(decode));
+        Ok(notes.filter(|n| n.frame > from && n.frame <= to).collect())
     }
 
     /// `noted`, with the partition's notes lock held by the caller.
@@ -257,7 +374,7 @@ impl Archiver {
     /// lock throughout so that no note the flusher appends meanwhile is lost.
     fn compact_notes(&self, partition: u32) -> std::io::Result<()> {
         let path = self.notes_path(partition);
-        if std::fs::metadata(&path).map_or(0, |m| m.len()) < NOTES_COMPACT_BYTES {
+        if self.cluster.is_some() || std::fs::metadata(&path).map_or(0, |m| m.len()) < NOTES_COMPACT_BYTES {
             return Ok(());
         }
         let _held = self.notes[partition as usize].lock();
@@ -283,21 +400,32 @@ impl Archiver {
         if from >= checkpoint {
             return Ok(false);
         }
-        let noted = self.noted(partition, from, checkpoint).map_err(|e| format!("reading the archive notes: {e}"))?;
-        let wal_dir = self.wal_root.join(format!("p{partition:03}"));
+        let noted = self.noted(partition, from, checkpoint)?;
         let noted_frames = noted.iter().map(|note| note.frame).collect();
-        let mut round =
-            Round { partition, noted: &noted, noted_frames, builder: FileBuilder::default(), hour: None, end: from };
+        let cluster_partitions = self.cluster.as_ref().map(|&(_, partitions)| partitions);
+        let mut round = Round {
+            partition,
+            cluster_partitions,
+            noted: &noted,
+            noted_frames,
+            builder: FileBuilder::default(),
+            hour: None,
+            end: from,
+        };
         let mut failed = None;
-        let read = tally_wal::read_frames(&wal_dir, from, checkpoint, |end, records| match round.take(end, records) {
-            Ok(more) => more,
+        let read = self.reader.read(partition, from, checkpoint, &mut |end, records| match round.take(end, records) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Stop),
             Err(error) => {
                 failed = Some(error);
-                false
+                Err(Stop)
             }
         });
         match read {
-            Err(WalError::Missing { detail, .. }) => return Err(self.skip_lost(partition, from, checkpoint, &detail)),
+            Err(LogError::Gone { detail, resumes }) => {
+                let resume = resumes.unwrap_or(checkpoint).clamp(from, checkpoint);
+                return Err(self.skip_lost(partition, (from, resume), &detail));
+            }
             Err(error) => return Err(error.to_string()),
             Ok(()) => {}
         }
@@ -305,16 +433,15 @@ impl Archiver {
             return Err(error);
         }
         let Round { builder, hour, end, .. } = round;
-        let Some(hour) = hour else { return Ok(false) };
-        let (events, path) = (builder.rows(), FileKey { partition, hour_ms: hour }.path(from, end));
-        let bytes = builder.encode().map_err(|e| e.to_string())?;
-        if let Err(error) = self.archive.put(&path, bytes) {
-            *self.attempted[partition as usize].lock() = Some(end);
-            return Err(format!("writing {path}: {error}"));
+        if end == from {
+            return Ok(false);
         }
-        *self.attempted[partition as usize].lock() = None;
-        self.archived[partition as usize].store(end, Ordering::Release);
-        *self.written_at[partition as usize].lock() = Some(std::time::Instant::now());
+        // A round of nothing but record lists the owners refused (cluster mode) still
+        // moves the archive past them: an empty file, named at a fixed hour so that
+        // writing it again replaces it.
+        let hour = hour.unwrap_or(0);
+        let (events, path) = (builder.rows(), FileKey { partition, hour_ms: hour }.path(from, end));
+        self.write(partition, &path, builder, (from, end))?;
         metrics::counter!("tally_archive_files_total").increment(1);
         metrics::counter!("tally_archive_events_total").increment(events as u64);
         if let Err(error) = self.compact_notes(partition) {
@@ -323,27 +450,45 @@ impl Archiver {
         Ok(true)
     }
 
-    /// The log no longer holds `from` (segments deleted while archiving was off): the
-    /// archive goes on from the checkpoint, and says what it lacks.
-    /// An empty file `[offset, offset)` marks where archiving goes on after a gap, so that
-    /// the gap shows in the archive's offset ranges (a recompute then refuses those days),
-    /// and the archive's end is found there after a restart.
-    fn skip_lost(&self, partition: u32, from: u64, checkpoint: u64, detail: &str) -> String {
-        let path = FileKey::of(partition, self.clock.now_ms()).path(checkpoint, checkpoint);
-        let marked = FileBuilder::default()
-            .encode()
-            .map_err(|e| e.to_string())
-            .and_then(|empty| self.archive.put(&path, empty).map_err(|e| e.to_string()));
+    /// Writes the file of `partition`'s offsets `[from, end)` at `path`, and moves the
+    /// archive's checkpoint past it.
+    fn write(&self, partition: u32, path: &str, file: FileBuilder, (from, end): (u64, u64)) -> Result<(), String> {
+        let bytes = file.encode().map_err(|e| e.to_string())?;
+        self.advance(partition, (from, end), || {
+            self.archive.put(path, bytes).map_err(|e| format!("writing {path}: {e}"))
+        })
+    }
+
+    /// The log no longer holds `from` up to `resume` (segments deleted while archiving was
+    /// off, or by Kafka's retention): the archive goes on from `resume`, and says what it
+    /// lacks. An empty file `[resume, resume)` marks where archiving goes on after a gap,
+    /// so that the gap shows in the archive's offset ranges (a recompute then refuses
+    /// those days), and the archive's end is found there after a restart.
+    fn skip_lost(&self, partition: u32, (from, resume): (u64, u64), detail: &str) -> String {
+        // A range written before, whose write may have landed, is not lost if it did.
+        let pending = *self.attempted[partition as usize].lock();
+        let landed = |end| {
+            let files = self.archive.files().map_err(|e| format!("listing the archive: {e}"))?;
+            Ok::<_, String>(
+                files.iter().any(|f| f.partition == partition && f.first_offset == from && f.end_offset == end),
+            )
+        };
+        let resume = match pending.map(|end| (end, landed(end))) {
+            Some((_, Err(error))) => return format!("partition {partition}: {error}; retried"),
+            Some((end, Ok(true))) => end.max(resume),
+            _ => resume,
+        };
+        let path = FileKey::of(partition, self.clock.now_ms()).path(resume, resume);
+        let marked = self.advance(partition, (from, resume), || {
+            let empty = FileBuilder::default().encode().map_err(|e| e.to_string())?;
+            self.archive.put(&path, empty).map_err(|e| e.to_string())
+        });
         if let Err(error) = marked {
-            return format!(
-                "partition {partition}: marking the gap {from} to {checkpoint} at {path}: {error}; retried"
-            );
+            return format!("partition {partition}: marking the gap {from} to {resume} at {path}: {error}; retried");
         }
-        *self.attempted[partition as usize].lock() = None;
-        self.archived[partition as usize].store(checkpoint, Ordering::Release);
         metrics::counter!("tally_archive_gaps_total").increment(1);
         format!(
-            "partition {partition}: the log no longer holds offsets {from} to {checkpoint} ({detail}); the archive lacks them"
+            "partition {partition}: the log no longer holds offsets {from} to {resume} ({detail}); the archive lacks them"
         )
     }
 
@@ -375,7 +520,7 @@ impl Archiver {
     fn pass(&self, partition: &Partition, stop: &AtomicU8) -> Result<(), String> {
         let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
         let mut result = Ok(());
-        while self.due(partition.index, checkpoint) {
+        while partition.owned.load(Ordering::Acquire) && self.due(partition.index, checkpoint) {
             let round = self.round(partition.index, checkpoint);
             self.failing[partition.index as usize].store(round.is_err(), Ordering::Release);
             match round {
@@ -402,15 +547,30 @@ impl Archiver {
         let waiting = checkpoint.saturating_sub(self.archived(partition));
         let last = *self.written_at[partition as usize].lock();
         let retry = self.failing[partition as usize].load(Ordering::Acquire);
-        waiting > 0 && (retry || waiting >= ROUND_BYTES_MIN || last.is_none_or(|at| at.elapsed() >= self.file_interval))
+        let enough = if self.cluster.is_some() { ROUND_MESSAGES_MIN } else { ROUND_BYTES_MIN };
+        waiting > 0 && (retry || waiting >= enough || last.is_none_or(|at| at.elapsed() >= self.file_interval))
     }
 
-    /// Archives everything behind the checkpoints (a clean stop), or fails with why not.
+    /// Archives everything behind the checkpoints of the partitions owned here (a clean
+    /// stop), or fails with why not.
     pub(crate) fn catch_up(&self, partitions: &[Arc<Partition>]) -> Result<(), String> {
-        for partition in partitions {
-            let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
-            while self.round(partition.index, checkpoint)? {}
+        owned(partitions).try_for_each(|partition| self.catch_up_one(partition))
+    }
+
+    /// Cluster mode: a node leaving archives what it checkpointed of `partition`, unless its
+    /// last round failed (the archive or the log unreachable: the next owner goes on, and
+    /// the node's stop is not held up by timeouts).
+    pub(crate) fn hand_over(&self, partition: &Partition) -> Result<(), String> {
+        if self.failing[partition.index as usize].load(Ordering::Acquire) {
+            return Err("its last round failed".into());
         }
+        self.catch_up_one(partition)
+    }
+
+    /// Archives everything behind `partition`'s checkpoint.
+    pub(crate) fn catch_up_one(&self, partition: &Partition) -> Result<(), String> {
+        let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
+        while self.round(partition.index, checkpoint)? {}
         Ok(())
     }
 
@@ -434,8 +594,11 @@ impl Archiver {
                 }
             }
             let mut trouble = None;
-            for partition in partitions {
-                if let Err(error) = self.pass(partition, stop) {
+            for partition in owned(partitions) {
+                // A partition given up meanwhile is the next owner's to archive.
+                if let Err(error) = self.pass(partition, stop)
+                    && partition.owned.load(Ordering::Acquire)
+                {
                     metrics::counter!("tally_archive_errors_total").increment(1);
                     tracing::warn!(partition = partition.index, %error, "archiving failed; retrying");
                     trouble = Some(format!("partition {}: {error}", partition.index));
@@ -450,6 +613,12 @@ impl Archiver {
             tracing::warn!(%error, "the archive is behind the log at stop; the next start archives the rest");
         }
     }
+}
+
+/// The partitions this engine applies (all of them on a single node): a cluster node
+/// archives only those.
+fn owned(partitions: &[Arc<Partition>]) -> impl Iterator<Item = &Arc<Partition>> {
+    partitions.iter().filter(|p| p.owned.load(Ordering::Acquire))
 }
 
 /// The archiver thread's nice value: when the cores are all busy, the writers and the
@@ -563,6 +732,11 @@ pub(crate) fn forget_notes(data_dir: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
+/// Notes as cluster mode's flushes carry them (`PartitionFlush::notes`).
+pub(crate) fn encode_notes(uncounted: &[Uncounted]) -> Vec<u8> {
+    uncounted.iter().flat_map(encode).collect()
+}
+
 /// A note's bytes: frame end offset, record index, event index, little-endian.
 fn encode(note: &Uncounted) -> [u8; NOTE_BYTES] {
     let mut bytes = [0; NOTE_BYTES];
@@ -583,6 +757,10 @@ fn decode(bytes: &[u8]) -> Uncounted {
 /// One round's file being gathered.
 struct Round<'a> {
     partition: u32,
+    /// Cluster mode: the partition count; a record list the owners refused (malformed, or
+    /// an event of another partition's video, see `cluster::decode`) counted nothing and
+    /// is left out.
+    cluster_partitions: Option<u32>,
     noted: &'a HashSet<Uncounted>,
     /// The frames `noted` names.
     noted_frames: HashSet<u64>,
@@ -595,10 +773,19 @@ struct Round<'a> {
 impl Round<'_> {
     /// Takes the frame ending at `end` if it belongs to the round: false once the round is
     /// full or the frame belongs to the next hour.
-    fn take<'r>(&mut self, end: u64, records: impl Iterator<Item = Result<&'r [u8], String>>) -> Result<bool, String> {
-        let records: Vec<&[u8]> = records.collect::<Result<_, _>>()?;
-        let readers: Vec<RecordReader<'_>> =
-            records.iter().map(|r| RecordReader::new(r)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    fn take(&mut self, end: u64, records: &mut FrameRecords<'_>) -> Result<bool, String> {
+        let readers: Vec<RecordReader<'_>> = match self.cluster_partitions {
+            Some(partitions) => match crate::cluster::decode(records, self.partition, partitions) {
+                Ok(readers) => readers,
+                Err(_) => {
+                    self.end = end;
+                    return Ok(true);
+                }
+            },
+            None => {
+                records.map(|record| RecordReader::new(record?).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
+            }
+        };
         let hour =
             readers.first().map_or(self.hour.unwrap_or(0), |r| FileKey::of(self.partition, r.receive_ms).hour_ms);
         if self.hour.is_some_and(|current| current != hour) {
@@ -635,7 +822,8 @@ mod tests {
             clock: Clock::fixed(now_ms),
             ..EngineConfig::default()
         };
-        Archiver::open(&dir.join("archive").display().to_string(), &config, &[100, 100]).unwrap()
+        let reader = Box::new(tally_wal::LocalReader::new(&config.data_dir.join("wal")));
+        Archiver::open(&dir.join("archive").display().to_string(), &config, &[100, 100], reader).unwrap()
     }
 
     fn put(archiver: &Archiver, partition: u32, hour_ms: i64, first: u64, end: u64) {

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tally_aggregate::{Applied, Dedup, Outcome, PartitionState};
-use tally_core::log::{Owner, PartitionLog};
+use tally_core::log::{LogReader, Owner, PartitionLog};
 use tally_core::record::ListRecords;
 use tally_core::{RecordReader, partition_of};
 use tally_store::CounterStore;
@@ -32,10 +32,12 @@ const ROOM_WAIT: Duration = Duration::from_millis(100);
 impl Engine {
     /// Starts a cluster node: `logs` append to the shared log (one per partition); no
     /// partition is owned until the log's group assigns it (`Engine::owner`).
+    /// With an archive (`config.archive`), `reader` reads the shared log back for it.
     pub fn start_cluster(
         config: EngineConfig,
         store: Arc<dyn CounterStore>,
         logs: Vec<Box<dyn PartitionLog>>,
+        reader: Option<Box<dyn LogReader>>,
     ) -> Result<Engine, EngineError> {
         assert_eq!(logs.len(), config.partitions as usize, "one log per partition");
         let mut partitions = Vec::with_capacity(logs.len());
@@ -48,7 +50,7 @@ impl Engine {
             writers.push((log, receiver));
         }
         let started = RecoveryReport { duration: Duration::ZERO, replayed_bytes: 0, replayed_records: 0 };
-        recovery::launch(config, store, None, partitions, writers, started, true)
+        recovery::launch(config, store, recovery::Mode::Cluster(reader), partitions, writers, started)
     }
 
     /// What the shared log's consumer calls as partitions come and go, and with each
@@ -100,7 +102,12 @@ pub(crate) fn drop_partition(shared: &Shared, partition: &Partition) {
     *partition.memory.lock() = empty_memory(&shared.config, offset);
     partition.dedup_entries.store(0, Ordering::Relaxed);
     partition.drained.notify_all();
-    metrics::gauge!("tally_partition_owned", "partition" => partition.index.to_string()).set(0.0);
+    let label = partition.index.to_string();
+    metrics::gauge!("tally_partition_owned", "partition" => label.clone()).set(0.0);
+    if shared.archiver.is_some() {
+        // The next owner reports where the partition's archive stands.
+        metrics::gauge!("tally_archive_lag_bytes", "partition" => label).set(0.0);
+    }
 }
 
 struct ClusterOwner {
@@ -139,10 +146,21 @@ impl Owner for ClusterOwner {
         let partition = self.partition(index)?;
         let started = Instant::now();
         let shared = &self.shared;
+        // A node started before archiving was turned on must not own a partition the
+        // archive needs notes of.
+        shared.store.check_archive(shared.config.archive.as_deref()).map_err(|e| e.to_string())?;
         let mut flush_state = shared.flush_lock.lock();
         let claimed = shared.store.claim_partition(index).map_err(|e| e.to_string())?;
-        let (offset, state) =
-            recovery::restore(&*shared.store, &shared.config, index, claimed).map_err(|e| e.to_string())?;
+        let restored = recovery::restore(&*shared.store, &shared.config, index, claimed).map_err(|e| e.to_string());
+        let archived = |restored| shared.archiver.as_ref().map_or(Ok(()), |a| a.claim(index)).map(|()| restored);
+        let (offset, state) = match restored.and_then(archived) {
+            Ok(restored) => restored,
+            Err(error) => {
+                // Not owned here after all: the store must not go on marking it alive.
+                shared.store.release_partition(index);
+                return Err(error);
+            }
+        };
         flush_state.forget(index);
         let entries = state.dedup.entries();
         *partition.memory.lock() =
@@ -165,6 +183,14 @@ impl Owner for ClusterOwner {
         if let Err(error) = crate::checkpoint::flush_once(&self.shared) {
             tracing::warn!(partition = index, %error, "flush before giving a partition up failed");
         }
+        // A node leaving archives what it checkpointed (a clean stop leaves the archive
+        // complete); otherwise the next owner goes on from the store's archive progress.
+        if let Some(archiver) = &self.shared.archiver
+            && self.interrupted.load(Ordering::Acquire)
+            && let Err(error) = archiver.hand_over(partition)
+        {
+            tracing::warn!(partition = index, %error, "the archive is behind at release; the next owner goes on");
+        }
         let mut flush_state = self.shared.flush_lock.lock();
         flush_state.forget(index);
         drop_partition(&self.shared, partition);
@@ -176,7 +202,7 @@ impl Owner for ClusterOwner {
         if !partition.owned.load(Ordering::Acquire) || !self.wait_for_room(partition) {
             return Ok(());
         }
-        let records = decode(list, index, self.shared.config.partitions);
+        let records = decode(ListRecords::new(list), index, self.shared.config.partitions);
         let mut memory = partition.memory.lock();
         if !partition.owned.load(Ordering::Acquire) {
             return Ok(());
@@ -190,7 +216,8 @@ impl Owner for ClusterOwner {
         let mut counted = Outcome::default();
         let Memory { state, uncounted, .. } = &mut *memory;
         for (position, record) in records.iter().enumerate() {
-            match apply_noting(state, record, offset, position as u32, uncounted)
+            // Notes name a frame by its end offset, as the log reader does (`offset + 1`).
+            match apply_noting(state, record, offset + 1, position as u32, uncounted)
                 .expect("a record that decoded applies")
             {
                 Applied::Done(outcome) => counted.add(outcome),
@@ -253,10 +280,14 @@ fn check_sequence(partition: u32, expected: u64, got: u64) {
 
 /// Decodes every record of a list read from the shared log, whole, before any is applied:
 /// a list with a malformed record, or an event of another partition's video (which would
-/// give that video a second writer), is refused whole.
-fn decode(list: &[u8], partition: u32, partitions: u32) -> Result<Vec<RecordReader<'_>>, String> {
+/// give that video a second writer), is refused whole (and not archived either).
+pub(crate) fn decode<'a>(
+    list: impl Iterator<Item = Result<&'a [u8], String>>,
+    partition: u32,
+    partitions: u32,
+) -> Result<Vec<RecordReader<'a>>, String> {
     let mut records = Vec::new();
-    for record in ListRecords::new(list) {
+    for record in list {
         let reader = RecordReader::new(record?).map_err(|e| e.to_string())?;
         let mut foreign = None;
         reader

@@ -70,6 +70,11 @@ const UNHELD_PASSES: usize = 2;
 pub(crate) fn recompute(shared: &Shared, range: RecomputeRange) -> Result<RecomputeReport, EngineError> {
     let started = Instant::now();
     let archiver = shared.archiver.as_deref().ok_or_else(|| refused("no archive is configured (`archive`)"))?;
+    if shared.cluster {
+        // Each node holds only its partitions' deltas and checkpoints; a rewrite must
+        // cover every partition's at once.
+        return Err(refused("recompute is not built for cluster mode yet (`tally audit` works)"));
+    }
     let from_ms = range.from_ms.div_euclid(DAY_MS) * DAY_MS;
     let to_ms = (range.to_ms + DAY_MS - 1).div_euclid(DAY_MS) * DAY_MS;
     if range.from_ms >= range.to_ms || to_ms - from_ms > DAY_MS {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tally_aggregate::{Dedup, PartitionState};
 use tally_core::RecordReader;
-use tally_core::log::{Log, PartitionLog, Stop};
+use tally_core::log::{Log, LogReader, PartitionLog, Stop};
 use tally_store::CounterStore;
 
 use crate::archive::Archiver;
@@ -65,7 +65,7 @@ pub(crate) fn start(
     }
 
     let recovery = RecoveryReport { duration: started.elapsed(), replayed_bytes, replayed_records };
-    let engine = launch(config, store, Some(log), partitions, wals, recovery, false)?;
+    let engine = launch(config, store, Mode::Single(log), partitions, wals, recovery)?;
     tracing::info!(seconds = recovery.duration.as_secs_f64(), replayed_bytes, replayed_records, "recovery complete");
     Ok(engine)
 }
@@ -73,18 +73,29 @@ pub(crate) fn start(
 /// The partitions' writers and receivers, in partition order.
 pub(crate) type Writers = Vec<(Box<dyn PartitionLog>, mpsc::Receiver<Append>)>;
 
+/// How the engine holds its log.
+pub(crate) enum Mode {
+    /// A single node: its own log, which its archive reads back.
+    Single(Box<dyn Log>),
+    /// A cluster node: writers append to the shared log; with an archive, this reads the
+    /// owned partitions back.
+    Cluster(Option<Box<dyn LogReader>>),
+}
+
 /// Starts the writer threads and the flusher over partitions made ready.
 pub(crate) fn launch(
     config: EngineConfig,
     store: Arc<dyn CounterStore>,
-    log: Option<Box<dyn Log>>,
+    mode: Mode,
     partitions: Vec<Arc<Partition>>,
     wals: Writers,
     recovery: RecoveryReport,
-    cluster: bool,
 ) -> Result<Engine, EngineError> {
     let event_types = types::EventTypes::new(known_types(&*store, &partitions)?, config.event_types_max);
-    let archiver = open_archiver(&config, &partitions, cluster)?;
+    let (log, cluster, archiver) = match mode {
+        Mode::Single(log) => (Some(log), false, open_archiver(&config, &partitions)?),
+        Mode::Cluster(reader) => (None, true, open_cluster_archiver(&config, &store, reader)?),
+    };
     let record_bytes_max = wals.iter().map(|(wal, _)| wal.record_bytes_max()).min().unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         budget: QueueBudget::new(config.queue_bytes_max),
@@ -143,19 +154,13 @@ pub(crate) fn launch(
 
 /// The archiver, when an archive is configured; otherwise the notes of an earlier
 /// archiving are dropped (flushes will not keep them up).
-fn open_archiver(
-    config: &EngineConfig,
-    partitions: &[Arc<Partition>],
-    cluster: bool,
-) -> Result<Option<Arc<Archiver>>, EngineError> {
+fn open_archiver(config: &EngineConfig, partitions: &[Arc<Partition>]) -> Result<Option<Arc<Archiver>>, EngineError> {
     match &config.archive {
-        Some(_) if cluster => {
-            Err(EngineError::Unavailable { reason: "archiving in cluster mode is not built yet".into() })
-        }
         Some(location) => {
             let checkpoints: Vec<u64> =
                 partitions.iter().map(|p| p.checkpoint_offset.load(Ordering::Acquire)).collect();
-            let archiver = Archiver::open(location, config, &checkpoints)
+            let reader = Box::new(tally_wal::LocalReader::new(&config.data_dir.join("wal")));
+            let archiver = Archiver::open(location, config, &checkpoints, reader)
                 .map_err(|reason| EngineError::Unavailable { reason: format!("archive {location}: {reason}") })?;
             Ok(Some(Arc::new(archiver)))
         }
@@ -165,6 +170,21 @@ fn open_archiver(
             Ok(None)
         }
     }
+}
+
+/// Cluster mode: the archiver, when an archive is configured (`reader` then reads the
+/// shared log back).
+fn open_cluster_archiver(
+    config: &EngineConfig,
+    store: &Arc<dyn CounterStore>,
+    reader: Option<Box<dyn LogReader>>,
+) -> Result<Option<Arc<Archiver>>, EngineError> {
+    let Some(location) = &config.archive else { return Ok(None) };
+    let unavailable = |reason: String| EngineError::Unavailable { reason: format!("archive {location}: {reason}") };
+    let reader = reader.ok_or_else(|| unavailable("no reader of the shared log was given".into()))?;
+    store.check_archive(Some(location)).map_err(|e| unavailable(e.to_string()))?;
+    let archiver = Archiver::open_cluster(location, config, Arc::clone(store), reader).map_err(unavailable)?;
+    Ok(Some(Arc::new(archiver)))
 }
 
 /// A partition's state as its checkpoint left it: the offset to replay from, and the

@@ -12,15 +12,19 @@
 //!   (the store's checkpoint, never Kafka's committed offset); it hands every message to
 //!   `Owner::apply` and dead-letters those that do not decode. It commits the store's
 //!   checkpoints to Kafka afterwards, for lag monitoring only.
+//! - `Reader` reads a partition's messages from one offset to another, outside the
+//!   group: a partition owner's raw-event archive reads what the store has checkpointed.
 //! - `Source` reads a user's topic for `tally bridge`, committing its offsets only once
 //!   what it read is in tally's topic.
 
 mod feed;
 mod produce;
+mod read;
 mod source;
 
 pub use feed::{Feed, FeedSettings};
 pub use produce::{MESSAGE_BYTES_MAX, Producer};
+pub use read::Reader;
 pub use source::{Source, SourceMessage};
 
 use std::time::Duration;

@@ -101,7 +101,7 @@ error_codes! {
     BodyTimeout = "body_timeout", REQUEST_TIMEOUT,
         "The body did not arrive whole within `body_read_timeout_ms`, or stalled for 5 s.";
     RecomputeRefused = "recompute_refused", CONFLICT,
-        "POST /v1/admin/recompute cannot prove the day from the archive: none is configured, or it may lack events of the day (no file of a partition, archiving began later, files were purged, or a gap). The message says which; nothing was rewritten.";
+        "POST /v1/admin/recompute cannot prove the day from the archive: none is configured, the server is a cluster node (not built there), or it may lack events of the day (no file of a partition, archiving began later, files were purged, or a gap). The message says which; nothing was rewritten.";
     BodyTooLarge = "body_too_large", PAYLOAD_TOO_LARGE,
         "The body (declared, sent, or inflated from gzip) is over the limit; nothing was counted. `limit_bytes` is the limit.";
     TooManyEvents = "too_many_events", PAYLOAD_TOO_LARGE,

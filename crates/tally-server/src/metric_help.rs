@@ -11,7 +11,7 @@ const METRICS: [(Kind, &str, &str); 53] = [
     (
         Kind::Counter,
         "tally_archive_gaps_total",
-        "Log stretches the archive lacks: flushed while archiving was off, or gone from the log when it began.",
+        "Log stretches the archive lacks: flushed while archiving was off, or gone from the log before archived.",
     ),
     (Kind::Gauge, "tally_archive_failing", "1 while archiving fails (why: /readyz), else 0; the log keeps what waits."),
     (Kind::Counter, "tally_archive_purged_files_total", "Archive files deleted past archive_retention_days."),
@@ -19,7 +19,7 @@ const METRICS: [(Kind, &str, &str); 53] = [
     (
         Kind::Gauge,
         "tally_archive_lag_bytes",
-        "Log bytes checkpointed in the store but not yet archived, per partition (the log keeps them).",
+        "Log checkpointed in the store but not yet archived, per partition: bytes (Kafka messages in cluster mode).",
     ),
     (Kind::Counter, "tally_connections_shed_total", "Connections refused at the connection limit (fast 503)."),
     (Kind::Counter, "tally_connections_timed_out_total", "Connections closed for an idle, head or body deadline."),

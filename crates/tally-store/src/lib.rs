@@ -146,6 +146,21 @@ pub struct PartitionFlush<'a> {
     pub start: u64,
     pub checkpoint: Checkpoint,
     pub journal: &'a [(i64, Vec<u8>)],
+    /// Cluster mode: the raw-event archive's notes of the flushed frames (which events
+    /// were not counted), kept until the archive passes them (`archive_notes`). Empty on
+    /// a single node, whose archiver keeps its notes beside the log.
+    pub notes: &'a [u8],
+}
+
+/// Cluster mode: where a partition's raw-event archive stands, kept beside its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveProgress {
+    /// Every counted event before this log offset is archived.
+    pub archived: u64,
+    /// The end of a file being written from `archived`, which may have landed: whoever
+    /// archives the partition next writes exactly that range again (the same object,
+    /// replaced) before going on.
+    pub pending: Option<u64>,
 }
 
 pub trait CounterStore: Send + Sync + 'static {
@@ -226,6 +241,43 @@ pub trait CounterStore: Send + Sync + 'static {
     fn forget_requests_before(&self, before_ms: i64) -> Result<u64, StoreError> {
         let _ = before_ms;
         Ok(0)
+    }
+
+    /// Cluster mode: every node archives raw events to the same place or none does. The
+    /// first node with an archive records `location`; a node naming another location, or
+    /// none while one is recorded, is refused (its flushes would leave archive notes out).
+    fn check_archive(&self, location: Option<&str>) -> Result<(), StoreError> {
+        let _ = location;
+        Ok(())
+    }
+
+    /// Cluster mode: where the archive of a partition this store claimed stands. Archived
+    /// for the first time, it starts at the checkpoint (what came before has no notes);
+    /// the caller holds off flushes so that the checkpoint stays where it was claimed.
+    fn begin_archive(&self, partition: u32) -> Result<ArchiveProgress, StoreError> {
+        let _ = partition;
+        Err(StoreError::Config { detail: "only a cluster keeps archive progress in the store".into() })
+    }
+
+    /// Cluster mode: moves a claimed partition's archive from `expected` to `progress`, and
+    /// drops the notes it passed. Refused (`Fenced`) once another store claimed the
+    /// partition, or when the stored progress is not `expected` (it moved on meanwhile: the
+    /// caller reads it again with `begin_archive` before it writes anything).
+    fn set_archive_progress(
+        &self,
+        partition: u32,
+        expected: ArchiveProgress,
+        progress: ArchiveProgress,
+    ) -> Result<(), StoreError> {
+        let _ = (partition, expected, progress);
+        Err(StoreError::Config { detail: "only a cluster keeps archive progress in the store".into() })
+    }
+
+    /// Cluster mode: the archive notes committed with a partition's flushes whose
+    /// checkpoint is past `after`, oldest first.
+    fn archive_notes(&self, partition: u32, after: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let _ = (partition, after);
+        Err(StoreError::Config { detail: "only a cluster keeps archive notes in the store".into() })
     }
 
     /// Whether reads cross a network (and so may take long): the server then runs them

@@ -227,6 +227,8 @@ impl CounterStore for RedbStore {
         flushes: &[PartitionFlush<'_>],
         tiers: &mut dyn FnMut(Granularity) -> TierRows<'a>,
     ) -> Result<(), StoreError> {
+        // A single node's archiver keeps its notes beside the log.
+        debug_assert!(flushes.iter().all(|flush| flush.notes.is_empty()), "archive notes given to the embedded store");
         self.written(self.commit_flush(flushes, tiers))
     }
 
@@ -743,7 +745,7 @@ mod tests {
     fn flush(store: &RedbStore, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
         let start = store.checkpoint(0).unwrap().map_or(0, |c| c.offset);
         let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: vec![] };
-        let flushes = [PartitionFlush { start, checkpoint, journal: &[] }];
+        let flushes = [PartitionFlush { start, checkpoint, journal: &[], notes: &[] }];
         store.commit(&flushes, &mut |granularity| rollup(&[deltas], cutoffs, granularity)).unwrap();
     }
 

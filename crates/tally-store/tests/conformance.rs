@@ -56,7 +56,7 @@ conformance!(
 fn flush(store: &dyn CounterStore, partition: u32, deltas: &Deltas, offset: u64, cutoffs: &Cutoffs) {
     let start = store.checkpoint(partition).unwrap().map_or(0, |c| c.offset);
     let checkpoint = Checkpoint { partition, offset, dedup_generation_starts: vec![] };
-    let flushes = [PartitionFlush { start, checkpoint, journal: &[] }];
+    let flushes = [PartitionFlush { start, checkpoint, journal: &[], notes: &[] }];
     store.commit(&flushes, &mut |granularity| rollup(&[deltas], cutoffs, granularity)).unwrap();
 }
 
@@ -80,7 +80,7 @@ fn a_flush_rolls_minutes_into_hours_and_days_and_moves_the_checkpoint(store: &dy
     deltas.add("view", "w", 60, 9, None);
     let checkpoint = Checkpoint { partition: 1, offset: 77, dedup_generation_starts: vec![5] };
     let journal = [(5, vec![1; 17])];
-    let flushes = [PartitionFlush { start: 0, checkpoint: checkpoint.clone(), journal: &journal }];
+    let flushes = [PartitionFlush { start: 0, checkpoint: checkpoint.clone(), journal: &journal, notes: &[] }];
     store.commit(&flushes, &mut |g| rollup(&[&deltas], &Cutoffs::NONE, g)).unwrap();
     assert_eq!(store.checkpoint(1).unwrap(), Some(checkpoint));
     assert_eq!(store.checkpoint(0).unwrap(), None, "never flushed");
@@ -193,6 +193,7 @@ fn a_commit_not_starting_at_the_stored_checkpoint_is_refused_whole(store: &dyn C
         start,
         checkpoint: Checkpoint { partition, offset, dedup_generation_starts: vec![] },
         journal: &[],
+        notes: &[],
     };
     // Partition 1 is fine, partition 0 replays from 0 although 100 is stored.
     let refused = store.commit(&[at(1, 0, 50), at(0, 0, 200)], &mut |g| rollup(&[&deltas], &Cutoffs::NONE, g));
@@ -236,7 +237,7 @@ fn the_dedup_journal_keeps_only_live_generations(store: &dyn CounterStore) {
     let deltas = Deltas::default();
     let commit = |start, offset, generations: Vec<i64>, journal: &[(i64, Vec<u8>)]| {
         let checkpoint = Checkpoint { partition: 0, offset, dedup_generation_starts: generations };
-        let flushes = [PartitionFlush { start, checkpoint, journal }];
+        let flushes = [PartitionFlush { start, checkpoint, journal, notes: &[] }];
         store.commit(&flushes, &mut |g| rollup(&[&deltas], &Cutoffs::NONE, g)).unwrap();
     };
     commit(0, 10, vec![1000, 2000], &[(1000, vec![1]), (2000, vec![2])]);

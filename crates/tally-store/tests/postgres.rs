@@ -6,7 +6,7 @@ use tally_aggregate::{Deltas, rollup};
 use tally_core::bucket::DAY_MINUTES;
 use tally_core::{Cutoffs, Granularity, Span};
 use tally_pgtest::Postgres;
-use tally_store::{Checkpoint, CounterStore, PartitionFlush, PoolOptions, PostgresStore, StoreError};
+use tally_store::{ArchiveProgress, Checkpoint, CounterStore, PartitionFlush, PoolOptions, PostgresStore, StoreError};
 
 fn open(server: &Postgres) -> PostgresStore {
     PostgresStore::open(&server.url(), PoolOptions::default()).unwrap()
@@ -28,9 +28,19 @@ fn commit(
     offset: u64,
     deltas: &Deltas,
 ) -> Result<(), StoreError> {
+    commit_noting(store, (partition, start, offset), deltas, &[])
+}
+
+/// `commit`, with the archive's `notes` of the flushed frames.
+fn commit_noting(
+    store: &dyn CounterStore,
+    (partition, start, offset): (u32, u64, u64),
+    deltas: &Deltas,
+    notes: &[u8],
+) -> Result<(), StoreError> {
     let checkpoint = Checkpoint { partition, offset, dedup_generation_starts: vec![1] };
     let journal = [(1, vec![7; 8])];
-    let flushes = [PartitionFlush { start, checkpoint, journal: &journal }];
+    let flushes = [PartitionFlush { start, checkpoint, journal: &journal, notes }];
     store.commit(&flushes, &mut |granularity| rollup(&[deltas], &Cutoffs::NONE, granularity))
 }
 
@@ -69,32 +79,85 @@ fn a_second_engine_claiming_the_partitions_fences_the_first() {
 }
 
 #[test]
-fn a_database_of_a_newer_schema_is_refused_with_the_versions() {
+fn the_archive_progress_and_notes_sit_beside_the_checkpoint_fenced_by_the_owner() {
     let server = Postgres::start();
-    drop(open(&server));
-    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "2");
-    drop(open(&server)); // opening a current database again changes nothing
-    server.sql("tally", "UPDATE tally_meta SET value = '99' WHERE key = 'schema_version'");
-    let refused = PostgresStore::open(&server.url(), PoolOptions::default()).err().expect("refused");
-    assert!(matches!(refused, StoreError::SchemaVersion { found: 99, expected: 2 }), "{refused:?}");
-    let message = refused.to_string();
-    assert!(message.contains("99") && message.contains('2'), "{message}");
+    let first = open(&server);
+    first.claim_partitions(1).unwrap();
+    first.check_archive(Some("file:///archive")).unwrap();
+    first.check_archive(Some("file:///archive")).unwrap();
+    let elsewhere = first.check_archive(Some("s3://other")).unwrap_err().to_string();
+    assert!(elsewhere.contains("file:///archive") && elsewhere.contains("s3://other"), "{elsewhere}");
+    let none = first.check_archive(None).unwrap_err().to_string();
+    assert!(none.contains("--archive file:///archive"), "{none}");
+
+    commit(&first, 0, 0, 10, &views(5, 1)).unwrap();
+    let begun = first.begin_archive(0).unwrap();
+    assert_eq!(begun, ArchiveProgress { archived: 10, pending: None }, "a first archive starts at the checkpoint");
+    commit_noting(&first, (0, 10, 20), &views(6, 1), &[1; 16]).unwrap();
+    commit_noting(&first, (0, 20, 30), &views(7, 1), &[2; 16]).unwrap();
+    commit(&first, 0, 30, 40, &views(8, 1)).unwrap();
+    assert_eq!(first.archive_notes(0, 10).unwrap(), [vec![1; 16], vec![2; 16]]);
+    assert_eq!(first.archive_notes(0, 20).unwrap(), [vec![2; 16]], "only flushes whose checkpoint is past 20");
+    let pending = ArchiveProgress { archived: 10, pending: Some(20) };
+    let stale = first.set_archive_progress(0, ArchiveProgress { archived: 0, pending: None }, pending);
+    assert!(matches!(stale, Err(StoreError::Fenced { .. })), "not what the store holds: {stale:?}");
+    first.set_archive_progress(0, begun, pending).unwrap();
+    let again = first.set_archive_progress(0, begun, pending);
+    assert!(matches!(again, Err(StoreError::Fenced { .. })), "moved on from what was expected: {again:?}");
+
+    // The next owner goes on where the first stood, pending write included; the first
+    // is fenced.
+    let second = open(&server);
+    second.claim_partitions(1).unwrap();
+    assert_eq!(second.begin_archive(0).unwrap(), pending);
+    let done = ArchiveProgress { archived: 20, pending: None };
+    let stale = first.set_archive_progress(0, pending, done);
+    assert!(matches!(stale, Err(StoreError::Fenced { partition: 0, .. })), "{stale:?}");
+    assert!(matches!(first.begin_archive(0), Err(StoreError::Fenced { .. })));
+    assert_eq!(second.begin_archive(0).unwrap(), pending, "nothing of the fenced progress landed");
+    second.set_archive_progress(0, pending, done).unwrap();
+    assert_eq!(second.archive_notes(0, 0).unwrap(), [vec![2; 16]], "the notes the archive passed are dropped");
+
+    // Archiving turned off (the location row cleared, every node stopped) and on again:
+    // the progress and notes of the earlier archiving are dropped, and the archive starts
+    // anew at the checkpoint.
+    server.sql("tally", "DELETE FROM tally_meta WHERE key = 'archive'");
+    second.check_archive(Some("file:///archive/")).unwrap();
+    assert!(second.archive_notes(0, 0).unwrap().is_empty());
+    assert_eq!(second.begin_archive(0).unwrap(), ArchiveProgress { archived: 40, pending: None });
+    second.check_archive(Some("file:///archive")).unwrap();
 }
 
 #[test]
-fn a_database_of_schema_1_is_migrated_to_2_keeping_its_checkpoints() {
+fn a_database_of_a_newer_schema_is_refused_with_the_versions() {
+    let server = Postgres::start();
+    drop(open(&server));
+    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "3");
+    drop(open(&server)); // opening a current database again changes nothing
+    server.sql("tally", "UPDATE tally_meta SET value = '99' WHERE key = 'schema_version'");
+    let refused = PostgresStore::open(&server.url(), PoolOptions::default()).err().expect("refused");
+    assert!(matches!(refused, StoreError::SchemaVersion { found: 99, expected: 3 }), "{refused:?}");
+    let message = refused.to_string();
+    assert!(message.contains("99") && message.contains('3'), "{message}");
+}
+
+#[test]
+fn a_database_of_schema_1_is_migrated_to_the_current_keeping_its_checkpoints() {
     let server = Postgres::start();
     let store = open(&server);
     store.claim_partitions(2).unwrap();
     drop(store);
-    // Back to what schema 1 had: no request claims, no liveness column.
+    // Back to what schema 1 had: no request claims, no liveness column, no archive.
     server.sql(
         "tally",
-        "DROP TABLE tally_request_keys; ALTER TABLE tally_checkpoints DROP COLUMN owner_seen_ms; \
-         UPDATE tally_meta SET value = '1' WHERE key = 'schema_version'",
+        "DROP TABLE tally_request_keys; DROP TABLE tally_archive_notes; \
+         ALTER TABLE tally_checkpoints DROP COLUMN owner_seen_ms, DROP COLUMN archived_offset, \
+         DROP COLUMN archive_pending; UPDATE tally_meta SET value = '1' WHERE key = 'schema_version'",
     );
     let store = open(&server);
-    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "2");
+    assert_eq!(server.sql("tally", "SELECT value FROM tally_meta WHERE key = 'schema_version'"), "3");
+    assert_eq!(server.sql("tally", "SELECT count(*) FROM tally_checkpoints WHERE archived_offset IS NULL"), "2");
+    assert!(store.archive_notes(0, 0).unwrap().is_empty(), "the notes table is back");
     assert_eq!(server.sql("tally", "SELECT count(*) FROM tally_checkpoints WHERE owner_seen_ms = 0"), "2");
     assert!(store.claim_request(7, 1, 0).unwrap(), "the new table takes claims");
     assert!(!store.claim_request(7, 2, 0).unwrap(), "another body's claim of the key is refused");

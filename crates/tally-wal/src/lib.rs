@@ -26,7 +26,7 @@ mod local;
 mod segment;
 
 pub use frame::{FRAME_HEADER_BYTES, FRAME_PAYLOAD_BYTES_MAX, FrameRecords};
-pub use local::LocalLog;
+pub use local::{LocalLog, LocalReader};
 pub use segment::{Wal, WalOptions, WalStats, free_bytes, read_frames};
 
 /// Fuzzing entry point: reads `bytes` as a segment file the way recovery does (trailer,

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use tally_core::log::{Appended, FrameRecords, Log, LogError, LogHeld, PartitionLog, Stop, Visit};
+use tally_core::log::{Appended, FrameRecords, Log, LogError, LogHeld, LogReader, PartitionLog, Stop, Visit};
 
 use crate::{Wal, WalError, WalOptions};
 
@@ -55,6 +55,30 @@ impl Log for LocalLog {
             visit(end, &mut records as &mut FrameRecords<'_>)
         })?;
         Ok(opened.map(|wal| Box::new(wal) as Box<dyn PartitionLog>))
+    }
+}
+
+/// Reads the local logs under a root (`LocalLog`'s) beside their writers.
+pub struct LocalReader {
+    root: PathBuf,
+}
+
+impl LocalReader {
+    pub fn new(root: &Path) -> LocalReader {
+        LocalReader { root: root.into() }
+    }
+}
+
+impl LogReader for LocalReader {
+    fn read(&self, partition: u32, from: u64, to: u64, visit: &mut Visit<'_>) -> Result<(), LogError> {
+        let dir = self.root.join(format!("p{partition:03}"));
+        let read = crate::read_frames(&dir, from, to, |end, mut records| {
+            visit(end, &mut records as &mut FrameRecords<'_>).is_ok()
+        });
+        match read {
+            Err(error @ WalError::Missing { .. }) => Err(LogError::Gone { detail: error.to_string(), resumes: None }),
+            other => Ok(other?),
+        }
     }
 }
 

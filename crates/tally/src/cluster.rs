@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tally_core::log::LogReader;
 use tally_engine::{Engine, EngineConfig};
-use tally_kafka::{Feed, FeedSettings, Producer};
-use tally_store::{PoolOptions, PostgresStore};
+use tally_kafka::{Feed, FeedSettings, Producer, Reader};
+use tally_store::{CounterStore, PoolOptions, PostgresStore};
 
 use crate::config::{ClusterSettings, TOPIC_DEFAULT};
 
@@ -79,8 +80,13 @@ pub fn start(
         .partitions()?
         .context("the database holds no tally cluster: run `tally cluster init --kafka … --postgres …` first")?;
     config.partitions = partitions;
+    store.check_archive(config.archive.as_deref()).context("the cluster's archive")?;
+    let reader: Option<Box<dyn LogReader>> = match &config.archive {
+        Some(_) => Some(Box::new(Reader::new(&settings.brokers, &settings.topic)?)),
+        None => None,
+    };
     let producer = Producer::new(&settings.brokers, &settings.topic)?;
-    let engine = Engine::start_cluster(config, Arc::new(store), producer.partition_logs(partitions))?;
+    let engine = Engine::start_cluster(config, Arc::new(store), producer.partition_logs(partitions), reader)?;
     let feed = Feed::start(
         FeedSettings {
             brokers: settings.brokers.clone(),

@@ -65,6 +65,8 @@ struct Cluster {
     postgres: Postgres,
     ports: Vec<u16>,
     ledger: Arc<Mutex<Ledger>>,
+    /// Settings every node gets besides `NODE_CONFIG`.
+    extra: String,
     dir: tempfile::TempDir,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -73,6 +75,11 @@ impl Cluster {
     /// `nodes` nodes, room in the balancer for `spare` more, on a broker whose storage is
     /// durable (SQLite: it keeps the log across its restarts) or in memory.
     fn start(nodes: usize, spare: usize, durable: bool) -> Cluster {
+        Cluster::start_with(nodes, spare, durable, |_| String::new())
+    }
+
+    /// `start`, every node also given the settings `extra` makes of the cluster's directory.
+    fn start_with(nodes: usize, spare: usize, durable: bool, extra: impl FnOnce(&Path) -> String) -> Cluster {
         // One cluster at a time: each is a broker, a database and several nodes under
         // load, and their session timeouts assume the machine is theirs.
         let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -92,6 +99,7 @@ impl Cluster {
             postgres,
             ports,
             ledger: Arc::default(),
+            extra: extra(dir.path()),
             dir,
             _serial: serial,
         };
@@ -107,7 +115,7 @@ impl Cluster {
     fn start_node(&self, index: usize) -> Server {
         let name = format!("node{index}");
         let config = if index == 1 { format!("{NODE_CONFIG}flush_interval = \"5s\"\n") } else { NODE_CONFIG.into() };
-        let config = config.replacen("flush_interval = \"200ms\"\n", "", usize::from(index == 1));
+        let config = config.replacen("flush_interval = \"200ms\"\n", "", usize::from(index == 1)) + &self.extra;
         node(self.dir.path(), &name, self.ports[index], &self.broker.address(), &self.postgres.url(), &config)
     }
 
@@ -719,4 +727,61 @@ fn the_deploy_configurations_are_valid() {
     let checked =
         std::process::Command::new(nginx).arg("-t").arg("-c").arg(deploy.join("nginx.conf")).output().unwrap();
     assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+}
+
+#[test]
+fn archiving_nodes_archive_each_acknowledged_event_once_through_a_kill_a_move_and_stops() {
+    let mut cluster = Cluster::start_with(2, 1, false, |dir| {
+        format!("archive = {:?}\narchive_file_interval = \"300ms\"\n", dir.join("archive").display().to_string())
+    });
+    let archive = cluster.dir.path().join("archive");
+    // Duplicates the archive must leave out: an event id sent twice, a keyed request
+    // sent three times.
+    let node = cluster.alive()[0];
+    let ids = r#"[{"video_id":"dup","event_id":"a"},{"video_id":"dup","event_id":"a"}]"#;
+    assert_eq!(node.post_events(ids, &[]).status, 200);
+    let keyed = r#"[{"video_id":"keyed","type":"like"}]"#;
+    for _ in 0..3 {
+        assert_eq!(node.post_events(keyed, &[("idempotency-key", "once")]).status, 200);
+    }
+    // kill -9 of an owner while it archives; the other takes its partitions and goes on
+    // from the archive progress in the database (a half-written file written again).
+    cluster.under_load(|cluster| {
+        cluster.nodes[0].as_mut().unwrap().kill();
+        cluster.nodes[0] = None;
+        cluster.wait_all_owned();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    // A node joins (partitions move to it) and the load goes on; then every node stops
+    // cleanly, one after the other: each archives what it checkpointed as it leaves.
+    cluster.nodes[2] = Some(cluster.start_node(2));
+    cluster.under_load(|cluster| cluster.wait_settled(Duration::from_secs(3)));
+    for index in [1, 2] {
+        let status = cluster.nodes[index].as_mut().unwrap().terminate(Duration::from_secs(90));
+        assert!(status.success(), "SIGTERM did not stop node {index} cleanly\n{}", cluster.logs());
+        cluster.nodes[index] = None;
+    }
+
+    let store = tally_archive::Archive::open(archive.to_str().unwrap()).unwrap();
+    let files = store.files().unwrap();
+    let totals = tally_archive::aggregate(&store, &files, i64::MIN, i64::MAX).unwrap().totals;
+    let archived: BTreeMap<(String, String), u64> = totals.into_iter().map(|(key, t)| (key, t.count)).collect();
+    let mut expected: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((video, _), events) in &cluster.ledger.lock().unwrap().expected {
+        *expected.entry(("view".into(), video.clone())).or_default() += events;
+    }
+    expected.insert(("view".into(), "dup".into()), 1);
+    expected.insert(("like".into(), "keyed".into()), 1);
+    assert_eq!(archived, expected, "the archive holds every acknowledged event once");
+    let mut ranges: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for file in &files {
+        ranges.entry(file.partition).or_default().push((file.first_offset, file.end_offset));
+    }
+    assert_eq!(ranges.len(), PARTITIONS as usize, "every partition archived: {ranges:?}");
+    for (partition, files) in &ranges {
+        assert_eq!(files[0].0, 0, "partition {partition} archived from the start: {files:?}");
+        for pair in files.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "partition {partition}: files {pair:?} must follow one another");
+        }
+    }
 }

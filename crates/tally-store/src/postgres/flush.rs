@@ -78,6 +78,14 @@ impl Writer<'_> {
         let keep_from = checkpoint.dedup_generation_starts.first().copied().unwrap_or(i64::MAX);
         wait(self.connection.client.execute(&forget, &[&partition, &keep_from]))
             .map_err(pg_error("purge dedup journal"))?;
+        if !flush.notes.is_empty() {
+            let notes = self.connection.statement(
+                "INSERT INTO tally_archive_notes (partition, log_offset, notes) VALUES ($1, $2, $3) \
+                 ON CONFLICT (partition, log_offset) DO UPDATE SET notes = EXCLUDED.notes",
+            )?;
+            let params: [&(dyn ToSql + Sync); 3] = [&partition, &(checkpoint.offset as i64), &flush.notes];
+            wait(self.connection.client.execute(&notes, &params)).map_err(pg_error("write archive notes"))?;
+        }
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use tally_core::Granularity;
 use tally_core::bucket::DAY_MINUTES;
 
 use crate::tables::{self, Kind};
-use crate::{Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TableUsage};
+use crate::{ArchiveProgress, Checkpoint, CounterStore, PartitionFlush, Snapshot, StoreError, TableUsage};
 use pool::{Connection, Pool, wait};
 
 /// How long a purge waits for a table lock (a reader holding the table) before giving
@@ -127,8 +127,15 @@ impl PostgresStore {
         let connection = self.pool.get()?;
         let registered = wait(connection.client.query("SELECT name, kind, granularity FROM tally_tables", &[]))
             .map_err(pg_error("read tables"))?;
-        let fixed =
-            ["tally_meta", "tally_checkpoints", "tally_dedup", "tally_types", "tally_tables", "tally_request_keys"];
+        let fixed = [
+            "tally_meta",
+            "tally_checkpoints",
+            "tally_dedup",
+            "tally_archive_notes",
+            "tally_types",
+            "tally_tables",
+            "tally_request_keys",
+        ];
         let tables =
             fixed.iter().map(|name| (name.to_string(), name.to_string())).chain(registered.iter().map(|row| {
                 (row.get::<_, String>(0), format!("{}.{}", row.get::<_, String>(1), row.get::<_, String>(2)))
@@ -168,23 +175,37 @@ impl PostgresStore {
     }
 }
 
-/// An integer row of `tally_meta`, locked for the transaction.
-fn meta(connection: &mut Connection, key: &str) -> Result<Option<i64>, StoreError> {
+/// A row of `tally_meta`, locked for the transaction.
+fn meta_text(connection: &mut Connection, key: &str) -> Result<Option<String>, StoreError> {
     let statement = connection.statement("SELECT value FROM tally_meta WHERE key = $1 FOR UPDATE")?;
     let row = wait(connection.client.query_opt(&statement, &[&key])).map_err(pg_error("read tally_meta"))?;
-    row.map(|row| {
-        let value: String = row.get(0);
-        value.parse().map_err(|_| StoreError::Corrupt { detail: format!("tally_meta {key} is {value:?}") })
-    })
-    .transpose()
+    Ok(row.map(|row| row.get(0)))
 }
 
-fn set_meta(connection: &mut Connection, key: &str, value: i64) -> Result<(), StoreError> {
+/// An integer row of `tally_meta`, locked for the transaction.
+fn meta(connection: &mut Connection, key: &str) -> Result<Option<i64>, StoreError> {
+    meta_text(connection, key)?
+        .map(|value| {
+            value.parse().map_err(|_| StoreError::Corrupt { detail: format!("tally_meta {key} is {value:?}") })
+        })
+        .transpose()
+}
+
+fn set_meta_text(connection: &mut Connection, key: &str, value: &str) -> Result<(), StoreError> {
     let statement = connection.statement(
         "INSERT INTO tally_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
     )?;
-    wait(connection.client.execute(&statement, &[&key, &value.to_string()])).map_err(pg_error("write tally_meta"))?;
+    wait(connection.client.execute(&statement, &[&key, &value])).map_err(pg_error("write tally_meta"))?;
     Ok(())
+}
+
+fn set_meta(connection: &mut Connection, key: &str, value: i64) -> Result<(), StoreError> {
+    set_meta_text(connection, key, &value.to_string())
+}
+
+/// An `ArchiveProgress` from its two columns.
+fn progress(archived: i64, pending: Option<i64>) -> ArchiveProgress {
+    ArchiveProgress { archived: archived as u64, pending: pending.map(|end| end as u64) }
 }
 
 /// Records the partition count (refusing another) and makes each partition's
@@ -425,6 +446,89 @@ impl CounterStore for PostgresStore {
         let mut connection = self.pool.get()?;
         let forget = connection.statement("DELETE FROM tally_request_keys WHERE claimed_ms < $1")?;
         wait(connection.client.execute(&forget, &[&before_ms])).map_err(pg_error("forget idempotency keys"))
+    }
+
+    /// Recorded in `tally_meta` under `archive`, compared under its row lock.
+    fn check_archive(&self, location: Option<&str>) -> Result<(), StoreError> {
+        // `s3://bucket/prefix/` names the same place as `s3://bucket/prefix`.
+        let location = location.map(|l| l.trim_end_matches('/'));
+        self.pool.get()?.transaction("BEGIN", |connection| match (meta_text(connection, "archive")?, location) {
+            (None, None) => Ok(()),
+            (Some(stored), Some(location)) if stored == location => Ok(()),
+            // Archiving (again): progress and notes from an earlier archiving would skip
+            // what was flushed meanwhile without notes.
+            (None, Some(location)) => {
+                let reset = connection
+                    .statement("UPDATE tally_checkpoints SET archived_offset = NULL, archive_pending = NULL")?;
+                wait(connection.client.execute(&reset, &[])).map_err(pg_error("reset archive progress"))?;
+                let notes = connection.statement("DELETE FROM tally_archive_notes")?;
+                wait(connection.client.execute(&notes, &[])).map_err(pg_error("drop archive notes"))?;
+                set_meta_text(connection, "archive", location)
+            }
+            (Some(stored), None) => Err(StoreError::Config {
+                detail: format!(
+                    "this cluster archives raw events to {stored}: start every node with --archive {stored}"
+                ),
+            }),
+            (Some(stored), Some(location)) => Err(StoreError::Config {
+                detail: format!("this cluster archives raw events to {stored}, not {location}"),
+            }),
+        })
+    }
+
+    /// One statement, fenced: the first time, the archive starts at the checkpoint.
+    fn begin_archive(&self, partition: u32) -> Result<ArchiveProgress, StoreError> {
+        let epoch = self.epoch(partition)?;
+        let mut connection = self.pool.get()?;
+        let begin = connection.statement(
+            "UPDATE tally_checkpoints SET archived_offset = COALESCE(archived_offset, log_offset, 0) \
+             WHERE partition = $1 AND owner_epoch = $2 RETURNING archived_offset, archive_pending",
+        )?;
+        let row = wait(connection.client.query_opt(&begin, &[&(partition as i32), &epoch]))
+            .map_err(pg_error("begin archive"))?
+            .ok_or_else(|| StoreError::Fenced { partition, detail: "another engine owns it now".into() })?;
+        Ok(progress(row.get(0), row.get(1)))
+    }
+
+    /// One transaction, fenced by the owner epoch and by the progress expected: the new
+    /// progress, and the notes it passed dropped.
+    fn set_archive_progress(
+        &self,
+        partition: u32,
+        expected: ArchiveProgress,
+        progress: ArchiveProgress,
+    ) -> Result<(), StoreError> {
+        let epoch = self.epoch(partition)?;
+        let columns = |p: ArchiveProgress| (p.archived as i64, p.pending.map(|end| end as i64));
+        let ((archived, pending), (was_archived, was_pending)) = (columns(progress), columns(expected));
+        self.pool.get()?.transaction("BEGIN", |connection| {
+            let set = connection.statement(
+                "UPDATE tally_checkpoints SET archived_offset = $3, archive_pending = $4 \
+                 WHERE partition = $1 AND owner_epoch = $2 \
+                 AND archived_offset = $5 AND archive_pending IS NOT DISTINCT FROM $6",
+            )?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&(partition as i32), &epoch, &archived, &pending, &was_archived, &was_pending];
+            if wait(connection.client.execute(&set, &params)).map_err(pg_error("record archive progress"))? != 1 {
+                let detail = "another engine owns it now, or its archive moved on".into();
+                return Err(StoreError::Fenced { partition, detail });
+            }
+            let passed =
+                connection.statement("DELETE FROM tally_archive_notes WHERE partition = $1 AND log_offset <= $2")?;
+            wait(connection.client.execute(&passed, &[&(partition as i32), &archived]))
+                .map_err(pg_error("drop archived notes"))?;
+            Ok(())
+        })
+    }
+
+    fn archive_notes(&self, partition: u32, after: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut connection = self.pool.get()?;
+        let read = connection.statement(
+            "SELECT notes FROM tally_archive_notes WHERE partition = $1 AND log_offset > $2 ORDER BY log_offset",
+        )?;
+        let rows = wait(connection.client.query(&read, &[&(partition as i32), &(after as i64)]))
+            .map_err(pg_error("read archive notes"))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     fn is_remote(&self) -> bool {

@@ -1,9 +1,11 @@
 //! The SQL schema, created and migrated by tally itself.
 //!
 //! ```text
-//! tally_meta         (key, value)                       schema_version, partitions
-//! tally_checkpoints  (partition, log_offset, generations, owner_epoch, owner_seen_ms)
+//! tally_meta         (key, value)                       schema_version, partitions, archive
+//! tally_checkpoints  (partition, log_offset, generations, owner_epoch, owner_seen_ms,
+//!                     archived_offset, archive_pending)
 //! tally_dedup        (partition, generation_start, log_offset, entries)
+//! tally_archive_notes (partition, log_offset, notes)    uncounted events of a flush, until archived
 //! tally_types        (event_type, last_day)
 //! tally_tables       (name, kind, granularity, period)  the period tables that exist
 //! tally_request_keys (request_key, fingerprint, claimed_ms)  idempotency keys claimed in cluster mode
@@ -37,7 +39,7 @@ use crate::tables::Kind;
 
 /// The schema this tally writes. `MIGRATIONS[v]` takes a database from version `v` to
 /// `v + 1`.
-pub(crate) const VERSION: i64 = 2;
+pub(crate) const VERSION: i64 = 3;
 
 pub(crate) const MIGRATIONS: [&str; VERSION as usize] = [
     // 0 → 1: the fixed tables.
@@ -69,6 +71,16 @@ pub(crate) const MIGRATIONS: [&str; VERSION as usize] = [
         claimed_ms BIGINT NOT NULL
     );
     ALTER TABLE tally_checkpoints ADD COLUMN IF NOT EXISTS owner_seen_ms BIGINT NOT NULL DEFAULT 0;",
+    // 2 → 3: cluster mode's raw-event archive: where each partition's archive stands (and
+    // the end of a file being written), and the notes of what flushes did not count.
+    "ALTER TABLE tally_checkpoints ADD COLUMN IF NOT EXISTS archived_offset BIGINT;
+    ALTER TABLE tally_checkpoints ADD COLUMN IF NOT EXISTS archive_pending BIGINT;
+    CREATE TABLE IF NOT EXISTS tally_archive_notes (
+        partition INTEGER NOT NULL,
+        log_offset BIGINT NOT NULL,
+        notes BYTEA NOT NULL,
+        PRIMARY KEY (partition, log_offset)
+    );",
 ];
 
 pub(crate) const META: &str = "CREATE TABLE IF NOT EXISTS tally_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)";
