@@ -50,6 +50,8 @@ const NOTE_BYTES: usize = 16;
 const NOTES_COMPACT_BYTES: u64 = 4 << 20;
 /// How often the archiver looks for files past their retention.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+/// How long a node leaving archives a partition it gives up (`hand_over`).
+const HAND_OVER_MAX: Duration = Duration::from_secs(10);
 /// How often the archiver looks for frames behind the checkpoints.
 pub(crate) const ARCHIVE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -77,6 +79,9 @@ pub(crate) struct Archiver {
     /// same (an answer lost after S3 stored the object): the next round writes exactly
     /// that range again, under the same name, instead of a longer one beside it.
     attempted: Vec<Mutex<Option<u64>>>,
+    /// Per partition: how many times it was claimed here (cluster mode). A round that
+    /// began before the latest claim leaves the in-memory progress to that claim.
+    claims: Vec<AtomicU64>,
     /// Per partition: its last round failed, so the next pass tries again at once.
     failing: Vec<AtomicBool>,
     /// Per partition: when its last file was written (`None` before the first).
@@ -88,6 +93,13 @@ pub(crate) struct Archiver {
     /// `begin` succeeded: `archived` holds where each partition's archive ends (0 before,
     /// which keeps every log segment).
     ready: AtomicBool,
+}
+
+/// Where a partition's archive stood as a round began, and under which claim.
+#[derive(Clone, Copy)]
+struct Start {
+    progress: ArchiveProgress,
+    claim: u64,
 }
 
 struct Opening {
@@ -181,6 +193,7 @@ impl Archiver {
             notes: partitions.clone().map(|_| Mutex::new(())).collect(),
             rounds: partitions.clone().map(|_| Mutex::new(())).collect(),
             attempted: partitions.clone().map(|_| Mutex::new(None)).collect(),
+            claims: partitions.clone().map(|_| AtomicU64::new(0)).collect(),
             failing: partitions.clone().map(|_| AtomicBool::new(false)).collect(),
             written_at: partitions.map(|_| Mutex::new(None)).collect(),
             trouble: Mutex::new(None),
@@ -193,6 +206,7 @@ impl Archiver {
     /// written. A round still under way from an earlier ownership cannot record anything
     /// the store does not expect (`record`), so it cannot write past what this reads.
     pub(crate) fn claim(&self, partition: u32) -> Result<(), String> {
+        self.claims[partition as usize].fetch_add(1, Ordering::AcqRel);
         self.reload(partition)?;
         *self.written_at[partition as usize].lock() = None;
         self.failing[partition as usize].store(false, Ordering::Release);
@@ -227,26 +241,44 @@ impl Archiver {
         }
     }
 
-    /// Moves `partition`'s archive from `from` past `end`: `put` writes what holds (or marks)
-    /// `[from, end)`. The range is recorded as pending first (cluster mode), so a failed
-    /// `put`, or one whose answer was lost, is done again over exactly that range, under
-    /// the same name, by whoever archives the partition next.
+    /// Where `partition`'s archive stands as a round begins.
+    fn start(&self, partition: u32) -> Start {
+        let claim = self.claims[partition as usize].load(Ordering::Acquire);
+        let archived = self.archived(partition);
+        // A pending end at or behind what is archived is stale (left by a round of an
+        // earlier ownership): the store says what is pending (`record` reloads it).
+        let pending = self.attempted[partition as usize].lock().filter(|&end| end > archived);
+        Start { progress: ArchiveProgress { archived, pending }, claim }
+    }
+
+    /// Moves `partition`'s archive from where the round found it (`start`) past `end`:
+    /// `put` writes what holds (or marks) `[start, end)`. The range is recorded as pending
+    /// first (cluster mode), so a failed `put`, or one whose answer was lost, is done again
+    /// over exactly that range, under the same name, by whoever archives the partition
+    /// next. The store moves only from the progress the round began with, so a round that
+    /// began before another node moved it writes nothing.
     fn advance(
         &self,
         partition: u32,
-        (from, end): (u64, u64),
+        start: Start,
+        end: u64,
         put: impl FnOnce() -> Result<(), String>,
     ) -> Result<(), String> {
+        let from = start.progress.archived;
+        let current = || self.claims[partition as usize].load(Ordering::Acquire) == start.claim;
         let attempted = &self.attempted[partition as usize];
-        let was = *attempted.lock();
         let pending = ArchiveProgress { archived: from, pending: Some(end) };
-        self.record(partition, ArchiveProgress { archived: from, pending: was }, pending)?;
-        *attempted.lock() = Some(end);
+        self.record(partition, start.progress, pending)?;
+        if current() {
+            *attempted.lock() = Some(end);
+        }
         put()?;
         self.record(partition, pending, ArchiveProgress { archived: end, pending: None })?;
-        *attempted.lock() = None;
-        self.archived[partition as usize].store(end, Ordering::Release);
-        *self.written_at[partition as usize].lock() = Some(std::time::Instant::now());
+        if current() {
+            *attempted.lock() = None;
+            self.archived[partition as usize].store(end, Ordering::Release);
+            *self.written_at[partition as usize].lock() = Some(std::time::Instant::now());
+        }
         Ok(())
     }
 
@@ -395,8 +427,9 @@ impl Archiver {
             self.begin().map_err(|(Begin::Refused(reason) | Begin::Unreachable(reason))| reason)?;
         }
         let _round = self.rounds[partition as usize].lock();
-        let from = self.archived(partition);
-        let checkpoint = self.attempted[partition as usize].lock().unwrap_or(checkpoint);
+        let start = self.start(partition);
+        let from = start.progress.archived;
+        let checkpoint = start.progress.pending.unwrap_or(checkpoint);
         if from >= checkpoint {
             return Ok(false);
         }
@@ -424,7 +457,7 @@ impl Archiver {
         match read {
             Err(LogError::Gone { detail, resumes }) => {
                 let resume = resumes.unwrap_or(checkpoint).clamp(from, checkpoint);
-                return Err(self.skip_lost(partition, (from, resume), &detail));
+                return self.skip_lost(partition, start, resume, &detail);
             }
             Err(error) => return Err(error.to_string()),
             Ok(()) => {}
@@ -436,12 +469,19 @@ impl Archiver {
         if end == from {
             return Ok(false);
         }
+        if start.progress.pending.is_some_and(|pending| pending != end) {
+            // The log ended the read early (a hole): a range written before, which may
+            // have landed, is written again whole or not at all.
+            return Err(format!(
+                "partition {partition}: offsets {from} to {checkpoint} could not be read whole; retried"
+            ));
+        }
         // A round of nothing but record lists the owners refused (cluster mode) still
         // moves the archive past them: an empty file, named at a fixed hour so that
         // writing it again replaces it.
         let hour = hour.unwrap_or(0);
         let (events, path) = (builder.rows(), FileKey { partition, hour_ms: hour }.path(from, end));
-        self.write(partition, &path, builder, (from, end))?;
+        self.write(partition, &path, builder, start, end)?;
         metrics::counter!("tally_archive_files_total").increment(1);
         metrics::counter!("tally_archive_events_total").increment(events as u64);
         if let Err(error) = self.compact_notes(partition) {
@@ -450,46 +490,46 @@ impl Archiver {
         Ok(true)
     }
 
-    /// Writes the file of `partition`'s offsets `[from, end)` at `path`, and moves the
-    /// archive's checkpoint past it.
-    fn write(&self, partition: u32, path: &str, file: FileBuilder, (from, end): (u64, u64)) -> Result<(), String> {
+    /// Writes the file of `partition`'s offsets from `start` to `end` at `path`, and moves
+    /// the archive's checkpoint past it.
+    fn write(&self, partition: u32, path: &str, file: FileBuilder, start: Start, end: u64) -> Result<(), String> {
         let bytes = file.encode().map_err(|e| e.to_string())?;
-        self.advance(partition, (from, end), || {
+        self.advance(partition, start, end, || {
             self.archive.put(path, bytes).map_err(|e| format!("writing {path}: {e}"))
         })
     }
 
-    /// The log no longer holds `from` up to `resume` (segments deleted while archiving was
-    /// off, or by Kafka's retention): the archive goes on from `resume`, and says what it
-    /// lacks. An empty file `[resume, resume)` marks where archiving goes on after a gap,
-    /// so that the gap shows in the archive's offset ranges (a recompute then refuses
-    /// those days), and the archive's end is found there after a restart.
-    fn skip_lost(&self, partition: u32, (from, resume): (u64, u64), detail: &str) -> String {
-        // A range written before, whose write may have landed, is not lost if it did.
-        let pending = *self.attempted[partition as usize].lock();
-        let landed = |end| {
-            let files = self.archive.files().map_err(|e| format!("listing the archive: {e}"))?;
-            Ok::<_, String>(
-                files.iter().any(|f| f.partition == partition && f.first_offset == from && f.end_offset == end),
-            )
-        };
-        let resume = match pending.map(|end| (end, landed(end))) {
-            Some((_, Err(error))) => return format!("partition {partition}: {error}; retried"),
-            Some((end, Ok(true))) => end.max(resume),
-            _ => resume,
-        };
+    /// The log no longer holds what follows `start`, up to `resume` (segments deleted while
+    /// archiving was off, or by Kafka's retention): the archive goes on from `resume`, and
+    /// says what it lacks. An empty file `[resume, resume)` marks where archiving goes on
+    /// after a gap, so that the gap shows in the archive's offset ranges (a recompute then
+    /// refuses those days), and the archive's end is found there after a restart. A range
+    /// written before (pending), whose write may have landed or may still land, is never
+    /// overlapped: archiving goes on after it, and if its file is there nothing was lost.
+    fn skip_lost(&self, partition: u32, start: Start, resume: u64, detail: &str) -> Result<bool, String> {
+        let from = start.progress.archived;
+        if let Some(pending) = start.progress.pending {
+            let files = self.archive.files().map_err(|e| format!("partition {partition}: listing the archive: {e}"))?;
+            if files.iter().any(|f| f.partition == partition && f.first_offset == from && f.end_offset == pending) {
+                self.advance(partition, start, pending, || Ok(()))?;
+                return Ok(true);
+            }
+        }
+        let resume = start.progress.pending.map_or(resume, |pending| pending.max(resume));
         let path = FileKey::of(partition, self.clock.now_ms()).path(resume, resume);
-        let marked = self.advance(partition, (from, resume), || {
+        let marked = self.advance(partition, start, resume, || {
             let empty = FileBuilder::default().encode().map_err(|e| e.to_string())?;
             self.archive.put(&path, empty).map_err(|e| e.to_string())
         });
         if let Err(error) = marked {
-            return format!("partition {partition}: marking the gap {from} to {resume} at {path}: {error}; retried");
+            return Err(format!(
+                "partition {partition}: marking the gap {from} to {resume} at {path}: {error}; retried"
+            ));
         }
         metrics::counter!("tally_archive_gaps_total").increment(1);
-        format!(
+        Err(format!(
             "partition {partition}: the log no longer holds offsets {from} to {resume} ({detail}); the archive lacks them"
-        )
+        ))
     }
 
     /// Deletes the files whose receive hour ended more than the retention ago, but never a
@@ -557,14 +597,20 @@ impl Archiver {
         owned(partitions).try_for_each(|partition| self.catch_up_one(partition))
     }
 
-    /// Cluster mode: a node leaving archives what it checkpointed of `partition`, unless its
-    /// last round failed (the archive or the log unreachable: the next owner goes on, and
-    /// the node's stop is not held up by timeouts).
+    /// Cluster mode: a node leaving archives what it checkpointed of `partition`, for up to
+    /// `HAND_OVER_MAX`, unless its last round failed (the archive or the log unreachable):
+    /// the next owner goes on from there, and the group's rebalance is not held up long.
     pub(crate) fn hand_over(&self, partition: &Partition) -> Result<(), String> {
         if self.failing[partition.index as usize].load(Ordering::Acquire) {
             return Err("its last round failed".into());
         }
-        self.catch_up_one(partition)
+        let (started, checkpoint) = (std::time::Instant::now(), partition.checkpoint_offset.load(Ordering::Acquire));
+        while self.round(partition.index, checkpoint)? {
+            if started.elapsed() >= HAND_OVER_MAX {
+                return Err(format!("not caught up within {} s", HAND_OVER_MAX.as_secs()));
+            }
+        }
+        Ok(())
     }
 
     /// Archives everything behind `partition`'s checkpoint.
@@ -853,6 +899,28 @@ mod tests {
         let later = self::archiver(dir.path(), Some(2), now + 100 * DAY_MS);
         assert_eq!(later.purge().unwrap(), 1);
         assert_eq!(ranges(&later), [(0, 100, 100), (1, 100, 100)], "each partition's newest stays, however old");
+    }
+
+    #[test]
+    fn a_gap_after_a_pending_range_never_overlaps_it_and_loses_nothing_if_its_file_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 20_000 * DAY_MS;
+        let archiver = archiver(dir.path(), None, now);
+        // A write of [100, 150) whose answer was lost: its file is there.
+        *archiver.attempted[0].lock() = Some(150);
+        put(&archiver, 0, now, 100, 150);
+        let landed = archiver.skip_lost(0, archiver.start(0), 120, "gone");
+        assert_eq!(landed, Ok(true), "nothing is lost: the pending file holds it");
+        assert_eq!(archiver.archived(0), 150);
+        assert_eq!(ranges(&archiver), [(0, 100, 100), (0, 100, 150), (1, 100, 100)], "no gap marked");
+
+        // A write of [150, 200) that may still land: the gap is marked after it, not at 180.
+        *archiver.attempted[0].lock() = Some(200);
+        let lost = archiver.skip_lost(0, archiver.start(0), 180, "gone").unwrap_err();
+        assert!(lost.contains("no longer holds offsets 150 to 200"), "{lost}");
+        assert_eq!(archiver.archived(0), 200);
+        assert_eq!(ranges(&archiver).last(), Some(&(1, 100, 100)));
+        assert!(ranges(&archiver).contains(&(0, 200, 200)), "the gap's marker: {:?}", ranges(&archiver));
     }
 
     #[test]

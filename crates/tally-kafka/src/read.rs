@@ -27,6 +27,9 @@ const HOLE_PAUSE: Duration = Duration::from_millis(100);
 const HOLE_PATIENCE: Duration = Duration::from_secs(300);
 /// How long asking the broker for a partition's watermarks may take.
 const WATERMARK_WAIT: Duration = Duration::from_secs(10);
+/// How long a read waits for a message before it asks whether the partition still holds
+/// the offset due (retention may have deleted everything up to the end of the read).
+const SILENCE_CHECK: Duration = Duration::from_secs(2);
 
 /// Reads ranges of the topic's partitions; one read at a time.
 pub struct Reader {
@@ -76,9 +79,16 @@ impl Reader {
         };
         list.add_partition_offset(&self.topic, partition as i32, Offset::Offset(from as i64)).map_err(unread)?;
         consumer.assign(&list).map_err(unread)?;
-        let (mut next, mut heard) = (from, Instant::now());
+        let (mut next, mut heard, mut checked) = (from, Instant::now(), false);
         while next < to {
             let message = match consumer.poll(POLL_WAIT) {
+                None if !checked && heard.elapsed() >= SILENCE_CHECK => {
+                    checked = true;
+                    match self.low_watermark(consumer, partition) {
+                        Some(low) if low > next => return Ok(Attempt::Hole { next, got: low }),
+                        _ => continue,
+                    }
+                }
                 None if heard.elapsed() >= STALL_TIMEOUT => {
                     let detail = format!(
                         "reading partition {partition} of {}: nothing at offset {next} within {} s",
@@ -101,9 +111,6 @@ impl Reader {
             if message.partition() != partition as i32 || offset < next {
                 continue;
             }
-            if offset >= to {
-                break;
-            }
             if offset > next {
                 return Ok(Attempt::Hole { next, got: offset });
             }
@@ -121,9 +128,9 @@ impl Reader {
     /// `HOLE_PATIENCE`; otherwise read again later.
     fn hole(&self, consumer: &BaseConsumer, partition: u32, next: u64, got: u64) -> LogError {
         let topic = &self.topic;
-        let low = consumer.fetch_watermarks(topic, partition as i32, WATERMARK_WAIT).map(|(low, _)| low.max(0) as u64);
+        let low = self.low_watermark(consumer, partition);
         let mut holes = self.holes.lock();
-        if let Ok(low) = low
+        if let Some(low) = low
             && low > next
         {
             holes.remove(&(partition, next));
@@ -147,12 +154,22 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// The oldest offset the partition holds, if the broker says.
+    fn low_watermark(&self, consumer: &BaseConsumer, partition: u32) -> Option<u64> {
+        let watermarks = consumer.fetch_watermarks(&self.topic, partition as i32, WATERMARK_WAIT);
+        watermarks.ok().map(|(low, _)| low.max(0) as u64)
+    }
+}
+
 impl LogReader for Reader {
     fn read(&self, partition: u32, from: u64, to: u64, visit: &mut Visit<'_>) -> Result<(), LogError> {
         if from >= to {
             return Ok(());
         }
         let consumer = self.consumer.lock();
+        // Holes behind this read were read past: forgotten.
+        self.holes.lock().retain(|&(p, offset), _| p != partition || offset >= from);
         let (mut at, mut rereads) = (from, 0);
         let result = loop {
             match self.attempt(&consumer, partition, at, to, visit) {

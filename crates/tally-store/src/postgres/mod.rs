@@ -203,6 +203,30 @@ fn set_meta(connection: &mut Connection, key: &str, value: i64) -> Result<(), St
     set_meta_text(connection, key, &value.to_string())
 }
 
+/// `check_archive`, with its row of `tally_meta` there to lock (empty: no archive).
+fn check_archive_locked(connection: &mut Connection, location: Option<&str>) -> Result<(), StoreError> {
+    match (meta_text(connection, "archive")?.filter(|stored| !stored.is_empty()), location) {
+        (None, None) => Ok(()),
+        (Some(stored), Some(location)) if stored == location => Ok(()),
+        // Archiving (again): progress and notes from an earlier archiving would skip
+        // what was flushed meanwhile without notes.
+        (None, Some(location)) => {
+            let reset =
+                connection.statement("UPDATE tally_checkpoints SET archived_offset = NULL, archive_pending = NULL")?;
+            wait(connection.client.execute(&reset, &[])).map_err(pg_error("reset archive progress"))?;
+            let notes = connection.statement("DELETE FROM tally_archive_notes")?;
+            wait(connection.client.execute(&notes, &[])).map_err(pg_error("drop archive notes"))?;
+            set_meta_text(connection, "archive", location)
+        }
+        (Some(stored), None) => Err(StoreError::Config {
+            detail: format!("this cluster archives raw events to {stored}: start every node with --archive {stored}"),
+        }),
+        (Some(stored), Some(location)) => {
+            Err(StoreError::Config { detail: format!("this cluster archives raw events to {stored}, not {location}") })
+        }
+    }
+}
+
 /// An `ArchiveProgress` from its two columns.
 fn progress(archived: i64, pending: Option<i64>) -> ArchiveProgress {
     ArchiveProgress { archived: archived as u64, pending: pending.map(|end| end as u64) }
@@ -452,27 +476,13 @@ impl CounterStore for PostgresStore {
     fn check_archive(&self, location: Option<&str>) -> Result<(), StoreError> {
         // `s3://bucket/prefix/` names the same place as `s3://bucket/prefix`.
         let location = location.map(|l| l.trim_end_matches('/'));
-        self.pool.get()?.transaction("BEGIN", |connection| match (meta_text(connection, "archive")?, location) {
-            (None, None) => Ok(()),
-            (Some(stored), Some(location)) if stored == location => Ok(()),
-            // Archiving (again): progress and notes from an earlier archiving would skip
-            // what was flushed meanwhile without notes.
-            (None, Some(location)) => {
-                let reset = connection
-                    .statement("UPDATE tally_checkpoints SET archived_offset = NULL, archive_pending = NULL")?;
-                wait(connection.client.execute(&reset, &[])).map_err(pg_error("reset archive progress"))?;
-                let notes = connection.statement("DELETE FROM tally_archive_notes")?;
-                wait(connection.client.execute(&notes, &[])).map_err(pg_error("drop archive notes"))?;
-                set_meta_text(connection, "archive", location)
-            }
-            (Some(stored), None) => Err(StoreError::Config {
-                detail: format!(
-                    "this cluster archives raw events to {stored}: start every node with --archive {stored}"
-                ),
-            }),
-            (Some(stored), Some(location)) => Err(StoreError::Config {
-                detail: format!("this cluster archives raw events to {stored}, not {location}"),
-            }),
+        self.pool.get()?.transaction("BEGIN", |connection| {
+            // Two nodes archiving for the first time at once: one at a time. A missing row
+            // cannot be locked, so an empty one (no archive) is made first.
+            let row = connection
+                .statement("INSERT INTO tally_meta (key, value) VALUES ('archive', '') ON CONFLICT (key) DO NOTHING")?;
+            wait(connection.client.execute(&row, &[])).map_err(pg_error("write tally_meta"))?;
+            check_archive_locked(connection, location)
         })
     }
 
