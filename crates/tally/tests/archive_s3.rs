@@ -33,23 +33,39 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// moto's S3 server on a free port, with the bucket made. A port freed for it may be taken
+/// by another test's listener before moto binds it (moto then exits): another is tried.
 fn start_moto() -> Moto {
-    let port = free_port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server must be installed (.ci/run installs moto[server])");
-    let moto = Moto { child, address: SocketAddr::from(([127, 0, 0, 1], port)) };
+    for attempt in 1..=5 {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server must be installed (.ci/run installs moto[server])");
+        let mut moto = Moto { child, address: SocketAddr::from(([127, 0, 0, 1], port)) };
+        if bucket_made(&mut moto) {
+            return moto;
+        }
+        eprintln!("moto_server on port {port} did not come up (attempt {attempt}); trying another port");
+    }
+    panic!("moto_server did not come up on any of 5 ports");
+}
+
+/// Makes the bucket once moto answers: false if moto exited, or something else answered.
+fn bucket_made(moto: &mut Moto) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(moto.address).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not listen on {}", moto.address);
+    while Instant::now() < deadline {
+        if moto.child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if let Ok(created) = common::request(moto.address, "PUT", &format!("/{BUCKET}"), &[], b"") {
+            return created.status == 200;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let created = common::request(moto.address, "PUT", &format!("/{BUCKET}"), &[], b"").unwrap();
-    assert_eq!(created.status, 200, "creating the bucket: {}", created.text());
-    moto
+    false
 }
 
 /// Forwards connections to `target` while `up`; refuses them (closed at once) while not.
