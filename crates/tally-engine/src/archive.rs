@@ -164,9 +164,7 @@ impl Archiver {
     ) -> Result<Archiver, String> {
         let archive = Archive::open(location).map_err(|e| e.to_string())?;
         let cluster = Some((store, config.partitions));
-        let archiver = Archiver::new(archive, config, config.partitions, reader, cluster, PathBuf::new(), None);
-        archiver.ready.store(true, Ordering::Release);
-        Ok(archiver)
+        Ok(Archiver::new(archive, config, config.partitions, reader, cluster, PathBuf::new(), None))
     }
 
     fn new(
@@ -187,8 +185,9 @@ impl Archiver {
             reader,
             cluster,
             notes_dir,
+            // Nothing to find first (cluster mode: the store keeps where each partition is).
+            ready: AtomicBool::new(opening.is_none()),
             opening: Mutex::new(opening),
-            ready: AtomicBool::new(false),
             archived: partitions.clone().map(|_| AtomicU64::new(0)).collect(),
             notes: partitions.clone().map(|_| Mutex::new(())).collect(),
             rounds: partitions.clone().map(|_| Mutex::new(())).collect(),
@@ -368,16 +367,19 @@ impl Archiver {
         self.notes_dir.join(format!("p{partition:03}"))
     }
 
-    /// Records `uncounted` durably, before the checkpoint passes their frames.
-    pub(crate) fn note(&self, partition: u32, uncounted: &[Uncounted]) -> std::io::Result<()> {
-        if uncounted.is_empty() {
-            return Ok(());
+    /// Records `uncounted` durably, before the checkpoint passes their frames: on a single
+    /// node appended to the partition's notes file now; in cluster mode returned, for the
+    /// flush's own transaction to carry (`PartitionFlush::notes`).
+    pub(crate) fn note(&self, partition: u32, uncounted: &[Uncounted]) -> std::io::Result<Vec<u8>> {
+        let bytes: Vec<u8> = uncounted.iter().flat_map(encode).collect();
+        if self.cluster.is_some() || bytes.is_empty() {
+            return Ok(bytes);
         }
         let _held = self.notes[partition as usize].lock();
-        let bytes: Vec<u8> = uncounted.iter().flat_map(encode).collect();
         let mut file = OpenOptions::new().create(true).append(true).open(self.notes_path(partition))?;
         file.write_all(&bytes)?;
-        file.sync_data()
+        file.sync_data()?;
+        Ok(Vec::new())
     }
 
     /// The notes of frames ending in `(from, to]`.
@@ -594,7 +596,7 @@ impl Archiver {
     /// Archives everything behind the checkpoints of the partitions owned here (a clean
     /// stop), or fails with why not.
     pub(crate) fn catch_up(&self, partitions: &[Arc<Partition>]) -> Result<(), String> {
-        owned(partitions).try_for_each(|partition| self.catch_up_one(partition))
+        owned(partitions).try_for_each(|partition| self.catch_up_one(partition, None))
     }
 
     /// Cluster mode: a node leaving archives what it checkpointed of `partition`, for up to
@@ -604,19 +606,17 @@ impl Archiver {
         if self.failing[partition.index as usize].load(Ordering::Acquire) {
             return Err("its last round failed".into());
         }
-        let (started, checkpoint) = (std::time::Instant::now(), partition.checkpoint_offset.load(Ordering::Acquire));
-        while self.round(partition.index, checkpoint)? {
-            if started.elapsed() >= HAND_OVER_MAX {
-                return Err(format!("not caught up within {} s", HAND_OVER_MAX.as_secs()));
-            }
-        }
-        Ok(())
+        self.catch_up_one(partition, Some(HAND_OVER_MAX))
     }
 
-    /// Archives everything behind `partition`'s checkpoint.
-    pub(crate) fn catch_up_one(&self, partition: &Partition) -> Result<(), String> {
-        let checkpoint = partition.checkpoint_offset.load(Ordering::Acquire);
-        while self.round(partition.index, checkpoint)? {}
+    /// Archives everything behind `partition`'s checkpoint, or as much as `within` allows.
+    fn catch_up_one(&self, partition: &Partition, within: Option<Duration>) -> Result<(), String> {
+        let (started, checkpoint) = (std::time::Instant::now(), partition.checkpoint_offset.load(Ordering::Acquire));
+        while self.round(partition.index, checkpoint)? {
+            if let Some(within) = within.filter(|&within| started.elapsed() >= within) {
+                return Err(format!("not caught up within {} s", within.as_secs()));
+            }
+        }
         Ok(())
     }
 
@@ -776,11 +776,6 @@ pub(crate) fn forget_notes(data_dir: &std::path::Path) -> std::io::Result<()> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(error),
     }
-}
-
-/// Notes as cluster mode's flushes carry them (`PartitionFlush::notes`).
-pub(crate) fn encode_notes(uncounted: &[Uncounted]) -> Vec<u8> {
-    uncounted.iter().flat_map(encode).collect()
 }
 
 /// A note's bytes: frame end offset, record index, event index, little-endian.

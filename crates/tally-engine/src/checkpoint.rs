@@ -271,24 +271,16 @@ fn take_deltas(shared: &Shared) -> Vec<Taken> {
 
 fn commit(shared: &Shared, state: &mut FlushState, batch: Vec<Taken>) -> Result<(), EngineError> {
     let started = Instant::now();
-    // The archive's notes are durable before the checkpoints pass their frames: on a
-    // single node in their own files first, in cluster mode in the flush's transaction.
-    let archiving = shared.archiver.is_some();
-    if let Some(archiver) = shared.archiver.as_ref().filter(|_| !shared.cluster) {
-        for taken in &batch {
-            if let Err(error) = archiver.note(taken.partition.index, &taken.uncounted) {
-                return Err(shared.failed(format!("writing the archive notes failed: {error}")));
-            }
+    // The archive's notes are durable before the checkpoints pass their frames
+    // (`Archiver::note`: written now, or carried by the flush).
+    let mut notes = Vec::with_capacity(batch.len());
+    for taken in &batch {
+        match shared.archiver.as_ref().map_or(Ok(Vec::new()), |a| a.note(taken.partition.index, &taken.uncounted)) {
+            Ok(noted) => notes.push(noted),
+            Err(error) => return Err(shared.failed(format!("writing the archive notes failed: {error}"))),
         }
     }
     let cells: usize = batch.iter().map(|taken| taken.deltas.cells()).sum();
-    let notes: Vec<Vec<u8>> = batch
-        .iter()
-        .map(|taken| match archiving && shared.cluster {
-            true => crate::archive::encode_notes(&taken.uncounted),
-            false => Vec::new(),
-        })
-        .collect();
     let flushes: Vec<PartitionFlush<'_>> = batch
         .iter()
         .zip(&notes)

@@ -173,16 +173,17 @@ fn open_archiver(config: &EngineConfig, partitions: &[Arc<Partition>]) -> Result
 }
 
 /// Cluster mode: the archiver, when an archive is configured (`reader` then reads the
-/// shared log back).
+/// shared log back). Every node archives to the same place or none does
+/// (`CounterStore::check_archive`).
 fn open_cluster_archiver(
     config: &EngineConfig,
     store: &Arc<dyn CounterStore>,
     reader: Option<Box<dyn LogReader>>,
 ) -> Result<Option<Arc<Archiver>>, EngineError> {
+    store.check_archive(config.archive.as_deref())?;
     let Some(location) = &config.archive else { return Ok(None) };
     let unavailable = |reason: String| EngineError::Unavailable { reason: format!("archive {location}: {reason}") };
     let reader = reader.ok_or_else(|| unavailable("no reader of the shared log was given".into()))?;
-    store.check_archive(Some(location)).map_err(|e| unavailable(e.to_string()))?;
     let archiver = Archiver::open_cluster(location, config, Arc::clone(store), reader).map_err(unavailable)?;
     Ok(Some(Arc::new(archiver)))
 }

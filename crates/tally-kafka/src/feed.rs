@@ -25,11 +25,11 @@ const CLAIM_RETRY: Duration = Duration::from_secs(1);
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the store's checkpoints are committed to Kafka as the group's offsets.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
-/// How long one poll waits for a message.
-const POLL_WAIT: Duration = Duration::from_millis(100);
-/// How often a partition is read again from the offset its owner expects when the log
-/// delivers a later one, before the hole is taken as real (records deleted by retention).
-const HOLE_REFETCHES: u32 = 5;
+/// How long one poll waits for a message (the owners' feed and the archive's reader).
+pub(crate) const POLL_WAIT: Duration = Duration::from_millis(100);
+/// How often a partition is read again from the offset its owner (or the archive's reader)
+/// expects when the log delivers a later one, before the hole is taken as real.
+pub(crate) const HOLE_REFETCHES: u32 = 5;
 
 /// How a node joins the owners' group.
 #[derive(Debug, Clone)]

@@ -11,15 +11,12 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tally_core::log::{LogError, LogReader, Visit};
 use tally_core::record::ListRecords;
 
+use crate::feed::{HOLE_REFETCHES, POLL_WAIT};
 use crate::{KafkaError, client};
 
-/// How long one poll waits for a message.
-const POLL_WAIT: Duration = Duration::from_millis(100);
 /// How long a read may go without a message before it fails (the broker unreachable).
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often a read that met a later offset than it asked for starts again from the one it
-/// asked for (as the owners' feed does, see `feed::Holes`), and how long it waits first.
-const HOLE_REREADS: u32 = 5;
+/// How long a read waits before it reads a hole again (`feed::HOLE_REFETCHES` times).
 const HOLE_PAUSE: Duration = Duration::from_millis(100);
 /// How long a hole that the partition's low watermark does not explain (older offsets are
 /// still held) is read again, pass after pass, before it is taken as lost: a broker that
@@ -152,9 +149,7 @@ impl Reader {
             detail: format!("partition {partition} of {topic} delivered offset {got} where {next} was due; read again"),
         }
     }
-}
 
-impl Reader {
     /// The oldest offset the partition holds, if the broker says.
     fn low_watermark(&self, consumer: &BaseConsumer, partition: u32) -> Option<u64> {
         let watermarks = consumer.fetch_watermarks(&self.topic, partition as i32, WATERMARK_WAIT);
@@ -173,7 +168,7 @@ impl LogReader for Reader {
         let (mut at, mut rereads) = (from, 0);
         let result = loop {
             match self.attempt(&consumer, partition, at, to, visit) {
-                Ok(Attempt::Hole { next, .. }) if rereads < HOLE_REREADS => {
+                Ok(Attempt::Hole { next, .. }) if rereads < HOLE_REFETCHES => {
                     // A new hole gets its own rereads.
                     rereads = if next == at { rereads + 1 } else { 1 };
                     at = next;

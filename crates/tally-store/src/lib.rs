@@ -163,6 +163,11 @@ pub struct ArchiveProgress {
     pub pending: Option<u64>,
 }
 
+/// What a store without cluster mode answers when asked for what only a cluster keeps.
+fn cluster_only(what: &str) -> StoreError {
+    StoreError::Config { detail: format!("only a cluster keeps {what} in the store") }
+}
+
 pub trait CounterStore: Send + Sync + 'static {
     /// Records the partition count on first use; fails if it differs from a stored one.
     /// Claims every partition for this store: a store that shares its data with others (a
@@ -256,7 +261,7 @@ pub trait CounterStore: Send + Sync + 'static {
     /// the caller holds off flushes so that the checkpoint stays where it was claimed.
     fn begin_archive(&self, partition: u32) -> Result<ArchiveProgress, StoreError> {
         let _ = partition;
-        Err(StoreError::Config { detail: "only a cluster keeps archive progress in the store".into() })
+        Err(cluster_only("archive progress"))
     }
 
     /// Cluster mode: moves a claimed partition's archive from `expected` to `progress`, and
@@ -270,14 +275,14 @@ pub trait CounterStore: Send + Sync + 'static {
         progress: ArchiveProgress,
     ) -> Result<(), StoreError> {
         let _ = (partition, expected, progress);
-        Err(StoreError::Config { detail: "only a cluster keeps archive progress in the store".into() })
+        Err(cluster_only("archive progress"))
     }
 
     /// Cluster mode: the archive notes committed with a partition's flushes whose
     /// checkpoint is past `after`, oldest first.
     fn archive_notes(&self, partition: u32, after: u64) -> Result<Vec<Vec<u8>>, StoreError> {
         let _ = (partition, after);
-        Err(StoreError::Config { detail: "only a cluster keeps archive notes in the store".into() })
+        Err(cluster_only("archive notes"))
     }
 
     /// Whether reads cross a network (and so may take long): the server then runs them

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tally_core::log::LogReader;
 use tally_engine::{Engine, EngineConfig};
 use tally_kafka::{Feed, FeedSettings, Producer, Reader};
-use tally_store::{CounterStore, PoolOptions, PostgresStore};
+use tally_store::{PoolOptions, PostgresStore};
 
 use crate::config::{ClusterSettings, TOPIC_DEFAULT};
 
@@ -80,7 +80,6 @@ pub fn start(
         .partitions()?
         .context("the database holds no tally cluster: run `tally cluster init --kafka … --postgres …` first")?;
     config.partitions = partitions;
-    store.check_archive(config.archive.as_deref()).context("the cluster's archive")?;
     let reader: Option<Box<dyn LogReader>> = match &config.archive {
         Some(_) => Some(Box::new(Reader::new(&settings.brokers, &settings.topic)?)),
         None => None,
