@@ -605,6 +605,7 @@ pub fn read_frames(
         return Err(WalError::Missing { dir: dir.into(), offset: from, detail: oldest });
     }
     let mut at = from;
+    let mut chunk = Vec::new();
     for (index, &base) in bases.iter().enumerate().skip(first - 1) {
         if at >= to {
             break;
@@ -613,42 +614,77 @@ pub fn read_frames(
         let end = to.min(segment_end);
         let path = segment_path(dir, base);
         let file = File::open(&path).map_err(WalError::io(&path))?;
-        let mut bytes = vec![0; usize::try_from(end - at).expect("a segment fits in memory")];
-        file.read_exact_at(&mut bytes, at - base).map_err(WalError::io(&path))?;
-        let mut position = 0;
-        while position < bytes.len() {
-            match frame::scan(&bytes, position, false) {
-                // The roll marker: the rest is in the next segment.
-                Scan::Frame { payload: [], .. } => break,
-                Scan::Frame { payload, next } => {
-                    if !visit(at + next as u64, FrameRecords::new(payload)) {
-                        return Ok(());
-                    }
-                    position = next;
-                }
-                Scan::End => break,
-                Scan::TornTail { reason } => {
-                    let detail = reason.to_string();
-                    return Err(WalError::Corrupt {
-                        path,
-                        position: at - base + position as u64,
-                        offset: at + position as u64,
-                        detail,
-                    });
-                }
-                Scan::Corrupt { detail } => {
-                    return Err(WalError::Corrupt {
-                        path,
-                        position: at - base + position as u64,
-                        offset: at + position as u64,
-                        detail,
-                    });
-                }
-            }
+        let mut segment = SegmentRead { file: &file, path: &path, base, chunk: &mut chunk };
+        if !segment.frames(at, end, &mut visit)? {
+            return Ok(());
         }
         at = end;
     }
     Ok(())
+}
+
+/// Bytes a reader takes from a segment at a time: a round of the archiver reads the frames
+/// it needs, not everything behind the checkpoint.
+const READ_CHUNK_BYTES: usize = 4 << 20;
+
+/// One segment being read a chunk at a time into a buffer reused across segments.
+struct SegmentRead<'a> {
+    file: &'a File,
+    path: &'a Path,
+    /// The log offset of the segment's first byte.
+    base: u64,
+    chunk: &'a mut Vec<u8>,
+}
+
+impl SegmentRead<'_> {
+    /// Visits the frames from `at` to `end`: false once `visit` answers false. A frame cut
+    /// by the end of a chunk is read whole before it is scanned, so each scan sees what it
+    /// would see with the whole range in memory.
+    fn frames(
+        &mut self,
+        at: u64,
+        end: u64,
+        visit: &mut impl FnMut(u64, FrameRecords<'_>) -> bool,
+    ) -> Result<bool, WalError> {
+        self.chunk.clear();
+        // The log offsets of `chunk[0]` and of the first byte not read yet.
+        let (mut chunk_at, mut read_to) = (at, at);
+        let mut position = 0;
+        loop {
+            let wanted = frame::wanted(self.chunk, position);
+            if read_to < end && self.chunk.len() - position < wanted {
+                self.chunk.drain(..position);
+                chunk_at += position as u64;
+                position = 0;
+                let more = (end - read_to).min(READ_CHUNK_BYTES.max(wanted - self.chunk.len()) as u64) as usize;
+                let filled = self.chunk.len();
+                self.chunk.resize(filled + more, 0);
+                self.file
+                    .read_exact_at(&mut self.chunk[filled..], read_to - self.base)
+                    .map_err(WalError::io(self.path))?;
+                read_to += more as u64;
+                continue;
+            }
+            let corrupt = |detail| WalError::Corrupt {
+                path: self.path.into(),
+                position: chunk_at - self.base + position as u64,
+                offset: chunk_at + position as u64,
+                detail,
+            };
+            match frame::scan(self.chunk, position, false) {
+                // The roll marker: the rest is in the next segment.
+                Scan::Frame { payload: [], .. } | Scan::End => return Ok(true),
+                Scan::Frame { payload, next } => {
+                    if !visit(chunk_at + next as u64, FrameRecords::new(payload)) {
+                        return Ok(false);
+                    }
+                    position = next;
+                }
+                Scan::TornTail { reason } => return Err(corrupt(reason.to_string())),
+                Scan::Corrupt { detail } => return Err(corrupt(detail)),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -740,6 +776,30 @@ mod tests {
         })
         .unwrap();
         assert_eq!(count, 5, "the visitor stops the read");
+    }
+
+    #[test]
+    fn frames_cut_by_the_read_chunks_or_larger_than_one_are_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = fresh(dir.path(), small(64 << 20));
+        // Frames of 1.5 MiB straddle the 4 MiB chunks; one of 9 MiB spans more than two.
+        let sizes = [1_500_000, 1_500_000, 1_500_000, 9_000_000, 1_500_000, 100, 1_500_000];
+        let mut ends = vec![0];
+        for (i, &size) in sizes.iter().enumerate() {
+            ends.push(wal.append(&[&vec![i as u8; size], &[i as u8]]).unwrap().0);
+        }
+        assert!(READ_CHUNK_BYTES < 9_000_000 && ends[3] as usize > READ_CHUNK_BYTES);
+        for (from, to) in [(0, sizes.len()), (1, 5), (3, 4), (4, sizes.len())] {
+            let mut read = Vec::new();
+            read_frames(dir.path(), ends[from], ends[to], |end, records| {
+                let records: Vec<Vec<u8>> = records.map(|r| r.unwrap().to_vec()).collect();
+                read.push((end, records[0].len(), records[0].iter().all(|&b| b == records[1][0]), records[1][0]));
+                true
+            })
+            .unwrap();
+            let expected: Vec<_> = (from..to).map(|i| (ends[i + 1], sizes[i], true, i as u8)).collect();
+            assert_eq!(read, expected, "frames {from}..{to}");
+        }
     }
 
     #[test]
