@@ -46,6 +46,8 @@ pub enum ArchiveError {
     Io(#[from] std::io::Error),
     #[error("archive file {path}: {reason}")]
     File { path: String, reason: String },
+    #[error("column {column}: {detail}")]
+    Text { column: String, detail: String },
 }
 
 /// A directory: each file written to a temporary name, fsync-ed, renamed into place.

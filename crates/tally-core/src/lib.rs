@@ -19,6 +19,6 @@ pub mod topk;
 pub use bucket::{Granularity, MinuteRange, Span};
 pub use event::{EventRef, FieldError, Limits};
 pub use partition::partition_of;
-pub use record::{RecordError, RecordReader, RecordWriter, RequestKey};
+pub use record::{EventBytes, RecordError, RecordReader, RecordWriter, RequestKey};
 pub use retention::{Cutoffs, Retention};
 pub use rows::{Counter, CounterRow, TOP_SKETCH_ITEMS, TierRows, TopRow, UniquesRow};

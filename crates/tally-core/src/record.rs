@@ -178,31 +178,88 @@ impl<'a> RecordReader<'a> {
 
     /// Decodes every event, calling `visit` on each; fails on the first malformed byte.
     pub fn for_each_event(&self, mut visit: impl FnMut(EventRef<'a>)) -> Result<(), RecordError> {
+        let text = |field: &'a [u8]| {
+            // Where the field sits in the record, for the error.
+            let at = field.as_ptr() as usize - self.body.as_ptr() as usize;
+            std::str::from_utf8(field).map_err(|_| RecordError::Utf8 { at })
+        };
+        self.try_for_each_event_bytes(|event| {
+            visit(EventRef {
+                video_id: text(event.video_id)?,
+                event_type: text(event.event_type)?,
+                ts_ms: event.ts_ms,
+                value: event.value,
+                event_id: event.event_id.map(text).transpose()?,
+                viewer_id: event.viewer_id.map(text).transpose()?,
+            });
+            Ok(())
+        })
+    }
+
+    /// Decodes every event without checking its text fields as UTF-8, calling `visit` on
+    /// each; fails on the first malformed framing. For readers that check the text in
+    /// bulk, or not at all.
+    pub fn for_each_event_bytes(&self, mut visit: impl FnMut(EventBytes<'a>)) -> Result<(), RecordError> {
+        self.try_for_each_event_bytes(|event| {
+            visit(event);
+            Ok(())
+        })
+    }
+
+    fn try_for_each_event_bytes(
+        &self,
+        mut visit: impl FnMut(EventBytes<'a>) -> Result<(), RecordError>,
+    ) -> Result<(), RecordError> {
         let mut cursor = Cursor { bytes: self.body, at: self.body_at };
         for _ in 0..self.event_count {
             let video_len = usize::from(cursor.u16()?);
-            let video_id = cursor.str(video_len)?;
+            let video_id = cursor.take(video_len)?;
             let type_len = usize::from(cursor.u8()?);
-            let event_type = cursor.str(type_len)?;
+            let event_type = cursor.take(type_len)?;
             let ts_ms = cursor.i64()?;
             let value = cursor.i64()?;
             let event_id_len = usize::from(cursor.u8()?);
-            let event_id = cursor.str(event_id_len)?;
+            let event_id = cursor.take(event_id_len)?;
             let viewer_len = usize::from(cursor.u16()?);
-            let viewer_id = cursor.str(viewer_len)?;
-            visit(EventRef {
+            let viewer_id = cursor.take(viewer_len)?;
+            visit(EventBytes {
                 video_id,
                 event_type,
                 ts_ms,
                 value,
                 event_id: (!event_id.is_empty()).then_some(event_id),
                 viewer_id: (!viewer_id.is_empty()).then_some(viewer_id),
-            });
+            })?;
         }
         if cursor.at != self.body.len() {
             return Err(RecordError::Trailing { extra: self.body.len() - cursor.at });
         }
         Ok(())
+    }
+}
+
+/// An event as its record holds it, its text fields not yet checked as UTF-8 (the record
+/// framing is). What `EventRef` is once they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventBytes<'a> {
+    pub video_id: &'a [u8],
+    pub event_type: &'a [u8],
+    pub ts_ms: i64,
+    pub value: i64,
+    pub event_id: Option<&'a [u8]>,
+    pub viewer_id: Option<&'a [u8]>,
+}
+
+impl<'a> From<&EventRef<'a>> for EventBytes<'a> {
+    fn from(event: &EventRef<'a>) -> EventBytes<'a> {
+        EventBytes {
+            video_id: event.video_id.as_bytes(),
+            event_type: event.event_type.as_bytes(),
+            ts_ms: event.ts_ms,
+            value: event.value,
+            event_id: event.event_id.map(str::as_bytes),
+            viewer_id: event.viewer_id.map(str::as_bytes),
+        }
     }
 }
 
@@ -226,10 +283,6 @@ impl<'a> Cursor<'a> {
     fn i64(&mut self) -> Result<i64, RecordError> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-    fn str(&mut self, n: usize) -> Result<&'a str, RecordError> {
-        let at = self.at;
-        std::str::from_utf8(self.take(n)?).map_err(|_| RecordError::Utf8 { at })
-    }
 }
 
 #[cfg(test)]
@@ -246,6 +299,26 @@ mod tests {
             e.event_id.map(Into::into),
             e.viewer_id.map(Into::into),
         )
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused_where_it_sits_but_read_as_bytes() {
+        let mut writer = RecordWriter::new(7, None, 64);
+        let event =
+            EventRef { video_id: "v1", event_type: "view", ts_ms: 1, value: 1, event_id: None, viewer_id: None };
+        writer.push(&event);
+        writer.push(&EventRef { video_id: "v\u{e9}", ..event });
+        let mut bytes = writer.finish();
+        // The second event's video id is "v" then é's two bytes: spoil the first of them.
+        let at = bytes.len() - (2 + 1 + 4 + 8 + 8 + 1 + 2);
+        bytes[at] = 0xff;
+        let reader = RecordReader::new(&bytes).unwrap();
+        let mut seen = Vec::new();
+        assert_eq!(reader.for_each_event(|e| seen.push(e.video_id.to_string())), Err(RecordError::Utf8 { at: at - 1 }));
+        assert_eq!(seen, ["v1"]);
+        let mut raw = Vec::new();
+        reader.for_each_event_bytes(|e| raw.push(e.video_id.to_vec())).unwrap();
+        assert_eq!(raw, [b"v1".to_vec(), vec![b'v', 0xff, 0xa9]]);
     }
 
     proptest! {

@@ -443,7 +443,7 @@ impl Archiver {
             cluster_partitions,
             noted: &noted,
             noted_frames,
-            builder: FileBuilder::default(),
+            builder: FileBuilder::with_capacity(ROUND_ROWS_MAX),
             hour: None,
             end: from,
         };
@@ -838,11 +838,11 @@ impl Round<'_> {
         for (index, reader) in readers.iter().enumerate() {
             let mut event_index = 0;
             reader
-                .for_each_event(|event| {
+                .for_each_event_bytes(|event| {
                     let note = Uncounted { frame: end, record: index as u32, event: event_index };
                     event_index += 1;
                     if !noted_frame || !self.noted.contains(&note) {
-                        self.builder.push(&event, reader.receive_ms, self.partition, end);
+                        self.builder.push(event, reader.receive_ms, self.partition, end);
                     }
                 })
                 .map_err(|e| e.to_string())?;
