@@ -646,23 +646,23 @@ impl SegmentRead<'_> {
         end: u64,
         visit: &mut impl FnMut(u64, FrameRecords<'_>) -> bool,
     ) -> Result<bool, WalError> {
-        self.chunk.clear();
-        // The log offsets of `chunk[0]` and of the first byte not read yet.
-        let (mut chunk_at, mut read_to) = (at, at);
+        // `chunk[..filled]` holds the log from `chunk_at`; `read_to` is the first offset not
+        // read yet. The chunk is zeroed only when it grows.
+        let (mut chunk_at, mut read_to, mut filled) = (at, at, 0);
         let mut position = 0;
         loop {
-            let wanted = frame::wanted(self.chunk, position);
-            if read_to < end && self.chunk.len() - position < wanted {
-                self.chunk.drain(..position);
-                chunk_at += position as u64;
-                position = 0;
-                let more = (end - read_to).min(READ_CHUNK_BYTES.max(wanted - self.chunk.len()) as u64) as usize;
-                let filled = self.chunk.len();
-                self.chunk.resize(filled + more, 0);
+            let wanted = frame::wanted(&self.chunk[..filled], position);
+            if read_to < end && filled - position < wanted {
+                self.chunk.copy_within(position..filled, 0);
+                (chunk_at, filled, position) = (chunk_at + position as u64, filled - position, 0);
+                let more = (end - read_to).min(READ_CHUNK_BYTES.max(wanted - filled) as u64) as usize;
+                if self.chunk.len() < filled + more {
+                    self.chunk.resize(filled + more, 0);
+                }
                 self.file
-                    .read_exact_at(&mut self.chunk[filled..], read_to - self.base)
+                    .read_exact_at(&mut self.chunk[filled..filled + more], read_to - self.base)
                     .map_err(WalError::io(self.path))?;
-                read_to += more as u64;
+                (filled, read_to) = (filled + more, read_to + more as u64);
                 continue;
             }
             let corrupt = |detail| WalError::Corrupt {
@@ -671,7 +671,7 @@ impl SegmentRead<'_> {
                 offset: chunk_at + position as u64,
                 detail,
             };
-            match frame::scan(self.chunk, position, false) {
+            match frame::scan(&self.chunk[..filled], position, false) {
                 // The roll marker: the rest is in the next segment.
                 Scan::Frame { payload: [], .. } | Scan::End => return Ok(true),
                 Scan::Frame { payload, next } => {
