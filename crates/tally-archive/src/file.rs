@@ -102,8 +102,9 @@ impl FileBuilder {
         self.event_type.push(Some(event.event_type));
         self.ts.push(event.ts_ms);
         self.value.push(event.value);
-        self.event_id.push(event.event_id);
-        self.viewer_id.push(event.viewer_id);
+        // An empty id is no id, as in the log.
+        self.event_id.push(event.event_id.filter(|id| !id.is_empty()));
+        self.viewer_id.push(event.viewer_id.filter(|id| !id.is_empty()));
         self.received_at.push(received_ms);
         self.partition.push(partition);
         self.log_offset.push(log_offset);
@@ -193,7 +194,7 @@ fn write_numbers<T: DataType, W: Write + Send>(
 
 /// Bytes per row first set aside for a text column that is always there (`video_id`,
 /// `type`); the optional ids start empty (most loads send none).
-const TEXT_BYTES_GUESS: usize = 8;
+const TEXT_BYTES_GUESS: usize = 16;
 
 /// A string column being gathered: its values end to end, and where each ends. An absent
 /// value is an empty one (ids are never empty, and the log does not tell the two apart);
@@ -233,11 +234,12 @@ impl TextColumn {
 }
 
 /// How files are written: zstd; dictionaries for the text columns (few distinct video
-/// ids and types, each repeated many times); the numbers delta-encoded, not hashed into a
-/// dictionary (times and log offsets rise, values and partitions repeat: their deltas
-/// pack into a few bits, faster and smaller). Statistics (min and max) only where readers
-/// prune by them, the two times, and per column chunk: per page, on every string column,
-/// they cost as much as the encoding.
+/// ids and types, each repeated many times) but `event_id` (unique by nature); the numbers
+/// never hashed into a dictionary: the times and log offsets delta-encoded (they rise:
+/// their deltas pack into a few bits), values and partitions plain (they repeat: zstd
+/// takes them to almost nothing, faster than delta-packing them). Statistics (min and max)
+/// only where readers prune by them, the two times, and per column chunk: per page, on
+/// every string column, they cost as much as the encoding.
 fn properties() -> Result<WriterProperties, ArchiveError> {
     let numbers = |builder: WriterPropertiesBuilder| {
         [
@@ -296,7 +298,19 @@ mod tests {
             file.push(event, 2_000 + row as i64, 4_000_000_000, 10 + row as u64);
         }
         let reader = ParquetRecordBatchReaderBuilder::try_new(file.encode().unwrap()).unwrap();
-        assert_eq!(reader.metadata().num_row_groups(), 2);
+        assert_eq!(reader.schema().fields(), schema().fields(), "names, types (UTC), nullability");
+        let metadata = reader.metadata().clone();
+        let key_values = metadata.file_metadata().key_value_metadata().unwrap();
+        assert!(
+            key_values.iter().any(|kv| kv.key == SCHEMA_VERSION_KEY && kv.value == Some(SCHEMA_VERSION.to_string()))
+        );
+        assert_eq!(metadata.num_row_groups(), 2);
+        for group in metadata.row_groups() {
+            for time in [2, 6] {
+                let statistics = group.column(time).statistics().expect("min and max of the times");
+                assert!(statistics.min_bytes_opt().is_some() && statistics.max_bytes_opt().is_some());
+            }
+        }
         let (mut base, mut absent_event_ids) = (0, 0);
         for batch in reader.build().unwrap() {
             let batch = batch.unwrap();
@@ -323,6 +337,15 @@ mod tests {
             base += batch.num_rows();
         }
         assert_eq!((base, absent_event_ids), (rows, rows - rows.div_ceil(3)));
+    }
+
+    #[test]
+    fn a_file_of_no_rows_has_the_schema_and_no_row_group() {
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+        let reader = ParquetRecordBatchReaderBuilder::try_new(FileBuilder::default().encode().unwrap()).unwrap();
+        assert_eq!(reader.schema().fields(), schema().fields());
+        assert_eq!((reader.metadata().num_row_groups(), reader.metadata().file_metadata().num_rows()), (0, 0));
     }
 
     #[test]

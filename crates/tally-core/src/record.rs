@@ -176,7 +176,8 @@ impl<'a> RecordReader<'a> {
         Ok(RecordReader { receive_ms, request_key, event_count, body: bytes, body_at: cursor.at })
     }
 
-    /// Decodes every event, calling `visit` on each; fails on the first malformed byte.
+    /// Decodes every event, calling `visit` on each; fails on the first malformed event
+    /// (each event's framing is read before its text is checked as UTF-8).
     pub fn for_each_event(&self, mut visit: impl FnMut(EventRef<'a>)) -> Result<(), RecordError> {
         let text = |field: &'a [u8]| {
             // Where the field sits in the record, for the error.

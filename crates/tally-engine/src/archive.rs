@@ -34,8 +34,8 @@ use tally_store::{ArchiveProgress, CounterStore, StoreError};
 use crate::partition::{Partition, Uncounted};
 use crate::{Clock, EngineConfig};
 
-/// Rows one round writes at most: one row group, the memory of one file being built
-/// (tens of MiB).
+/// Rows one round writes at most (unless a single frame holds more): one row group, the
+/// memory of one file being built (tens of MiB), sized up front.
 const ROUND_ROWS_MAX: usize = tally_archive::ROW_GROUP_ROWS;
 /// The archiver thread writes a partition's file once this much log waits, or once the
 /// file interval (`archive_file_interval`) passed since its last: few, large files under
@@ -444,6 +444,8 @@ impl Archiver {
             noted: &noted,
             noted_frames,
             builder: FileBuilder::with_capacity(ROUND_ROWS_MAX),
+            // A pending range is written again exactly as recorded, whatever its size.
+            rows_max: if start.progress.pending.is_some() { usize::MAX } else { ROUND_ROWS_MAX },
             hour: None,
             end: from,
         };
@@ -806,14 +808,17 @@ struct Round<'a> {
     /// The frames `noted` names.
     noted_frames: HashSet<u64>,
     builder: FileBuilder,
+    /// Rows past which the round takes no further frame.
+    rows_max: usize,
     /// The receive hour of the round's frames (a frame's is its first record's).
     hour: Option<i64>,
     end: u64,
 }
 
 impl Round<'_> {
-    /// Takes the frame ending at `end` if it belongs to the round: false once the round is
-    /// full or the frame belongs to the next hour.
+    /// Takes the frame ending at `end` if it belongs to the round: false, leaving it to
+    /// the next round, if it belongs to the next hour or would take the file past
+    /// `rows_max` rows.
     fn take(&mut self, end: u64, records: &mut FrameRecords<'_>) -> Result<bool, String> {
         let readers: Vec<RecordReader<'_>> = match self.cluster_partitions {
             Some(partitions) => match crate::cluster::decode(records, self.partition, partitions) {
@@ -832,6 +837,10 @@ impl Round<'_> {
         if self.hour.is_some_and(|current| current != hour) {
             return Ok(false);
         }
+        let events: usize = readers.iter().map(|reader| reader.event_count as usize).sum();
+        if self.builder.rows() > 0 && self.builder.rows().saturating_add(events) > self.rows_max {
+            return Ok(false);
+        }
         self.hour = Some(hour);
         // Most frames have no uncounted event: no lookup per event for them.
         let noted_frame = self.noted_frames.contains(&end);
@@ -848,7 +857,7 @@ impl Round<'_> {
                 .map_err(|e| e.to_string())?;
         }
         self.end = end;
-        Ok(self.builder.rows() < ROUND_ROWS_MAX)
+        Ok(true)
     }
 }
 

@@ -94,9 +94,9 @@ pub(crate) fn scan(bytes: &[u8], at: usize, is_last_segment: bool) -> Scan<'_> {
 }
 
 /// How many bytes from `at` a scan needs to tell what is there when `bytes` may hold only
-/// the start of the data: a header, then the whole frame it declares; past a run of zeros,
-/// more (only the rest of the data tells an end from damage); a damaged header is told
-/// with what is there.
+/// the start of the data: a header, then the whole frame it declares; at a run of zeros,
+/// all the rest (`usize::MAX`: only the rest of the data tells an end from damage); a
+/// damaged header is told with what is there.
 pub(crate) fn wanted(bytes: &[u8], at: usize) -> usize {
     let rest = &bytes[at..];
     if rest.len() < FRAME_HEADER_BYTES {
@@ -104,7 +104,7 @@ pub(crate) fn wanted(bytes: &[u8], at: usize) -> usize {
     }
     match header_payload_len(&rest[..FRAME_HEADER_BYTES]) {
         Some(payload_len) if payload_len <= FRAME_PAYLOAD_BYTES_MAX => FRAME_HEADER_BYTES + payload_len,
-        _ if rest.iter().all(|&b| b == 0) => rest.len() + 1,
+        _ if rest.iter().all(|&b| b == 0) => usize::MAX,
         _ => rest.len(),
     }
 }

@@ -638,8 +638,10 @@ struct SegmentRead<'a> {
 
 impl SegmentRead<'_> {
     /// Visits the frames from `at` to `end`: false once `visit` answers false. A frame cut
-    /// by the end of a chunk is read whole before it is scanned, so each scan sees what it
-    /// would see with the whole range in memory.
+    /// by the end of a chunk is read whole before it is scanned, so each scan (of a segment
+    /// taken as not the last: no look-ahead past the frame) sees what it would see with the
+    /// whole range in memory. A read error or damage further on fails the read after the
+    /// frames before it were visited.
     fn frames(
         &mut self,
         at: u64,
@@ -655,7 +657,7 @@ impl SegmentRead<'_> {
             if read_to < end && filled - position < wanted {
                 self.chunk.copy_within(position..filled, 0);
                 (chunk_at, filled, position) = (chunk_at + position as u64, filled - position, 0);
-                let more = (end - read_to).min(READ_CHUNK_BYTES.max(wanted - filled) as u64) as usize;
+                let more = (end - read_to).min(READ_CHUNK_BYTES.max(wanted.saturating_sub(filled)) as u64) as usize;
                 if self.chunk.len() < filled + more {
                     self.chunk.resize(filled + more, 0);
                 }
@@ -799,6 +801,46 @@ mod tests {
             .unwrap();
             let expected: Vec<_> = (from..to).map(|i| (ends[i + 1], sizes[i], true, i as u8)).collect();
             assert_eq!(read, expected, "frames {from}..{to}");
+        }
+    }
+
+    #[test]
+    fn zeros_read_in_chunks_end_the_data_only_if_nothing_follows_them() {
+        // Six frames of 1.5 MiB; zeros from the third frame on span several read chunks.
+        let write = |dir: &Path| {
+            let mut wal = fresh(dir, small(64 << 20));
+            let ends: Vec<u64> =
+                std::iter::once(0).chain((0..6u8).map(|i| wal.append(&[&vec![i; 1_500_000]]).unwrap().0)).collect();
+            ends
+        };
+        let zero = |dir: &Path, from: u64, to: u64| {
+            let file = OpenOptions::new().write(true).open(segment_path(dir, 0)).unwrap();
+            file.write_all_at(&vec![0; (to - from) as usize], from).unwrap();
+        };
+        let read = |dir: &Path, to: u64| {
+            let mut visited = Vec::new();
+            let result = read_frames(dir, 0, to, |end, _| {
+                visited.push(end);
+                true
+            });
+            (visited, result)
+        };
+        // Zeros to the end of the range: the data ends there.
+        let tail = tempfile::tempdir().unwrap();
+        let ends = write(tail.path());
+        zero(tail.path(), ends[2], ends[6]);
+        let (visited, result) = read(tail.path(), ends[6]);
+        assert_eq!(visited, ends[1..3]);
+        assert!(result.is_ok(), "{result:?}");
+        // Zeros, then a frame: damage where the zeros start, after the frames before them.
+        let hole = tempfile::tempdir().unwrap();
+        let ends = write(hole.path());
+        zero(hole.path(), ends[2], ends[5]);
+        let (visited, result) = read(hole.path(), ends[6]);
+        assert_eq!(visited, ends[1..3]);
+        match result {
+            Err(WalError::Corrupt { position, offset, .. }) => assert_eq!((position, offset), (ends[2], ends[2])),
+            other => panic!("expected corruption at {}, got {other:?}", ends[2]),
         }
     }
 
