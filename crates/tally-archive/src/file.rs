@@ -65,9 +65,6 @@ pub struct FileBuilder {
     received_at: Vec<i64>,
     partition: Vec<u32>,
     log_offset: Vec<u64>,
-    /// The first log offset and the end of the last frame whose events it holds.
-    pub first_offset: Option<u64>,
-    pub end_offset: u64,
 }
 
 impl Default for FileBuilder {
@@ -89,8 +86,6 @@ impl FileBuilder {
             received_at: Vec::with_capacity(rows),
             partition: Vec::with_capacity(rows),
             log_offset: Vec::with_capacity(rows),
-            first_offset: None,
-            end_offset: 0,
         }
     }
 
@@ -108,7 +103,6 @@ impl FileBuilder {
         self.received_at.push(received_ms);
         self.partition.push(partition);
         self.log_offset.push(log_offset);
-        self.first_offset.get_or_insert(log_offset);
     }
 
     pub fn rows(&self) -> usize {

@@ -104,6 +104,13 @@ pub trait Log: Send + Sync {
     ) -> Result<Result<Box<dyn PartitionLog>, Stop>, LogError>;
 }
 
+/// The end offset of the shared log's message at `offset`. A frame is named by its end,
+/// in a shared log as in a local one: the archive's reader and the owners' notes of what
+/// they did not count must agree on it.
+pub fn message_end(offset: u64) -> u64 {
+    offset + 1
+}
+
 /// Reads back what a partition's log holds, beside its writer: the raw-event archive
 /// reads the frames the store has checkpointed (`tally-engine`'s archiver).
 pub trait LogReader: Send + Sync {

@@ -64,9 +64,8 @@ pub(crate) struct Archiver {
     clock: Clock,
     /// Where the frames behind the checkpoints are read back from.
     reader: Box<dyn LogReader>,
-    /// Cluster mode: the store that keeps the notes and each partition's progress, and the
-    /// partition count (a record list the owners refused is not archived either).
-    cluster: Option<(Arc<dyn CounterStore>, u32)>,
+    /// Cluster mode: the store that keeps the notes and each partition's progress.
+    cluster: Option<Arc<dyn CounterStore>>,
     notes_dir: PathBuf,
     /// Per partition: every counted event before this log offset is archived.
     archived: Vec<AtomicU64>,
@@ -163,8 +162,7 @@ impl Archiver {
         reader: Box<dyn LogReader>,
     ) -> Result<Archiver, String> {
         let archive = Archive::open(location).map_err(|e| e.to_string())?;
-        let cluster = Some((store, config.partitions));
-        Ok(Archiver::new(archive, config, config.partitions, reader, cluster, PathBuf::new(), None))
+        Ok(Archiver::new(archive, config, config.partitions, reader, Some(store), PathBuf::new(), None))
     }
 
     fn new(
@@ -172,7 +170,7 @@ impl Archiver {
         config: &EngineConfig,
         count: u32,
         reader: Box<dyn LogReader>,
-        cluster: Option<(Arc<dyn CounterStore>, u32)>,
+        cluster: Option<Arc<dyn CounterStore>>,
         notes_dir: PathBuf,
         opening: Option<Opening>,
     ) -> Archiver {
@@ -214,7 +212,7 @@ impl Archiver {
 
     /// Cluster mode: where `partition`'s archive stands, as the store says.
     fn reload(&self, partition: u32) -> Result<(), String> {
-        let Some((store, _)) = &self.cluster else { return Ok(()) };
+        let Some(store) = &self.cluster else { return Ok(()) };
         let progress = store.begin_archive(partition).map_err(|e| format!("reading the archive's progress: {e}"))?;
         self.archived[partition as usize].store(progress.archived, Ordering::Release);
         *self.attempted[partition as usize].lock() = progress.pending;
@@ -227,14 +225,12 @@ impl Archiver {
     /// record whose answer was lost): this node then reads the store's progress again, and
     /// its next round goes on from there.
     fn record(&self, partition: u32, expected: ArchiveProgress, progress: ArchiveProgress) -> Result<(), String> {
-        let Some((store, _)) = &self.cluster else { return Ok(()) };
+        let Some(store) = &self.cluster else { return Ok(()) };
         match store.set_archive_progress(partition, expected, progress) {
             Ok(()) => Ok(()),
             Err(StoreError::Fenced { .. }) => match self.reload(partition) {
-                Ok(()) => {
-                    Err(format!("partition {partition}: its archive moved on meanwhile; going on from the store's"))
-                }
-                Err(error) => Err(format!("partition {partition} is archived by another node now ({error})")),
+                Ok(()) => Err("its archive moved on meanwhile; going on from the store's".to_string()),
+                Err(error) => Err(format!("archived by another node now ({error})")),
             },
             Err(error) => Err(format!("recording the archive's progress: {error}")),
         }
@@ -384,7 +380,7 @@ impl Archiver {
 
     /// The notes of frames ending in `(from, to]`.
     fn noted(&self, partition: u32, from: u64, to: u64) -> Result<HashSet<Uncounted>, String> {
-        let Some((store, _)) = &self.cluster else {
+        let Some(store) = &self.cluster else {
             let _held = self.notes[partition as usize].lock();
             return self.read_notes(partition, from, to).map_err(|e| format!("reading the archive notes: {e}"));
         };
@@ -437,7 +433,8 @@ impl Archiver {
         }
         let noted = self.noted(partition, from, checkpoint)?;
         let noted_frames = noted.iter().map(|note| note.frame).collect();
-        let cluster_partitions = self.cluster.as_ref().map(|&(_, partitions)| partitions);
+        // A record list the owners refused is not archived either.
+        let cluster_partitions = self.cluster.is_some().then_some(self.archived.len() as u32);
         let mut round = Round {
             partition,
             cluster_partitions,
@@ -454,7 +451,7 @@ impl Archiver {
             Ok(true) => Ok(()),
             Ok(false) => Err(Stop),
             Err(error) => {
-                failed = Some(error);
+                failed = Some(format!("the log frame ending at {end}: {error}"));
                 Err(Stop)
             }
         });
@@ -476,9 +473,7 @@ impl Archiver {
         if start.progress.pending.is_some_and(|pending| pending != end) {
             // The log ended the read early (a hole): a range written before, which may
             // have landed, is written again whole or not at all.
-            return Err(format!(
-                "partition {partition}: offsets {from} to {checkpoint} could not be read whole; retried"
-            ));
+            return Err(format!("offsets {from} to {checkpoint} could not be read whole; retried"));
         }
         // A round of nothing but record lists the owners refused (cluster mode) still
         // moves the archive past them: an empty file, named at a fixed hour so that
@@ -497,7 +492,7 @@ impl Archiver {
     /// Writes the file of `partition`'s offsets from `start` to `end` at `path`, and moves
     /// the archive's checkpoint past it.
     fn write(&self, partition: u32, path: &str, file: FileBuilder, start: Start, end: u64) -> Result<(), String> {
-        let bytes = file.encode().map_err(|e| e.to_string())?;
+        let bytes = file.encode().map_err(|e| format!("encoding {path}: {e}"))?;
         self.advance(partition, start, end, || {
             self.archive.put(path, bytes).map_err(|e| format!("writing {path}: {e}"))
         })
@@ -513,7 +508,7 @@ impl Archiver {
     fn skip_lost(&self, partition: u32, start: Start, resume: u64, detail: &str) -> Result<bool, String> {
         let from = start.progress.archived;
         if let Some(pending) = start.progress.pending {
-            let files = self.archive.files().map_err(|e| format!("partition {partition}: listing the archive: {e}"))?;
+            let files = self.archive.files().map_err(|e| format!("listing the archive: {e}"))?;
             if files.iter().any(|f| f.partition == partition && f.first_offset == from && f.end_offset == pending) {
                 self.advance(partition, start, pending, || Ok(()))?;
                 return Ok(true);
@@ -526,14 +521,10 @@ impl Archiver {
             self.archive.put(&path, empty).map_err(|e| e.to_string())
         });
         if let Err(error) = marked {
-            return Err(format!(
-                "partition {partition}: marking the gap {from} to {resume} at {path}: {error}; retried"
-            ));
+            return Err(format!("marking the gap {from} to {resume} at {path}: {error}; retried"));
         }
         metrics::counter!("tally_archive_gaps_total").increment(1);
-        Err(format!(
-            "partition {partition}: the log no longer holds offsets {from} to {resume} ({detail}); the archive lacks them"
-        ))
+        Err(format!("the log no longer holds offsets {from} to {resume} ({detail}); the archive lacks them"))
     }
 
     /// Deletes the files whose receive hour ended more than the retention ago, but never a
@@ -598,7 +589,9 @@ impl Archiver {
     /// Archives everything behind the checkpoints of the partitions owned here (a clean
     /// stop), or fails with why not.
     pub(crate) fn catch_up(&self, partitions: &[Arc<Partition>]) -> Result<(), String> {
-        owned(partitions).try_for_each(|partition| self.catch_up_one(partition, None))
+        owned(partitions).try_for_each(|partition| {
+            self.catch_up_one(partition, None).map_err(|error| format!("partition {}: {error}", partition.index))
+        })
     }
 
     /// Cluster mode: a node leaving archives what it checkpointed of `partition`, for up to

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tally_aggregate::{Applied, Dedup, Outcome, PartitionState};
-use tally_core::log::{LogReader, Owner, PartitionLog};
+use tally_core::log::{LogReader, Owner, PartitionLog, message_end};
 use tally_core::record::ListRecords;
 use tally_core::{RecordReader, partition_of};
 use tally_store::CounterStore;
@@ -211,15 +211,14 @@ impl Owner for ClusterOwner {
         if offset < memory.applied_offset {
             return Ok(());
         }
-        memory.applied_offset = offset + 1;
+        let end = message_end(offset);
+        memory.applied_offset = end;
         let records = records?;
         let mut counted = Outcome::default();
         let Memory { state, uncounted, .. } = &mut *memory;
         for (position, record) in records.iter().enumerate() {
-            // Notes name a frame by its end offset, as the log reader does (`offset + 1`).
-            match apply_noting(state, record, offset + 1, position as u32, uncounted)
-                .expect("a record that decoded applies")
-            {
+            // Notes name a frame by its end offset, as the log reader does.
+            match apply_noting(state, record, end, position as u32, uncounted).expect("a record that decoded applies") {
                 Applied::Done(outcome) => counted.add(outcome),
                 Applied::Repeated(_) | Applied::KeyReused => {}
             }

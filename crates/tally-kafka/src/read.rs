@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use tally_core::log::{LogError, LogReader, Visit};
+use tally_core::log::{LogError, LogReader, Visit, message_end};
 use tally_core::record::ListRecords;
 
 use crate::feed::{HOLE_REFETCHES, POLL_WAIT};
@@ -111,7 +111,7 @@ impl Reader {
             if offset > next {
                 return Ok(Attempt::Hole { next, got: offset });
             }
-            next = offset + 1;
+            next = message_end(offset);
             let mut records = ListRecords::new(message.payload().unwrap_or_default());
             if visit(next, &mut records).is_err() {
                 break;

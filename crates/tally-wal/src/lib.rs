@@ -27,7 +27,7 @@ mod segment;
 
 pub use frame::{FRAME_HEADER_BYTES, FRAME_PAYLOAD_BYTES_MAX, FrameRecords};
 pub use local::{LocalLog, LocalReader};
-pub use segment::{Wal, WalOptions, WalStats, free_bytes, read_frames};
+pub use segment::{Wal, WalOptions, WalStats, free_bytes};
 
 /// Fuzzing entry point: reads `bytes` as a segment file the way recovery does (trailer,
 /// then frames as the last segment and as an earlier one) and iterates every frame's

@@ -27,7 +27,7 @@ impl LocalLog {
 
     /// The directory of `partition`'s log.
     pub fn dir(&self, partition: u32) -> PathBuf {
-        self.root.join(format!("p{partition:03}"))
+        partition_dir(&self.root, partition)
     }
 
     /// Whether `partition`'s log has a segment: a directory left empty by a first start
@@ -58,6 +58,11 @@ impl Log for LocalLog {
     }
 }
 
+/// The directory of `partition`'s log under `root`.
+fn partition_dir(root: &Path, partition: u32) -> PathBuf {
+    root.join(format!("p{partition:03}"))
+}
+
 /// Reads the local logs under a root (`LocalLog`'s) beside their writers.
 pub struct LocalReader {
     root: PathBuf,
@@ -71,8 +76,8 @@ impl LocalReader {
 
 impl LogReader for LocalReader {
     fn read(&self, partition: u32, from: u64, to: u64, visit: &mut Visit<'_>) -> Result<(), LogError> {
-        let dir = self.root.join(format!("p{partition:03}"));
-        let read = crate::read_frames(&dir, from, to, |end, mut records| {
+        let dir = partition_dir(&self.root, partition);
+        let read = crate::segment::read_frames(&dir, from, to, |end, mut records| {
             visit(end, &mut records as &mut FrameRecords<'_>).is_ok()
         });
         match read {

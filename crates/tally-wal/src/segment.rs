@@ -592,7 +592,7 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, WalError> {
 /// below the durable end (a checkpoint is one): `visit(end, records)` for each (a frame is
 /// named by its end offset, as `Wal::open` names it), in order, until it answers false. Read-only, beside the writer: it reads exactly the bytes
 /// of whole frames, never the segment's unwritten rest.
-pub fn read_frames(
+pub(crate) fn read_frames(
     dir: &Path,
     from: u64,
     to: u64,
