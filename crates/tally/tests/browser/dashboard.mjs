@@ -23,7 +23,10 @@ try {
   await page.evaluateOnNewDocument((key) => localStorage.setItem("tally.key", key), key);
   const started = Date.now();
   await page.goto(url, { waitUntil: "load" });
-  await page.waitForFunction(() => window.tallyFirstChartMs != null && document.getElementById("count").textContent !== "–");
+  // The counts, the chart, and the health panel's first poll (which fills "errors" only
+  // once /metrics answers, after "ready"): the parts load independently.
+  await page.waitForFunction(() => window.tallyFirstChartMs != null && document.getElementById("count").textContent !== "–"
+    && document.getElementById("errors").textContent !== "–");
   const firstLoadBytes = bytes;
   const shown = await page.evaluate(() => {
     const text = (id) => document.getElementById(id).textContent;
